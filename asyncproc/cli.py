@@ -1,0 +1,41 @@
+"""Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim` run the tools.
+
+Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+TOOLS = ("demo", "sim")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
+    from asyncproc import config, logs
+
+    try:
+        settings = config.load_settings(argv)
+    except config.ConfigError as exc:
+        config.print_error(str(exc))
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    from asyncproc.supervisor import Supervisor
+
+    return Supervisor(settings).run()
+
+
+def _run_tool(name: str, argv: List[str]) -> int:
+    if name == "sim":
+        from asyncproc import sim
+
+        return sim.main(argv)
+    from asyncproc import demo
+
+    return demo.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Configuration: one OPTIONS table → a configargparse parser → frozen Settings.
+
+Every option is a flag, an environment variable (`ASYNCPROC_` + the flag in capitals,
+`-` and `.` as `_`) and a config-file key (the flag without dashes). A bad value fails
+fast with one line naming the option (exit 2). Nothing reads the environment at import.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import configargparse
+import orjson
+
+from asyncproc import merge, messages, retry
+
+ENV_PREFIX = "ASYNCPROC_"
+TRANSPORTS = ("redis-pubsub",)
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """A bad option or config file; the message names it and fits on one line."""
+
+
+def _at_least(low: float) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v >= low else f"must be at least {low:g} (got {v:g})"
+
+
+def _above(low: float) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v > low else f"must be greater than {low:g} (got {v:g})"
+
+
+def _port(v: int) -> Optional[str]:
+    return None if 0 <= v <= 65535 else f"must be a port number 0-65535 (got {v})"
+
+
+def _http_url(v: str) -> Optional[str]:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL (got {v!r})"
+    return None
+
+
+def _redis_url(v: str) -> Optional[str]:
+    if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+        return f"must be a redis://, rediss:// or unix:// URL (got {v!r})"
+    return None
+
+
+def _queue_names(v: Sequence[str]) -> Optional[str]:
+    bad = [name for name in v if not name.strip()]
+    return "queue names must not be empty" if bad else None
+
+
+class Option(NamedTuple):
+    flag: str
+    type: Any
+    default: Any
+    help: str
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    choices: Optional[Tuple[str, ...]] = None
+    append: bool = False
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("--concurrency", int, 8, "requests in flight at once, over all workers", _at_least(1)),
+    Option("--workers", int, 0,
+           "worker processes; 0 = one per CPU, at most --concurrency", _at_least(0)),
+    Option("--inference-gateway", str, "http://localhost:8000",
+           "gateway base URL, or a full endpoint URL whose path is used for every request",
+           _http_url),
+    Option("--inference-objective", str, "",
+           "sent as the x-gateway-inference-objective header when not empty"),
+    Option("--request-merge-policy", str, "random-robin",
+           "how messages of several request queues are merged", choices=merge.POLICIES),
+    Option("--message-queue-impl", str, "redis-pubsub", "the queue transport",
+           choices=TRANSPORTS),
+    Option("--redis-url", str, "redis://localhost:6379/0",
+           "Redis URL (redis://, rediss://, unix://); REDIS_URL is honoured too", _redis_url),
+    Option("--redis.request-queue-name", str, None,
+           "request channel; give it several times to consume several (default batch-queue)",
+           _queue_names, append=True),
+    Option("--redis.retry-queue-name", str, "batch-sortedset-retry",
+           "Redis sorted set holding retries (and staged overflow), scored by due time"),
+    Option("--redis.result-queue-name", str, "batch-queue-result",
+           "channel results are published to"),
+    Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
+           "Redis list for messages with no usable id"),
+    Option("--queues-file", str, "",
+           "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
+           " priority)"),
+    Option("--retry-policy", str, "exponential", "back-off between attempts",
+           choices=retry.POLICIES),
+    Option("--retry-base-delay", float, 1.0,
+           "seconds: the fixed delay, or the exponential policy's first ceiling", _above(0)),
+    Option("--retry-max-delay", float, 60.0, "seconds: cap on one exponential delay", _above(0)),
+    Option("--max-attempts", int, 0, "attempts per request; 0 = until the deadline",
+           _at_least(0)),
+    Option("--request-timeout", float, 300.0,
+           "seconds: cap on one attempt (also bounded by the deadline)", _above(0)),
+    Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
+           _above(0)),
+    Option("--max-message-bytes", int, 1048576,
+           "larger request messages get an error result", _at_least(64)),
+    Option("--result-format", str, "seed",
+           "result shape: seed ({id, payload|error}) or llm-d-async", choices=messages.RESULT_FORMATS),
+    Option("--intake-buffer", int, 0,
+           "requests held in memory beyond those in flight; more are staged in the retry set"
+           " (0 = as many as --concurrency)", _at_least(0)),
+    Option("--metrics-port", int, 9090,
+           "port for /metrics, /healthz and /readyz; 0 turns the server off", _port),
+    Option("--metrics-host", str, "0.0.0.0", "address the metrics server listens on"),
+    Option("--shutdown-grace-period", float, 30.0,
+           "seconds in-flight requests may finish after SIGTERM", _at_least(0)),
+    Option("--worker-timeout", float, 60.0,
+           "seconds a worker may go silent before it is killed and replaced", _above(0)),
+    Option("--log-format", str, "text", "text or json lines", choices=LOG_FORMATS),
+    Option("--log-level", str, "INFO", "log threshold", choices=LOG_LEVELS),
+)
+
+
+def env_var(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").replace(".", "_").upper()
+
+
+def dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_").replace(".", "_")
+
+
+class _Parser(configargparse.ArgumentParser):
+    """argparse prints usage and the error; an operator wants the one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message.splitlines()[0] if message else "bad configuration")
+
+
+def build_parser(environ: Mapping[str, str], prog: str = "asyncproc") -> _Parser:
+    parser = _Parser(
+        prog=prog,
+        description="Pull LLM requests from queues, dispatch them to an inference gateway,"
+        " retry until the deadline, write one result each.",
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+        config_file_parser_class=configargparse.DefaultConfigFileParser,
+    )
+    parser.add_argument("-c", "--config", is_config_file=True, env_var=env_var("--config"),
+                        help="config file of `option = value` lines (keys are flag names)")
+    for opt in OPTIONS:
+        default = opt.default
+        if opt.flag == "--redis-url" and environ.get("REDIS_URL"):
+            default = environ["REDIS_URL"]
+        kwargs: Dict[str, Any] = dict(
+            dest=dest(opt.flag), default=default, help=opt.help, env_var=env_var(opt.flag),
+        )
+        if opt.append:
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = opt.type
+        if opt.choices:
+            kwargs["choices"] = opt.choices
+        parser.add_argument(opt.flag, **kwargs)
+    return parser
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    name: str
+    gateway: Optional[str] = None
+    path: Optional[str] = None
+    objective: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict)
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrency: int
+    workers: int
+    inference_gateway: str
+    inference_objective: str
+    request_merge_policy: str
+    message_queue_impl: str
+    redis_url: str
+    request_queues: Tuple[QueueConfig, ...]
+    retry_queue: str
+    result_queue: str
+    dead_letter_queue: str
+    backoff: retry.Backoff
+    max_attempts: int
+    request_timeout: float
+    connect_timeout: float
+    max_message_bytes: int
+    result_format: str
+    intake_buffer: int
+    metrics_port: int
+    metrics_host: str
+    shutdown_grace_period: float
+    worker_timeout: float
+    log_format: str
+    log_level: str
+
+    @property
+    def queue_names(self) -> List[str]:
+        return [q.name for q in self.request_queues]
+
+    def threads_per_worker(self) -> List[int]:
+        """Spread --concurrency over the workers so in-flight requests equal it."""
+        base, extra = divmod(self.concurrency, self.workers)
+        return [base + (1 if i < extra else 0) for i in range(self.workers)]
+
+
+def load_settings(
+    argv: Sequence[str], environ: Optional[Mapping[str, str]] = None, cpu_count: Optional[int] = None
+) -> Settings:
+    """Parse and check everything; raise ConfigError with one line on the first problem."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    ns = parser.parse_args(list(argv), env_vars=environ)
+    for opt in OPTIONS:
+        value = getattr(ns, dest(opt.flag))
+        if opt.check is not None and value is not None:
+            problem = opt.check(value)
+            if problem:
+                raise ConfigError(f"{opt.flag}: {problem}")
+    flag_names = _dedupe(ns.redis_request_queue_name or [])
+    if ns.queues_file:
+        queues = load_queues_file(ns.queues_file, flag_names)
+    else:
+        queues = tuple(QueueConfig(n) for n in flag_names or ["batch-queue"])
+    concurrency = ns.concurrency
+    workers = ns.workers or min(cpu_count or os.cpu_count() or 1, concurrency)
+    if workers > concurrency:
+        raise ConfigError(f"--workers: must be at most --concurrency ({concurrency}), got {workers}")
+    if ns.retry_max_delay < ns.retry_base_delay:
+        raise ConfigError("--retry-max-delay: must not be below --retry-base-delay")
+    return Settings(
+        concurrency=concurrency,
+        workers=workers,
+        inference_gateway=ns.inference_gateway,
+        inference_objective=ns.inference_objective,
+        request_merge_policy=ns.request_merge_policy,
+        message_queue_impl=ns.message_queue_impl,
+        redis_url=ns.redis_url,
+        request_queues=queues,
+        retry_queue=ns.redis_retry_queue_name,
+        result_queue=ns.redis_result_queue_name,
+        dead_letter_queue=ns.redis_dead_letter_queue_name,
+        backoff=retry.Backoff(ns.retry_policy, ns.retry_base_delay, ns.retry_max_delay),
+        max_attempts=ns.max_attempts,
+        request_timeout=ns.request_timeout,
+        connect_timeout=ns.connect_timeout,
+        max_message_bytes=ns.max_message_bytes,
+        result_format=ns.result_format,
+        intake_buffer=ns.intake_buffer or concurrency,
+        metrics_port=ns.metrics_port,
+        metrics_host=ns.metrics_host,
+        shutdown_grace_period=ns.shutdown_grace_period,
+        worker_timeout=ns.worker_timeout,
+        log_format=ns.log_format,
+        log_level=ns.log_level,
+    )
+
+
+def _dedupe(names: Sequence[str]) -> List[str]:
+    seen: List[str] = []
+    for name in names:
+        name = name.strip()
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority"}
+
+
+def load_queues_file(path: str, flag_names: Sequence[str] = ()) -> Tuple[QueueConfig, ...]:
+    """Per-queue settings: `{"queues": [{"name": ..., ...}]}` or a bare list of those."""
+    where = f"--queues-file {path}"
+    try:
+        with open(path, "rb") as handle:
+            doc = orjson.loads(handle.read())
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+    entries = doc.get("queues") if isinstance(doc, dict) else doc
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: expected a non-empty list of queues under \"queues\"")
+    queues: List[QueueConfig] = []
+    for i, entry in enumerate(entries):
+        at = f"{where}: queues[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: must be an object")
+        unknown = sorted(set(entry) - QUEUE_KEYS)
+        if unknown:
+            raise ConfigError(f"{at}: unknown key {unknown[0]!r} (known: {', '.join(sorted(QUEUE_KEYS))})")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{at}: name must be a non-empty string")
+        gateway = entry.get("gateway")
+        if gateway is not None and (not isinstance(gateway, str) or _http_url(gateway)):
+            raise ConfigError(f"{at}: gateway must be an http:// or https:// URL")
+        path_ = entry.get("path")
+        if path_ is not None and not (isinstance(path_, str) and path_.startswith("/")):
+            raise ConfigError(f"{at}: path must start with '/'")
+        objective = entry.get("objective")
+        if objective is not None and not isinstance(objective, str):
+            raise ConfigError(f"{at}: objective must be a string")
+        labels = entry.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise ConfigError(f"{at}: labels must be an object of strings")
+        weight = entry.get("weight", 1.0)
+        priority = entry.get("priority", 0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"{at}: weight must be a positive number")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigError(f"{at}: priority must be an integer")
+        queues.append(QueueConfig(name.strip(), gateway, path_, objective, labels, float(weight), priority))
+    known = {q.name for q in queues}
+    queues.extend(QueueConfig(n) for n in flag_names if n not in known)
+    if len({q.name for q in queues}) != len(queues):
+        raise ConfigError(f"{where}: a queue name appears twice")
+    return tuple(queues)
+
+
+def print_error(message: str, prog: str = "asyncproc") -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)

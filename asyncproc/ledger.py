@@ -1,0 +1,130 @@
+"""The in-flight ledger: every request the supervisor holds, and where it is.
+
+Invariants it keeps:
+- one entry per id at a time, so an id is dispatched once and answered once;
+- a request is waiting (per queue, in arrival order), assigned to one worker, or settling
+  (its outcome is in; the result or retry is not yet written);
+- an id is forgotten only when what settles it has been written (`forget`);
+- what a dead worker held goes back to the front of its queue (`release_worker`);
+- on drain, `unfinished()` names everything that must be put back.
+Pure bookkeeping: no I/O.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, Iterable, List, Optional
+
+from asyncproc.messages import Request
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    ASSIGNED = "assigned"
+    SETTLING = "settling"
+
+
+@dataclass
+class Entry:
+    request: Request
+    state: State = State.WAITING
+    worker: Optional[int] = None
+    dispatched_at: float = 0.0
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self._entries: Dict[str, Entry] = {}
+        self._waiting: Dict[str, Deque[str]] = {}
+        self._by_worker: Dict[int, set] = {}
+
+    # -- intake --------------------------------------------------------------------
+    def admit(self, request: Request) -> bool:
+        """Hold a new request; False if its id is already held (a duplicate delivery)."""
+        key = request.key
+        if key in self._entries:
+            return False
+        self._entries[key] = Entry(request)
+        self._waiting.setdefault(request.queue, deque()).append(key)
+        return True
+
+    def holds(self, key: str) -> bool:
+        return key in self._entries
+
+    # -- dispatch ------------------------------------------------------------------
+    @property
+    def waiting_by_queue(self) -> Dict[str, Deque[str]]:
+        return self._waiting
+
+    def take(self, queue: str) -> Request:
+        """The next waiting request of `queue` (the caller assigns it at once)."""
+        key = self._waiting[queue].popleft()
+        return self._entries[key].request
+
+    def take_last(self, queue: str) -> Request:
+        """The newest waiting request of `queue`, to stage it elsewhere; it is forgotten."""
+        key = self._waiting[queue].pop()
+        return self._entries.pop(key).request
+
+    def assign(self, key: str, worker: int, now: float) -> None:
+        entry = self._entries[key]
+        entry.state, entry.worker, entry.dispatched_at = State.ASSIGNED, worker, now
+        self._by_worker.setdefault(worker, set()).add(key)
+
+    def settle(self, key: str, request: Optional[Request] = None) -> Optional[Entry]:
+        """The outcome for `key` is in; None if it was not assigned (a stale report)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not State.ASSIGNED:
+            return None
+        self._by_worker.get(entry.worker, set()).discard(key)
+        entry.state, entry.worker = State.SETTLING, None
+        if request is not None:
+            entry.request = request
+        return entry
+
+    def forget(self, key: str) -> None:
+        """What settles `key` has been written: it may be admitted again later."""
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry.state is State.WAITING:
+            waiting = self._waiting.get(entry.request.queue)
+            if waiting is not None:
+                try:
+                    waiting.remove(key)
+                except ValueError:
+                    pass
+        if entry is not None and entry.worker is not None:
+            self._by_worker.get(entry.worker, set()).discard(key)
+
+    # -- faults and drain ------------------------------------------------------------
+    def assigned_to(self, worker: int) -> List[str]:
+        return sorted(self._by_worker.get(worker, ()))
+
+    def assigned_count(self, worker: int) -> int:
+        return len(self._by_worker.get(worker, ()))
+
+    def release_worker(self, worker: int) -> List[Request]:
+        """A worker died: what it held waits again, first in line."""
+        keys = self._by_worker.pop(worker, set())
+        released = []
+        for key in sorted(keys, key=lambda k: self._entries[k].dispatched_at, reverse=True):
+            entry = self._entries[key]
+            entry.state, entry.worker = State.WAITING, None
+            self._waiting.setdefault(entry.request.queue, deque()).appendleft(key)
+            released.append(entry.request)
+        return released
+
+    def unfinished(self, states: Iterable[State] = (State.WAITING, State.ASSIGNED)) -> List[Request]:
+        wanted = set(states)
+        return [e.request for e in self._entries.values() if e.state in wanted]
+
+    # -- counts ----------------------------------------------------------------------
+    def count(self, state: State) -> int:
+        if state is State.WAITING:
+            return sum(len(q) for q in self._waiting.values())
+        if state is State.ASSIGNED:
+            return sum(len(s) for s in self._by_worker.values())
+        return sum(1 for e in self._entries.values() if e.state is state)
+
+    def __len__(self) -> int:
+        return len(self._entries)

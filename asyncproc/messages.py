@@ -1,0 +1,326 @@
+"""Request and result values, and the rules that turn raw queue bytes into them.
+
+Pure: no I/O, the clock is passed in. Everything a queue hands us ends as exactly one of
+`Request` (dispatch it), `Rejected` (it has an id: answer with an error result) or
+`DeadLetter` (no usable id: nothing can be mapped back, keep the raw bytes for a human).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
+
+import orjson
+
+#: How much of a message we keep in a dead-letter entry or an error excerpt.
+RAW_EXCERPT_BYTES = 4096
+
+#: Path chosen from the payload's shape when nothing else names one (SPEC §4).
+PATH_BY_PAYLOAD_KEY = (
+    ("messages", "/v1/chat/completions"),
+    ("prompt", "/v1/completions"),
+    ("input", "/v1/embeddings"),
+)
+FALLBACK_PATH = "/v1/completions"
+
+RESULT_FORMATS = ("seed", "llm-d-async")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A valid request plus the retry state that travels with it (survives restarts)."""
+
+    id: Union[str, int]
+    deadline: float
+    payload: dict
+    queue: str
+    received_at: float
+    endpoint: Optional[str] = None
+    metadata: Optional[dict] = None
+    created: Optional[float] = None
+    attempts: int = 0
+    last_error: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+    def after_attempt(self, error: Optional[str]) -> "Request":
+        return replace(self, attempts=self.attempts + 1, last_error=error)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message with a usable id that cannot be dispatched: it gets an error result."""
+
+    id: Union[str, int]
+    queue: str
+    reason: str
+    metadata: Optional[dict] = None
+    attempts: int = 0
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message nothing can be mapped back to: kept raw (truncated) with why and where."""
+
+    raw: bytes
+    reason: str
+    queue: str
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """The one answer a request gets. `body` is the gateway's raw response body, if any."""
+
+    id: Union[str, int]
+    queue: str
+    ok: bool
+    error: Optional[str] = None
+    status_code: Optional[int] = None
+    body: Optional[bytes] = None
+    attempts: int = 0
+    metadata: Optional[dict] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+
+def id_key(id_value: Union[str, int]) -> str:
+    """A ledger key that keeps `1` and `"1"` apart, as the producer did."""
+    return orjson.dumps(id_value).decode()
+
+
+def usable_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value != ""
+
+
+def parse_deadline(value: Any) -> Optional[float]:
+    """Unix seconds as int, float or numeric string; None when it is none of these."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def unwrap_envelope(obj: dict) -> tuple[dict, int]:
+    """Accept llm-d-async's `{"request_kind", "data": {...}}` envelope beside the bare form.
+
+    Returns the request object and the attempts already made (`internal.retry_count`).
+    """
+    if "request_kind" in obj and isinstance(obj.get("data"), dict):
+        internal = obj.get("internal")
+        retries = internal.get("retry_count") if isinstance(internal, dict) else None
+        attempts = retries if isinstance(retries, int) and not isinstance(retries, bool) else 0
+        return obj["data"], max(attempts, 0)
+    return obj, 0
+
+
+def parse_request(
+    raw: bytes, queue: str, now: float, max_bytes: int
+) -> Union[Request, Rejected, DeadLetter]:
+    """Validate one raw message (SPEC §3.1, §3.3)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "not valid JSON", queue, now)
+    if not isinstance(obj, dict):
+        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "not a JSON object", queue, now)
+    obj, attempts = unwrap_envelope(obj)
+    if "id" not in obj:
+        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "id missing", queue, now)
+    id_value = obj["id"]
+    if not usable_id(id_value):
+        return DeadLetter(
+            raw[:RAW_EXCERPT_BYTES], "id must be a non-empty string or an integer", queue, now
+        )
+
+    metadata = obj.get("metadata")
+    good_metadata = metadata if _is_metadata(metadata) else None
+
+    def reject(reason: str) -> Rejected:
+        return Rejected(id_value, queue, reason, good_metadata, attempts)
+
+    if len(raw) > max_bytes:
+        return reject(f"message too large: {len(raw)} bytes, limit {max_bytes}")
+    if "deadline" not in obj:
+        return reject("deadline missing")
+    deadline = parse_deadline(obj["deadline"])
+    if deadline is None:
+        return reject("deadline must be Unix seconds (integer, float or numeric string)")
+    payload = obj.get("payload")
+    if payload is None:
+        return reject("payload missing")
+    if not isinstance(payload, dict):
+        return reject("payload must be a JSON object")
+    if metadata is not None and good_metadata is None:
+        return reject("metadata must be an object of string values")
+    endpoint = obj.get("endpoint")
+    if endpoint is not None and not (isinstance(endpoint, str) and endpoint.startswith("/")):
+        return reject("endpoint must be a path starting with '/'")
+    created = obj.get("created")
+    created_at = parse_deadline(created) if created is not None else None
+    if created is not None and created_at is None:
+        return reject("created must be Unix seconds")
+    if deadline <= now:
+        return reject("deadline exceeded")
+    return Request(
+        id=id_value,
+        deadline=deadline,
+        payload=payload,
+        queue=queue,
+        received_at=now,
+        endpoint=endpoint,
+        metadata=good_metadata,
+        created=created_at,
+        attempts=attempts,
+    )
+
+
+def _is_metadata(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def request_path(request: Request, queue_path: Optional[str], gateway_path: Optional[str]) -> str:
+    """SPEC §4: message endpoint, queue path, gateway URL path, else the payload's shape."""
+    for candidate in (request.endpoint, queue_path, gateway_path):
+        if candidate:
+            return candidate
+    for key, path in PATH_BY_PAYLOAD_KEY:
+        if key in request.payload:
+            return path
+    return FALLBACK_PATH
+
+
+# -- retry-set entries: the whole request state, so a restart loses nothing ------------
+
+def encode_state(request: Request) -> bytes:
+    return orjson.dumps(
+        {
+            "v": 1,
+            "id": request.id,
+            "deadline": request.deadline,
+            "payload": request.payload,
+            "queue": request.queue,
+            "received_at": request.received_at,
+            "endpoint": request.endpoint,
+            "metadata": request.metadata,
+            "created": request.created,
+            "attempts": request.attempts,
+            "last_error": request.last_error,
+        }
+    )
+
+
+def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
+    """Read back a retry-set entry; anything unreadable becomes a dead letter, not a crash."""
+    try:
+        obj = orjson.loads(raw)
+        request = Request(
+            id=obj["id"],
+            deadline=float(obj["deadline"]),
+            payload=obj["payload"],
+            queue=obj.get("queue") or queue,
+            received_at=float(obj["received_at"]),
+            endpoint=obj.get("endpoint"),
+            metadata=obj.get("metadata"),
+            created=obj.get("created"),
+            attempts=int(obj.get("attempts", 0)),
+            last_error=obj.get("last_error"),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "unreadable retry-set entry", queue)
+    if not usable_id(request.id) or not isinstance(request.payload, dict):
+        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "unreadable retry-set entry", queue)
+    return request
+
+
+# -- results --------------------------------------------------------------------------
+
+def encode_result(result: Result, fmt: str = "seed") -> bytes:
+    """The seed's shape (default) or llm-d-async's (SPEC §3.2, §3.2a)."""
+    if fmt == "llm-d-async":
+        return _encode_llmd_result(result)
+    out: dict[str, Any] = {"id": result.id}
+    if result.ok:
+        out["payload"] = _body_value(result.body)
+    else:
+        out["error"] = result.error
+    out["attempts"] = result.attempts
+    if result.status_code is not None:
+        out["status_code"] = result.status_code
+    if result.metadata is not None:
+        out["metadata"] = result.metadata
+    out.update(result.extra)
+    return orjson.dumps(out)
+
+
+def _body_value(body: Optional[bytes]) -> Any:
+    """The gateway's JSON response as an object; a non-JSON body as a string."""
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace")
+
+
+def _encode_llmd_result(result: Result) -> bytes:
+    out: dict[str, Any] = {
+        "id": result.id,
+        "status_code": result.status_code or 0,
+        "payload": (result.body or b"").decode("utf-8", "replace"),
+        "error_code": "" if result.ok else _error_code(result),
+        "error_message": "" if result.ok else (result.error or ""),
+    }
+    if result.metadata is not None:
+        out["metadata"] = result.metadata
+    return orjson.dumps(out)
+
+
+def _error_code(result: Result) -> str:
+    if result.status_code:
+        return str(result.status_code)
+    reason = result.error or ""
+    return reason.split(":", 1)[0].split("(", 1)[0].strip().replace(" ", "_") or "error"
+
+
+def encode_dead_letter(letter: DeadLetter) -> bytes:
+    return orjson.dumps(
+        {
+            "raw": letter.raw.decode("utf-8", "replace"),
+            "reason": letter.reason,
+            "queue": letter.queue,
+            "received_at": letter.received_at,
+        }
+    )
+
+
+def rejected_result(rejected: Rejected) -> Result:
+    return Result(
+        id=rejected.id,
+        queue=rejected.queue,
+        ok=False,
+        error=rejected.reason,
+        attempts=rejected.attempts,
+        metadata=rejected.metadata,
+    )

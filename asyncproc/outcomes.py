@@ -1,0 +1,88 @@
+"""What one dispatch attempt came to, and how an HTTP status is classified (SPEC §4).
+
+Pure values: the worker builds an `Outcome`, sends it over its pipe, and the supervisor's
+retry policy decides what to do with it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+#: Statuses that mean "try again later" besides 429 (shed).
+RETRYABLE_STATUSES = frozenset({408, 425, 500, 502, 503, 504})
+SHED_STATUS = 429
+BODY_EXCERPT_CHARS = 200
+
+
+class Kind(str, enum.Enum):
+    OK = "ok"          # 2xx: the body is the result
+    SHED = "shed"      # 429: the gateway has no room now; retry
+    RETRY = "retry"    # transient failure: status above, connection error, timeout
+    FATAL = "fatal"    # the request itself is wrong: no retry
+    EXPIRED = "expired"  # the deadline passed before the attempt could start
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Kind
+    status: Optional[int] = None
+    body: Optional[bytes] = None
+    error: Optional[str] = None
+    retry_after: Optional[str] = None
+    elapsed: float = 0.0
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in (Kind.SHED, Kind.RETRY)
+
+    def describe(self) -> str:
+        """A short reason for logs and error results."""
+        if self.error:
+            return self.error
+        if self.status is not None:
+            return f"HTTP {self.status}"
+        return self.kind.value
+
+
+def classify(status: int) -> Kind:
+    if 200 <= status < 300:
+        return Kind.OK
+    if status == SHED_STATUS:
+        return Kind.SHED
+    if status in RETRYABLE_STATUSES:
+        return Kind.RETRY
+    return Kind.FATAL
+
+
+def from_response(status: int, body: bytes, retry_after: Optional[str], elapsed: float) -> Outcome:
+    kind = classify(status)
+    error = None
+    if kind is Kind.FATAL:
+        excerpt = body[:BODY_EXCERPT_CHARS * 4].decode("utf-8", "replace")[:BODY_EXCERPT_CHARS]
+        error = f"gateway returned HTTP {status}: {excerpt}".rstrip(": ")
+    elif kind is not Kind.OK:
+        error = f"HTTP {status}"
+    return Outcome(kind, status, body, error, retry_after, elapsed)
+
+
+def connection_failure(reason: str, elapsed: float) -> Outcome:
+    """Connection errors and timeouts are retried (SPEC §4)."""
+    return Outcome(Kind.RETRY, None, None, reason, None, elapsed)
+
+
+def expired() -> Outcome:
+    return Outcome(Kind.EXPIRED, error="deadline exceeded before dispatch")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One attempt handed to a worker: everything it needs, nothing it must look up."""
+
+    key: str
+    url: str
+    body: bytes
+    headers: tuple
+    deadline: float
+    connect_timeout: float
+    request_timeout: float

@@ -1,0 +1,232 @@
+"""The worker pool mechanism: spawn, one Pipe per worker, reap by sentinel, restart with back-off.
+
+The pool knows processes, not messages: the ledger says what a dead worker held.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Callable, Dict, List, Optional
+
+from asyncproc import worker
+from asyncproc.outcomes import Assignment
+
+log = logging.getLogger("asyncproc.pool")
+
+#: A worker that dies this many times in a row before it says READY cannot boot.
+BOOT_FAILURES_MAX = 3
+#: Restart delays grow from RESTART_DELAY_MIN while workers die young (crash loop).
+RESTART_DELAY_MIN, RESTART_DELAY_MAX = 0.1, 30.0
+#: A worker that lived this long before dying was not crash-looping.
+STABLE_SECONDS = 10.0
+
+
+class BootFailure(Exception):
+    """Workers die before they are ready: looping would only hide the problem."""
+
+
+@dataclass
+class Handle:
+    index: int
+    threads: int
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    started: float
+    last_seen: float
+    ready: bool = False
+    retiring: bool = False
+    pid: Optional[int] = None
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+
+@dataclass
+class _Slot:
+    """Per index: the live handle, or when to start the next one and how often it failed."""
+
+    threads: int
+    handle: Optional[Handle] = None
+    restart_at: float = 0.0
+    fast_deaths: int = 0
+    boot_failures: int = 0
+    restarts: int = 0
+    delays: List[float] = field(default_factory=list)
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (perhaps out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+class Pool:
+    def __init__(
+        self,
+        threads_per_worker: List[int],
+        spec_for: Callable[[int, int], worker.WorkerSpec],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._spec_for = spec_for
+        self._clock = clock
+        self.slots: Dict[int, _Slot] = {i: _Slot(n) for i, n in enumerate(threads_per_worker)}
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        for index in self.slots:
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> Handle:
+        slot = self.slots[index]
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker.main, args=(self._spec_for(index, slot.threads), child),
+            name=f"asyncproc-worker-{index}", daemon=True,
+        )
+        process.start()
+        child.close()
+        now = self._clock()
+        slot.handle = Handle(index, slot.threads, process, parent, now, now, pid=process.pid)
+        return slot.handle
+
+    @property
+    def handles(self) -> List[Handle]:
+        return [s.handle for s in self.slots.values() if s.handle is not None]
+
+    def wait_objects(self) -> list:
+        out: list = []
+        for handle in self.handles:
+            out.append(handle.conn)
+            out.append(handle.sentinel)
+        return out
+
+    def alive(self) -> int:
+        return sum(1 for h in self.handles if h.ready)
+
+    # -- messages ----------------------------------------------------------------------
+    def send_job(self, handle: Handle, job: Assignment) -> bool:
+        try:
+            handle.conn.send((worker.JOB, job))
+            return True
+        except (OSError, ValueError):
+            return False  # its sentinel will report the death
+
+    def receive(self, handle: Handle, limit: int = 1000) -> list:
+        """Messages waiting on one worker's pipe (never blocks)."""
+        out = []
+        try:
+            while len(out) < limit and handle.conn.poll():
+                out.append(handle.conn.recv())
+        except (EOFError, OSError):
+            pass  # dead: reap() handles it
+        if out:
+            handle.last_seen = self._clock()
+        for message in out:
+            if message[0] == worker.READY:
+                handle.ready = True
+                self.slots[handle.index].boot_failures = 0
+        return out
+
+    # -- faults ------------------------------------------------------------------------
+    def reap(self, boot_failures_max: int = BOOT_FAILURES_MAX) -> List[Handle]:
+        """Dead workers, removed from the pool and scheduled for restart (with back-off)."""
+        dead = []
+        now = self._clock()
+        for slot in self.slots.values():
+            handle = slot.handle
+            if handle is None or handle.process.is_alive():
+                continue
+            handle.process.join(0)
+            slot.handle = None
+            handle.conn.close()
+            dead.append(handle)
+            if handle.retiring and handle.process.exitcode == 0:
+                slot.restart_at = now
+                continue
+            if not handle.ready:
+                slot.boot_failures += 1
+                if slot.boot_failures >= boot_failures_max:
+                    raise BootFailure(
+                        f"worker {handle.index} died {slot.boot_failures} times before it was"
+                        f" ready (last: {describe_exit(handle.process.exitcode)})"
+                    )
+            young = now - handle.started < STABLE_SECONDS
+            slot.fast_deaths = slot.fast_deaths + 1 if young else 0
+            delay = 0.0 if not slot.fast_deaths else min(
+                RESTART_DELAY_MIN * 2 ** (slot.fast_deaths - 1), RESTART_DELAY_MAX
+            )
+            slot.restart_at = now + delay
+            slot.delays.append(delay)
+            log.warning(
+                "worker %d (pid %s) %s; restarting in %.1fs",
+                handle.index, handle.pid, describe_exit(handle.process.exitcode), delay,
+            )
+        return dead
+
+    def restart_due(self) -> List[Handle]:
+        started = []
+        now = self._clock()
+        for index, slot in self.slots.items():
+            if slot.handle is None and slot.restart_at <= now:
+                slot.restarts += 1
+                started.append(self._spawn(index))
+        return started
+
+    def next_restart(self) -> Optional[float]:
+        pending = [s.restart_at for s in self.slots.values() if s.handle is None]
+        return min(pending) if pending else None
+
+    def kill_silent(self, timeout: float) -> List[Handle]:
+        """Workers silent past `timeout`: SIGABRT (for a core/trace), then SIGKILL."""
+        now = self._clock()
+        killed = []
+        for handle in self.handles:
+            if now - handle.last_seen > timeout and handle.process.is_alive():
+                log.error("worker %d (pid %s) silent for %.0fs; killing it",
+                          handle.index, handle.pid, now - handle.last_seen)
+                for sig in (signal.SIGABRT, signal.SIGKILL):
+                    try:
+                        os.kill(handle.process.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    handle.process.join(1.0)
+                    if not handle.process.is_alive():
+                        break
+                killed.append(handle)
+        return killed
+
+    def stop(self, timeout: float) -> None:
+        """Ask every worker to finish, wait up to `timeout`, then kill what remains."""
+        for handle in self.handles:
+            try:
+                handle.conn.send((worker.STOP,))
+            except (OSError, ValueError):
+                pass
+        deadline = self._clock() + timeout
+        for handle in self.handles:
+            handle.process.join(max(deadline - self._clock(), 0))
+        for handle in self.handles:
+            if handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join(5)
+            handle.conn.close()
+        for slot in self.slots.values():
+            slot.handle = None
+
+    @property
+    def restarts(self) -> int:
+        return sum(s.restarts for s in self.slots.values())

@@ -1,0 +1,98 @@
+"""Back-off policies and the retry decision (SPEC §5). Pure: clock and random source passed in."""
+from __future__ import annotations
+
+import email.utils
+import random
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from asyncproc.outcomes import Kind, Outcome
+
+POLICIES = ("exponential", "fixed")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """`exponential`: full jitter, uniform in [0, min(cap, base * 2**(n-1))]; `fixed`: base."""
+
+    policy: str = "exponential"
+    base: float = 1.0
+    cap: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        if self.policy == "fixed":
+            return self.base
+        ceiling = min(self.cap, self.base * (2 ** min(max(attempt - 1, 0), 62)))
+        return rng.uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    due: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    """End the request: `ok` with the outcome's body, or an error with `reason`."""
+
+    ok: bool
+    reason: Optional[str] = None
+
+
+Decision = Union[RetryAt, Finish]
+
+
+def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
+    """Seconds to wait from a `Retry-After` header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+def decide(
+    outcome: Outcome,
+    attempts: int,
+    deadline: float,
+    now: float,
+    backoff: Backoff,
+    rng: random.Random,
+    max_attempts: int = 0,
+    last_error: Optional[str] = None,
+) -> Decision:
+    """What follows an attempt. `attempts` counts the attempts made, this one included;
+    `last_error` is the previous attempt's failure, reported when this one never started."""
+    if outcome.kind is Kind.OK:
+        return Finish(True)
+    if outcome.kind is Kind.FATAL:
+        return Finish(False, outcome.describe())
+    if outcome.kind is Kind.EXPIRED:
+        return Finish(False, deadline_exceeded(last_error))
+    if now >= deadline:
+        return Finish(False, deadline_exceeded(outcome.describe()))
+    if max_attempts and attempts >= max_attempts:
+        return Finish(False, f"max attempts ({max_attempts}) reached (last failure: {outcome.describe()})")
+    delay = backoff.delay(attempts, rng)
+    asked = parse_retry_after(outcome.retry_after, now)
+    if asked is not None:
+        delay = max(delay, asked)
+    due = now + delay
+    if due >= deadline:
+        return Finish(False, deadline_exceeded(outcome.describe()))
+    return RetryAt(due)
+
+
+def deadline_exceeded(last_failure: Optional[str]) -> str:
+    if not last_failure:
+        return "deadline exceeded"
+    return f"deadline exceeded (last failure: {last_failure})"

@@ -1,0 +1,436 @@
+"""The arbiter: one loop that owns the queues, the ledger, the pool and result publication.
+
+Each tick: wait (one sleep point) → handle signals → reap dead workers → collect outcomes →
+take in messages → dispatch → flush writes → housekeeping. Signal handlers only record;
+the loop acts. This is the one module that knows both policy and mechanism.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import signal
+import time
+from multiprocessing.connection import wait
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+import orjson
+
+from asyncproc import merge, messages, metrics, retry, worker
+from asyncproc.config import QueueConfig, Settings
+from asyncproc.ledger import Ledger, State
+from asyncproc.messages import DeadLetter, Rejected, Request, Result
+from asyncproc.outcomes import Assignment, Kind, Outcome
+from asyncproc.pool import BootFailure, Handle, Pool
+from asyncproc.transports import Delivery, Transport, TransportError, Writes, open_transport
+
+log = logging.getLogger("asyncproc.supervisor")
+
+RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
+RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
+HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
+GAUGE_SECONDS = 0.5
+RETRY_SET_GAUGE_SECONDS = 5.0
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
+
+
+class Lifecycle(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Route:
+    """Where one queue's requests go: gateway origin, paths, objective header."""
+
+    def __init__(self, queue: QueueConfig, settings: Settings) -> None:
+        parts = urlsplit(queue.gateway or settings.inference_gateway)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.gateway_path = parts.path if parts.path not in ("", "/") else None
+        self.queue_path = queue.path
+        objective = queue.objective if queue.objective is not None else settings.inference_objective
+        self.headers: Tuple = (("x-gateway-inference-objective", objective),) if objective else ()
+
+    def url(self, request: Request) -> str:
+        return self.origin + messages.request_path(request, self.queue_path, self.gateway_path)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, transport: Optional[Transport] = None) -> None:
+        self.settings = settings
+        self.transport = transport or open_transport(settings)
+        self.ledger = Ledger()
+        self.metrics = metrics.Metrics()
+        self.health = metrics.Health()
+        self.pool = Pool(settings.threads_per_worker(), self._worker_spec)
+        self.rng = random.Random()
+        self.pick = merge.policy(settings.request_merge_policy)
+        self.routes: Dict[str, Route] = {q.name: Route(q, settings) for q in settings.request_queues}
+        self.default_route = Route(QueueConfig(""), settings)
+        self.capacity = settings.concurrency + settings.intake_buffer
+        self.state = Lifecycle.STARTING
+        self.signals: List[int] = []
+        self.outbox = Writes()
+        self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
+        self.redis_ok = False
+        self.reconnect_at = 0.0
+        self.reconnect_delay = RECONNECT_MIN
+        self.next_retry_poll = 0.0
+        self.more_to_read = False
+        self.drain_deadline = 0.0
+        self.gauges_at = 0.0
+        self.retry_gauge_at = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def set_state(self, state: Lifecycle) -> None:
+        if state is not self.state:
+            log.info("state %s -> %s", self.state.value, state.value)
+            self.state = state
+
+    def run(self) -> int:
+        """Run until drained. 0 on a clean stop, 3 when workers or the endpoint cannot start."""
+        self._install_signals()
+        try:
+            server = metrics.serve(self.metrics, self.health, self.settings.metrics_host,
+                                   self.settings.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", self.settings.metrics_host,
+                      self.settings.metrics_port, exc.strerror or exc)
+            return 3
+        log.info(
+            "asyncproc starting: %d workers, concurrency %d, queues %s, gateway %s",
+            self.settings.workers, self.settings.concurrency, ",".join(self.settings.queue_names),
+            self.settings.inference_gateway,
+        )
+        code = 0
+        try:
+            self.pool.start()
+            self._reconnect()
+            self.set_state(Lifecycle.RUNNING)
+            while self.state is not Lifecycle.STOPPED:
+                self.tick()
+        except BootFailure as exc:
+            log.error("cannot start workers: %s", exc)
+            code = 3
+        finally:
+            self.pool.stop(timeout=5.0)
+            self.transport.close()
+            if server is not None:
+                server.shutdown()
+            signal.set_wakeup_fd(-1)
+        log.info("asyncproc stopped")
+        return code
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda num, _frame: self.signals.append(num))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.wait()
+        self.handle_signals()
+        self.reap()
+        self.collect()
+        self.intake()
+        self.dispatch()
+        self.flush()
+        self.housekeep()
+
+    def wait(self) -> None:
+        objects: list = [self._wake_r, *self.pool.wait_objects()]
+        fileno = self.transport.fileno() if self.redis_ok and self.state is Lifecycle.RUNNING else None
+        if fileno is not None:
+            objects.append(fileno)
+        wait(objects, timeout=self._timeout())
+
+    def _timeout(self) -> float:
+        if self.signals or self.more_to_read:
+            return 0.0
+        now = time.time()
+        wake = [now + HOUSEKEEPING_SECONDS]
+        if self.redis_ok and len(self.ledger) < self.capacity and self.state is Lifecycle.RUNNING:
+            wake.append(self.next_retry_poll)
+        if not self.redis_ok:
+            wake.append(self.reconnect_at)
+        if self.state is Lifecycle.DRAINING:
+            wake.append(self.drain_deadline)
+        restart = self.pool.next_restart()
+        if restart is not None:
+            wake.append(now + max(restart - time.monotonic(), 0.0))
+        return max(min(wake) - now, 0.0)
+
+    def handle_signals(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while self.signals:
+            signum = self.signals.pop(0)
+            name = signal.Signals(signum).name
+            if self.state in (Lifecycle.STARTING, Lifecycle.RUNNING):
+                log.info("%s received: draining (grace %.0fs)", name, self.settings.shutdown_grace_period)
+                self.begin_drain()
+            elif signum == signal.SIGINT:
+                log.warning("second SIGINT: stopping now, putting back what is unfinished")
+                self.put_back(self.ledger.unfinished())
+                self.set_state(Lifecycle.STOPPING)
+
+    def reap(self) -> None:
+        for handle in self.pool.reap():
+            released = self.ledger.release_worker(handle.index)
+            if released:
+                log.warning("worker %d held %d requests; dispatching them again: %s", handle.index,
+                            len(released), " ".join(r.key for r in released[:20]))
+
+    def collect(self) -> None:
+        for handle in self.pool.handles:
+            for message in self.pool.receive(handle):
+                if message[0] == worker.DONE:
+                    self.settle(message[1], message[2])
+
+    def intake(self) -> None:
+        self.more_to_read = False
+        if self.state is not Lifecycle.RUNNING or not self.redis_ok:
+            return
+        now = time.time()
+        try:
+            deliveries = self.transport.receive(RECEIVE_BATCH)
+            self.more_to_read = len(deliveries) == RECEIVE_BATCH
+            for delivery in deliveries:
+                self.accept(delivery, now)
+            room = self.capacity - len(self.ledger)
+            if room > 0 and now >= self.next_retry_poll:
+                claimed = self.transport.claim_due(now, room)
+                self.next_retry_poll = now if len(claimed) == room else now + RETRY_POLL_SECONDS
+                for delivery in claimed:
+                    self.accept(delivery, now)
+        except TransportError as exc:
+            self.transport_down(exc)
+        self.stage_overflow(now)
+
+    def dispatch(self) -> None:
+        if self.state is not Lifecycle.RUNNING:
+            return
+        now = time.time()
+        free = {h.index: h.threads - self.ledger.assigned_count(h.index)
+                for h in self.pool.handles if h.ready and not h.retiring}
+        handles = {h.index: h for h in self.pool.handles}
+        while free:
+            index = max(free, key=free.__getitem__)
+            if free[index] <= 0:
+                return
+            queue = self.pick(self.ledger.waiting_by_queue, self.rng)
+            if queue is None:
+                return
+            request = self.ledger.take(queue)
+            route = self.routes.get(request.queue, self.default_route)
+            job = Assignment(
+                key=request.key, url=route.url(request), body=orjson.dumps(request.payload),
+                headers=route.headers, deadline=request.deadline,
+                connect_timeout=self.settings.connect_timeout,
+                request_timeout=self.settings.request_timeout,
+            )
+            self.ledger.assign(request.key, index, now)
+            free[index] -= 1
+            if not self.pool.send_job(handles[index], job):
+                free.pop(index)  # dying: reap() gives its work back
+
+    def flush(self) -> None:
+        if not self.outbox or not self.redis_ok:
+            return
+        try:
+            self.transport.write(self.outbox)
+        except TransportError as exc:
+            self.transport_down(exc)
+            return
+        for key in self.outbox_keys:
+            self.ledger.forget(key)
+        self.outbox, self.outbox_keys = Writes(), []
+
+    def housekeep(self) -> None:
+        now = time.time()
+        for _ in self.pool.restart_due():
+            self.metrics.worker_restarts.inc()
+        self.pool.kill_silent(self.settings.worker_timeout)
+        if not self.redis_ok and now >= self.reconnect_at and self.state is not Lifecycle.STOPPED:
+            self._reconnect()
+        if self.state is Lifecycle.DRAINING:
+            if self.ledger.count(State.ASSIGNED) == 0 or now >= self.drain_deadline:
+                self.put_back(self.ledger.unfinished())
+                self.set_state(Lifecycle.STOPPING)
+        if self.state is Lifecycle.STOPPING:
+            self.flush()
+            if self.outbox:
+                log.error("queue system unreachable at stop: %d writes not made (ids: %s)",
+                          len(self.outbox.results) + len(self.outbox.retries),
+                          " ".join(self.outbox_keys[:50]))
+            self.set_state(Lifecycle.STOPPED)
+        self._update_health(now)
+
+    # -- intake details ------------------------------------------------------------------------
+    def accept(self, delivery: Delivery, now: float) -> None:
+        if delivery.from_retry_set:
+            parsed = messages.decode_state(delivery.raw, delivery.queue)
+            if isinstance(parsed, Request) and parsed.deadline <= now:
+                self.finish(parsed, Result(parsed.id, parsed.queue, False,
+                                           retry.deadline_exceeded(parsed.last_error),
+                                           attempts=parsed.attempts, metadata=parsed.metadata))
+                return
+        else:
+            parsed = messages.parse_request(delivery.raw, delivery.queue, now,
+                                            self.settings.max_message_bytes)
+            self.metrics.received.labels(delivery.queue).inc()
+        if isinstance(parsed, DeadLetter):
+            self.metrics.bad_messages.labels(parsed.queue, "dead-letter").inc()
+            self.metrics.dead_letters.labels(parsed.queue).inc()
+            log.warning("dead-lettering a message from %s: %s", parsed.queue or "retry set",
+                        parsed.reason)
+            self.outbox.dead_letters.append(messages.encode_dead_letter(parsed))
+        elif isinstance(parsed, Rejected):
+            if self.ledger.holds(parsed.key):
+                self._duplicate(parsed.key, parsed.queue)
+                return
+            self.metrics.bad_messages.labels(parsed.queue, "error-result").inc()
+            log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
+            result = messages.rejected_result(parsed)
+            self.outbox.results.append(messages.encode_result(result, self.settings.result_format))
+            self.metrics.results.labels(parsed.queue, "error").inc()
+        elif not self.ledger.admit(parsed):
+            self._duplicate(parsed.key, parsed.queue)
+
+    def _duplicate(self, key: str, queue: str) -> None:
+        self.metrics.duplicates.labels(queue).inc()
+        log.warning("id=%s is already being processed; duplicate delivery ignored", key)
+
+    def stage_overflow(self, now: float) -> None:
+        """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""
+        excess = len(self.ledger) - self.capacity
+        waiting = self.ledger.waiting_by_queue
+        while excess > 0:
+            queue = max(waiting, key=lambda q: len(waiting[q]))
+            if not waiting[queue]:
+                return
+            request = self.ledger.take_last(queue)
+            self.outbox.retries.append((messages.encode_state(request), now))
+            self.metrics.staged.labels(queue).inc()
+            excess -= 1
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def settle(self, key: str, outcome: Outcome) -> None:
+        entry = self.ledger.settle(key)
+        if entry is None:
+            return  # a report for work already given to another worker
+        before = entry.request
+        request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
+        if outcome.kind is not Kind.EXPIRED:
+            self.metrics.gateway_latency.labels(request.queue).observe(outcome.elapsed)
+        now = time.time()
+        decision = retry.decide(outcome, request.attempts, request.deadline, now,
+                                self.settings.backoff, self.rng, self.settings.max_attempts,
+                                last_error=before.last_error)
+        if isinstance(decision, retry.RetryAt):
+            self.metrics.retries.labels(request.queue, outcome.kind.value).inc()
+            log.debug("id=%s attempt %d failed (%s); retry in %.2fs", key, request.attempts,
+                      outcome.describe(), decision.due - now, extra={"id": request.id})
+            self.outbox.retries.append((messages.encode_state(request), decision.due))
+            self.outbox_keys.append(key)
+            return
+        attempts = request.attempts if outcome.kind is not Kind.EXPIRED else before.attempts
+        result = Result(
+            request.id, request.queue, decision.ok, decision.reason,
+            status_code=outcome.status, body=outcome.body, attempts=attempts,
+            metadata=request.metadata,
+        )
+        if not decision.ok:
+            log.warning("id=%s failed after %d attempts: %s", key, attempts, decision.reason,
+                        extra={"id": request.id})
+        self.finish(request, result)
+
+    def finish(self, request: Request, result: Result) -> None:
+        self.outbox.results.append(messages.encode_result(result, self.settings.result_format))
+        outcome = "success" if result.ok else (
+            "deadline_exceeded" if (result.error or "").startswith("deadline exceeded") else "error")
+        self.metrics.results.labels(request.queue, outcome).inc()
+        if self.ledger.holds(request.key):
+            self.outbox_keys.append(request.key)
+
+    # -- drain and outages -----------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        self.set_state(Lifecycle.DRAINING)
+        self.drain_deadline = time.time() + self.settings.shutdown_grace_period
+        self.put_back(self.ledger.unfinished([State.WAITING]))
+
+    def put_back(self, requests: List[Request]) -> None:
+        """Unfinished work goes to the retry set, due now, so a restarted asyncproc finishes it.
+
+        The ledger lets go at once: intake has stopped, and a late outcome for a request put
+        back is ignored (it will be dispatched again: at-least-once).
+        """
+        now = time.time()
+        for request in requests:
+            self.outbox.retries.append((messages.encode_state(request), now))
+            self.ledger.forget(request.key)
+        if requests:
+            log.info("putting back %d unfinished requests", len(requests))
+
+    def transport_down(self, exc: TransportError) -> None:
+        self.metrics.transport_errors.inc()
+        if self.redis_ok:
+            log.error("queue system unreachable: %s; reconnecting", exc)
+        self.redis_ok = False
+        self.reconnect_at = time.time() + self.reconnect_delay
+        self.reconnect_delay = min(self.reconnect_delay * 2, RECONNECT_MAX)
+
+    def _reconnect(self) -> None:
+        try:
+            self.transport.connect()
+        except TransportError as exc:
+            self.transport_down(exc)
+            return
+        if self.reconnect_delay > RECONNECT_MIN:
+            log.info("queue system reachable again")
+        self.redis_ok = True
+        self.reconnect_delay = RECONNECT_MIN
+        self.next_retry_poll = 0.0
+
+    # -- health and gauges ---------------------------------------------------------------------------
+    def _update_health(self, now: float) -> None:
+        self.health.last_tick = time.monotonic()
+        alive = self.pool.alive()
+        if self.state is not Lifecycle.RUNNING:
+            self.health.ready, self.health.reason = False, self.state.value
+        elif not self.redis_ok:
+            self.health.ready, self.health.reason = False, "queue system unreachable"
+        elif alive == 0:
+            self.health.ready, self.health.reason = False, "no worker ready"
+        else:
+            self.health.ready, self.health.reason = True, "ready"
+        if now < self.gauges_at:
+            return
+        self.gauges_at = now + GAUGE_SECONDS
+        m = self.metrics
+        m.in_flight.set(self.ledger.count(State.ASSIGNED))
+        m.waiting.set(self.ledger.count(State.WAITING))
+        m.workers_alive.set(alive)
+        m.outbox.set(len(self.outbox.results) + len(self.outbox.retries) + len(self.outbox.dead_letters))
+        if self.redis_ok and now >= self.retry_gauge_at:
+            self.retry_gauge_at = now + RETRY_SET_GAUGE_SECONDS
+            try:
+                m.retry_set_size.set(self.transport.retry_set_size())
+            except TransportError as exc:
+                self.transport_down(exc)
+
+    def _worker_spec(self, index: int, threads: int) -> worker.WorkerSpec:
+        return worker.WorkerSpec(
+            index=index, threads=threads, heartbeat=max(min(self.settings.worker_timeout / 4, 5.0), 0.1),
+            log_format=self.settings.log_format, log_level=self.settings.log_level,
+        )

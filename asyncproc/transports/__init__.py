@@ -1,0 +1,16 @@
+"""Queue transports behind one small interface (see base.py)."""
+from __future__ import annotations
+
+from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
+
+
+def open_transport(settings) -> Transport:
+    """The transport `--message-queue-impl` names."""
+    if settings.message_queue_impl == "redis-pubsub":
+        from asyncproc.transports.redis_pubsub import RedisPubSub
+
+        return RedisPubSub(settings)
+    raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
+
+
+__all__ = ["Delivery", "Transport", "TransportError", "Writes", "open_transport"]

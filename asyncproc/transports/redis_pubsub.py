@@ -1,0 +1,124 @@
+"""The seed's transport: requests on Redis channels, retries in a sorted set, results PUBLISHed.
+
+Pub/sub keeps nothing for an absent subscriber, so this transport drains its subscription
+every tick (Redis drops a subscriber whose output buffer grows too large) and the
+supervisor stages what it cannot dispatch soon in the retry set.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import redis
+
+from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
+from asyncproc.transports.retryset import RetrySet
+
+log = logging.getLogger("asyncproc.redis")
+
+SOCKET_TIMEOUT = 5.0
+
+
+def make_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
+        socket_keepalive=True,
+    )
+
+
+class RedisPubSub(Transport):
+    def __init__(self, settings) -> None:
+        self.channels = settings.queue_names
+        self.result_channel = settings.result_queue
+        self.dead_letter_key = settings.dead_letter_queue
+        self._client = make_client(settings.redis_url)
+        self._retries = RetrySet(self._client, settings.retry_queue)
+        self._pubsub: Optional[redis.client.PubSub] = None
+
+    def connect(self) -> None:
+        self._close_pubsub()
+        try:
+            self._client.ping()
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(*self.channels)
+            # Read the subscribe confirmations so the subscription is live when we return.
+            confirmed = 0
+            while confirmed < len(self.channels):
+                reply = pubsub.parse_response(block=True, timeout=SOCKET_TIMEOUT)
+                if reply is None:
+                    raise TransportError("no reply to SUBSCRIBE")
+                if reply[0] in (b"subscribe", "subscribe"):
+                    confirmed += 1
+            self._pubsub = pubsub
+        except redis.RedisError as exc:
+            raise TransportError(f"redis: {exc}") from None
+
+    def receive(self, limit: int) -> List[Delivery]:
+        if self._pubsub is None:
+            raise TransportError("not subscribed")
+        out: List[Delivery] = []
+        try:
+            while len(out) < limit:
+                message = self._pubsub.get_message(timeout=0.0)
+                if message is None:
+                    break
+                if message.get("type") != "message":
+                    continue
+                channel = message["channel"]
+                out.append(Delivery(message["data"], channel.decode() if isinstance(channel, bytes) else channel))
+        except (redis.RedisError, OSError) as exc:
+            self._close_pubsub()
+            if out:
+                return out
+            raise TransportError(f"redis subscription lost: {exc}") from None
+        return out
+
+    def claim_due(self, now: float, limit: int) -> List[Delivery]:
+        try:
+            members = self._retries.claim_due(now, limit)
+        except redis.RedisError as exc:
+            raise TransportError(f"redis: {exc}") from None
+        return [Delivery(m, "", from_retry_set=True) for m in members]
+
+    def write(self, writes: Writes) -> None:
+        if not (writes.results or writes.retries or writes.dead_letters):
+            return  # pub/sub deliveries need no ack
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            for result in writes.results:
+                pipe.publish(self.result_channel, result)
+            self._retries.add(pipe, writes.retries)
+            if writes.dead_letters:
+                pipe.rpush(self.dead_letter_key, *writes.dead_letters)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise TransportError(f"redis: {exc}") from None
+
+    def retry_set_size(self) -> int:
+        try:
+            return self._retries.size()
+        except redis.RedisError as exc:
+            raise TransportError(f"redis: {exc}") from None
+
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            raise TransportError(f"redis: {exc}") from None
+
+    def fileno(self) -> Optional[int]:
+        conn = self._pubsub.connection if self._pubsub is not None else None
+        sock = getattr(conn, "_sock", None)
+        return sock.fileno() if sock is not None else None
+
+    def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except (redis.RedisError, OSError):
+                pass
+            self._pubsub = None
+
+    def close(self) -> None:
+        self._close_pubsub()
+        self._client.close()
