@@ -70,6 +70,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - quiet: the sim serves thousands/s
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # Small writes must not wait for the client's delayed ACK (Nagle).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     # -- GET: stats, health, metrics --------------------------------------------------------
     def do_GET(self) -> None:
         sim = self.sim
@@ -200,8 +205,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in (extra or {}).items():
             self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        self._headers_buffer.append(b"\r\n" + body)  # headers and body in one write
+        self.flush_headers()
 
 
 class _Server(ThreadingHTTPServer):

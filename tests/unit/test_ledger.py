@@ -1,0 +1,54 @@
+from asyncproc.ledger import Ledger, State
+from asyncproc.messages import Request
+
+
+def req(i, queue="q"):
+    return Request(i, 2e9, {"prompt": str(i)}, queue, 1.0)
+
+
+def test_one_entry_per_id():
+    ledger = Ledger()
+    assert ledger.admit(req("a"))
+    assert not ledger.admit(req("a", queue="other"))
+    assert ledger.admit(req(1)) and ledger.admit(req("1"))  # 1 and "1" are different ids
+    assert len(ledger) == 3
+
+
+def test_life_of_a_request():
+    ledger = Ledger()
+    ledger.admit(req("a"))
+    request = ledger.take("q")
+    ledger.assign(request.key, 0, 10.0)
+    assert ledger.count(State.ASSIGNED) == 1 and ledger.assigned_count(0) == 1
+    entry = ledger.settle(request.key)
+    assert entry.state is State.SETTLING
+    assert ledger.settle(request.key) is None  # a second report is stale
+    assert not ledger.admit(req("a"))  # still held until its result is written
+    ledger.forget(request.key)
+    assert len(ledger) == 0 and ledger.admit(req("a"))
+
+
+def test_dead_worker_work_goes_back_first_in_line():
+    ledger = Ledger()
+    for i in range(4):
+        ledger.admit(req(i))
+    for t, worker in [(1.0, 0), (2.0, 1), (3.0, 0)]:
+        r = ledger.take("q")
+        ledger.assign(r.key, worker, t)
+    released = ledger.release_worker(0)
+    assert sorted(r.id for r in released) == [0, 2]
+    assert [ledger.take("q").id for _ in range(3)] == [0, 2, 3]
+    assert ledger.settle(req(1).key) is not None  # worker 1's work is untouched
+
+
+def test_unfinished_and_take_last():
+    ledger = Ledger()
+    for i in range(3):
+        ledger.admit(req(i))
+    r = ledger.take("q")
+    ledger.assign(r.key, 0, 1.0)
+    assert ledger.take_last("q").id == 2
+    assert sorted(x.id for x in ledger.unfinished()) == [0, 1]
+    assert [x.id for x in ledger.unfinished([State.WAITING])] == [1]
+    ledger.forget(req(1).key)
+    assert ledger.count(State.WAITING) == 0
