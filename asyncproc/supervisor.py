@@ -31,7 +31,6 @@ log = logging.getLogger("asyncproc.supervisor")
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
-GAUGE_SECONDS = 0.5
 RETRY_SET_GAUGE_SECONDS = 5.0
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 
@@ -82,7 +81,6 @@ class Supervisor:
         self.next_retry_poll = 0.0
         self.more_to_read = False
         self.drain_deadline = 0.0
-        self.gauges_at = 0.0
         self.retry_gauge_at = 0.0
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -414,9 +412,6 @@ class Supervisor:
             self.health.ready, self.health.reason = False, "no worker ready"
         else:
             self.health.ready, self.health.reason = True, "ready"
-        if now < self.gauges_at:
-            return
-        self.gauges_at = now + GAUGE_SECONDS
         m = self.metrics
         m.in_flight.set(self.ledger.count(State.ASSIGNED))
         m.waiting.set(self.ledger.count(State.WAITING))

@@ -160,9 +160,17 @@ class Processor:
         return total
 
     def children(self) -> List[int]:
+        """PIDs of the worker processes (not multiprocessing's resource tracker)."""
         import psutil
 
-        return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        out = []
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                if any("spawn_main" in part for part in child.cmdline()):
+                    out.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

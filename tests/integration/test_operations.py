@@ -1,0 +1,88 @@
+"""Process shape, endpoints, signals and configuration of the real process tree."""
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+from tests.harness import BIN, Processor, request, wait_until
+
+
+def test_process_shape_and_endpoints(redis_server, sim, results, start_processor):
+    proc = start_processor(sim.url, "--concurrency", "6", "--workers", "3")
+    workers = wait_until(lambda: len(proc.children()) == 3 and proc.children(), what="3 workers")
+    assert all(psutil.Process(pid).ppid() == proc.proc.pid for pid in workers)
+    assert proc.get("/healthz").status_code == 200
+    assert proc.get("/readyz").status_code == 200
+    redis_server.client().publish("batch-queue", request("one"))
+    results.wait_for(1)
+    wait_until(lambda: proc.metric("asyncproc_results_total", outcome="success") == 1, what="counter")
+    wait_until(lambda: proc.metric("asyncproc_workers_alive") == 3, what="workers_alive gauge")
+    assert "asyncproc_gateway_latency_seconds_bucket" in proc.get("/metrics").text
+
+
+def test_killed_worker_is_replaced_and_its_work_dispatched_again(redis_server, sim, results, start_processor):
+    proc = start_processor(sim.url, "--concurrency", "2", "--workers", "2")
+    client = redis_server.client()
+    # both held for 3s by the gateway, so both are in flight when a worker dies
+    client.publish("batch-queue", request("slow-a", {"prompt": "a", "x_sim": {"latency": 3}}))
+    client.publish("batch-queue", request("slow-b", {"prompt": "b", "x_sim": {"latency": 3}}))
+    wait_until(lambda: proc.metric("asyncproc_in_flight") == 2, what="two in flight")
+    victim = proc.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in proc.children() and len(proc.children()) == 2, what="a new worker")
+    results.wait_for(2, timeout=30)
+    assert sorted(results.by_id()) == ["slow-a", "slow-b"]
+    assert len(results.items) == 2 and all("payload" in r for r in results.items)
+    wait_until(lambda: proc.metric("asyncproc_worker_restarts_total") == 1, what="restart counter")
+    assert "killed by SIGKILL" in proc.log.read_text()
+
+
+def test_sigterm_drains_and_exits_0(redis_server, sim, results, start_processor):
+    proc = start_processor(sim.url, "--concurrency", "2", "--shutdown-grace-period", "10")
+    redis_server.client().publish("batch-queue", request("inflight", {"prompt": "x", "x_sim": {"latency": 1}}))
+    wait_until(lambda: proc.metric("asyncproc_in_flight") == 1, what="one in flight")
+    proc.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: proc.get("/readyz").status_code == 503 if proc.proc.poll() is None else True,
+               what="not ready while draining")
+    assert proc.proc.wait(20) == 0
+    assert [r["id"] for r in results.wait_for(1)] == ["inflight"]  # it was allowed to finish
+
+
+def test_drain_puts_back_what_did_not_finish(redis_server, sim, results, start_processor):
+    proc = start_processor(sim.url, "--concurrency", "1", "--workers", "1", "--shutdown-grace-period", "0.5")
+    client = redis_server.client()
+    client.publish("batch-queue", request("long", {"prompt": "x", "x_sim": {"latency": 30}}))
+    wait_until(lambda: proc.metric("asyncproc_in_flight") == 1, what="one in flight")
+    assert proc.terminate() == 0
+    entries = client.zrange("batch-sortedset-retry", 0, -1)
+    assert [__import__("orjson").loads(e)["id"] for e in entries] == ["long"]
+    assert results.items == []
+
+
+def test_bad_configuration_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, str(BIN), "--retry-policy", "sometimes"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "asyncproc: error: argument --retry-policy: invalid choice: 'sometimes' (choose from 'exponential', 'fixed')"]
+    bad_file = tmp_path / "bad.conf"
+    bad_file.write_text("concurency = 3\n")
+    out = subprocess.run([sys.executable, str(BIN), "-c", str(bad_file)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "concurency" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_configuration_from_environment_and_file(tmp_path, redis_server, sim, results):
+    conf = tmp_path / "asyncproc.conf"
+    conf.write_text("redis.request-queue-name = [from-file]\nconcurrency = 3\n")
+    env = {"ASYNCPROC_CONFIG": str(conf), "ASYNCPROC_INFERENCE_OBJECTIVE": "env-objective",
+           "REDIS_URL": redis_server.url}
+    proc = Processor(redis_server.url, sim.url, log=tmp_path / "p2.log", env=env).wait_ready()
+    try:
+        redis_server.client().publish("from-file", request("cfg"))
+        result = results.wait_for(1)[0]
+        assert result["payload"]["x_sim"]["objective"] == "env-objective"
+        assert len(proc.children()) == min(os.cpu_count() or 1, 3)
+    finally:
+        proc.kill()
