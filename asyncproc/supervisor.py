@@ -23,7 +23,7 @@ from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Assignment, Kind, Outcome
-from asyncproc.pool import BootFailure, Handle, Pool
+from asyncproc.pool import BootFailure, Pool
 from asyncproc.transports import Delivery, Transport, TransportError, Writes, open_transport
 
 log = logging.getLogger("asyncproc.supervisor")
