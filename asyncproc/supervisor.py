@@ -313,7 +313,7 @@ class Supervisor:
         """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""
         excess = len(self.ledger) - self.capacity
         waiting = self.ledger.waiting_by_queue
-        while excess > 0:
+        while excess > 0 and waiting:
             queue = max(waiting, key=lambda q: len(waiting[q]))
             if not waiting[queue]:
                 return
