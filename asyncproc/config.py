@@ -57,6 +57,18 @@ def _queue_names(v: Sequence[str]) -> Optional[str]:
     return "queue names must not be empty" if bad else None
 
 
+def parse_bool(value: str) -> bool:
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+parse_bool.__name__ = "boolean"  # argparse names the type in its error: "invalid boolean value"
+
+
 class Option(NamedTuple):
     flag: str
     type: Any
@@ -91,6 +103,15 @@ OPTIONS: Tuple[Option, ...] = (
            "channel results are published to"),
     Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
            "Redis list for messages with no usable id"),
+    Option("--redis.key-prefix", str, "asyncproc",
+           "prefix of asyncproc's own Redis keys (claims, result markers)"),
+    Option("--redis.claim", parse_bool, True,
+           "claim each request id in Redis at intake so replicas on one channel process it once"
+           " (true|false)"),
+    Option("--redis.claim-ttl", float, 3600.0, "seconds a claim on a request id lasts", _at_least(1)),
+    Option("--result-dedupe-window", float, 3600.0,
+           "seconds during which a second result for the same id is not published; 0 = off",
+           _at_least(0)),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
            " priority)"),
@@ -119,6 +140,11 @@ OPTIONS: Tuple[Option, ...] = (
            "seconds in-flight requests may finish after SIGTERM", _at_least(0)),
     Option("--worker-timeout", float, 60.0,
            "seconds a worker may go silent before it is killed and replaced", _above(0)),
+    Option("--worker-max-requests", int, 0,
+           "retire a worker (gracefully) after this many requests; 0 = never", _at_least(0)),
+    Option("--worker-max-rss", float, 0.0,
+           "retire a worker (gracefully) when its resident memory passes this many MiB; 0 = never",
+           _at_least(0)),
     Option("--log-format", str, "text", "text or json lines", choices=LOG_FORMATS),
     Option("--log-level", str, "INFO", "log threshold", choices=LOG_LEVELS),
 )
@@ -190,6 +216,10 @@ class Settings:
     retry_queue: str
     result_queue: str
     dead_letter_queue: str
+    key_prefix: str
+    claim: bool
+    claim_ttl: float
+    result_dedupe_window: float
     backoff: retry.Backoff
     max_attempts: int
     request_timeout: float
@@ -201,6 +231,8 @@ class Settings:
     metrics_host: str
     shutdown_grace_period: float
     worker_timeout: float
+    worker_max_requests: int
+    worker_max_rss: float
     log_format: str
     log_level: str
 
@@ -250,6 +282,10 @@ def load_settings(
         retry_queue=ns.redis_retry_queue_name,
         result_queue=ns.redis_result_queue_name,
         dead_letter_queue=ns.redis_dead_letter_queue_name,
+        key_prefix=ns.redis_key_prefix,
+        claim=ns.redis_claim,
+        claim_ttl=ns.redis_claim_ttl,
+        result_dedupe_window=ns.result_dedupe_window,
         backoff=retry.Backoff(ns.retry_policy, ns.retry_base_delay, ns.retry_max_delay),
         max_attempts=ns.max_attempts,
         request_timeout=ns.request_timeout,
@@ -261,6 +297,8 @@ def load_settings(
         metrics_host=ns.metrics_host,
         shutdown_grace_period=ns.shutdown_grace_period,
         worker_timeout=ns.worker_timeout,
+        worker_max_requests=ns.worker_max_requests,
+        worker_max_rss=ns.worker_max_rss,
         log_format=ns.log_format,
         log_level=ns.log_level,
     )

@@ -28,7 +28,9 @@ class Metrics:
         self.retries = Counter("asyncproc_retries", "Retries scheduled, by reason", ["queue", "reason"], registry=r)
         self.bad_messages = Counter("asyncproc_bad_messages", "Invalid request messages, by kind", ["queue", "kind"], registry=r)
         self.dead_letters = Counter("asyncproc_dead_letters", "Messages sent to the dead-letter list", ["queue"], registry=r)
-        self.duplicates = Counter("asyncproc_duplicate_deliveries", "Deliveries of an id already in flight", ["queue"], registry=r)
+        self.skipped = Counter("asyncproc_skipped_deliveries",
+                               "Deliveries not processed: id in flight here, or claimed elsewhere / answered",
+                               ["queue", "reason"], registry=r)
         self.staged = Counter("asyncproc_staged", "Requests staged in the retry set for lack of capacity", ["queue"], registry=r)
         self.in_flight = Gauge("asyncproc_in_flight", "Requests assigned to workers", registry=r)
         self.waiting = Gauge("asyncproc_waiting", "Requests held in memory, waiting for a worker", registry=r)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Callable, Dict, List, Optional
 
+import psutil
+
 from asyncproc import worker
 from asyncproc.outcomes import Assignment
 
@@ -24,6 +26,8 @@ BOOT_FAILURES_MAX = 3
 RESTART_DELAY_MIN, RESTART_DELAY_MAX = 0.1, 30.0
 #: A worker that lived this long before dying was not crash-looping.
 STABLE_SECONDS = 10.0
+#: After SIGABRT, a worker that is still there this long later gets SIGKILL.
+ABORT_GRACE_SECONDS = 2.0
 
 
 class BootFailure(Exception):
@@ -40,6 +44,9 @@ class Handle:
     last_seen: float
     ready: bool = False
     retiring: bool = False
+    stop_sent: bool = False
+    abort_sent: Optional[float] = None
+    served: int = 0
     pid: Optional[int] = None
 
     @property
@@ -135,11 +142,28 @@ class Pool:
             pass  # dead: reap() handles it
         if out:
             handle.last_seen = self._clock()
+            handle.abort_sent = None
         for message in out:
-            if message[0] == worker.READY:
+            if message[0] == worker.DONE:
+                handle.served += 1
+            elif message[0] == worker.READY:
                 handle.ready = True
                 self.slots[handle.index].boot_failures = 0
         return out
+
+    def retire(self, handle: Handle) -> None:
+        """Ask a worker that holds no work to exit; reap() then starts a fresh one at once."""
+        handle.retiring = handle.stop_sent = True
+        try:
+            handle.conn.send((worker.STOP,))
+        except (OSError, ValueError):
+            pass
+
+    def rss(self, handle: Handle) -> Optional[int]:
+        try:
+            return psutil.Process(handle.pid).memory_info().rss
+        except (psutil.Error, TypeError):
+            return None
 
     # -- faults ------------------------------------------------------------------------
     def reap(self, boot_failures_max: int = BOOT_FAILURES_MAX) -> List[Handle]:
@@ -155,6 +179,8 @@ class Pool:
             handle.conn.close()
             dead.append(handle)
             if handle.retiring and handle.process.exitcode == 0:
+                log.info("worker %d (pid %s) retired after %d requests", handle.index, handle.pid,
+                         handle.served)
                 slot.restart_at = now
                 continue
             if not handle.ready:
@@ -191,23 +217,27 @@ class Pool:
         return min(pending) if pending else None
 
     def kill_silent(self, timeout: float) -> List[Handle]:
-        """Workers silent past `timeout`: SIGABRT (for a core/trace), then SIGKILL."""
+        """Workers silent past `timeout`: SIGABRT (a trace to look at), SIGKILL if that fails."""
         now = self._clock()
-        killed = []
+        signalled = []
         for handle in self.handles:
-            if now - handle.last_seen > timeout and handle.process.is_alive():
-                log.error("worker %d (pid %s) silent for %.0fs; killing it",
-                          handle.index, handle.pid, now - handle.last_seen)
-                for sig in (signal.SIGABRT, signal.SIGKILL):
-                    try:
-                        os.kill(handle.process.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    handle.process.join(1.0)
-                    if not handle.process.is_alive():
-                        break
-                killed.append(handle)
-        return killed
+            if now - handle.last_seen <= timeout or not handle.process.is_alive():
+                continue
+            if handle.abort_sent is None:
+                log.error("worker %d (pid %s) silent for %.0fs; aborting it", handle.index,
+                          handle.pid, now - handle.last_seen)
+                handle.abort_sent = now
+                sig = signal.SIGABRT
+            elif now - handle.abort_sent > ABORT_GRACE_SECONDS:
+                sig = signal.SIGKILL
+            else:
+                continue
+            try:
+                os.kill(handle.pid, sig)
+            except ProcessLookupError:
+                pass
+            signalled.append(handle)
+        return signalled
 
     def stop(self, timeout: float) -> None:
         """Ask every worker to finish, wait up to `timeout`, then kill what remains."""

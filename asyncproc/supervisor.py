@@ -33,6 +33,7 @@ RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
 RETRY_SET_GAUGE_SECONDS = 5.0
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
+RSS_CHECK_SECONDS = 5.0
 
 
 class Lifecycle(enum.Enum):
@@ -82,6 +83,7 @@ class Supervisor:
         self.more_to_read = False
         self.drain_deadline = 0.0
         self.retry_gauge_at = 0.0
+        self.rss_check_at = 0.0
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -203,14 +205,13 @@ class Supervisor:
         try:
             deliveries = self.transport.receive(RECEIVE_BATCH)
             self.more_to_read = len(deliveries) == RECEIVE_BATCH
-            for delivery in deliveries:
-                self.accept(delivery, now)
+            self.accept_new(deliveries, now)
             room = self.capacity - len(self.ledger)
-            if room > 0 and now >= self.next_retry_poll:
+            if self.redis_ok and room > 0 and now >= self.next_retry_poll:
                 claimed = self.transport.claim_due(now, room)
                 self.next_retry_poll = now if len(claimed) == room else now + RETRY_POLL_SECONDS
                 for delivery in claimed:
-                    self.accept(delivery, now)
+                    self.accept_retry(delivery, now)
         except TransportError as exc:
             self.transport_down(exc)
         self.stage_overflow(now)
@@ -259,6 +260,7 @@ class Supervisor:
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
         self.pool.kill_silent(self.settings.worker_timeout)
+        self.recycle_workers(now)
         if not self.redis_ok and now >= self.reconnect_at and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         if self.state is Lifecycle.DRAINING:
@@ -275,18 +277,41 @@ class Supervisor:
         self._update_health(now)
 
     # -- intake details ------------------------------------------------------------------------
-    def accept(self, delivery: Delivery, now: float) -> None:
-        if delivery.from_retry_set:
-            parsed = messages.decode_state(delivery.raw, delivery.queue)
-            if isinstance(parsed, Request) and parsed.deadline <= now:
+    def accept_new(self, deliveries: List[Delivery], now: float) -> None:
+        """Parse a batch, claim its ids (one replica processes each), accept what is ours."""
+        if not deliveries:
+            return
+        parsed = []
+        for delivery in deliveries:
+            self.metrics.received.labels(delivery.queue).inc()
+            parsed.append(messages.parse_request(delivery.raw, delivery.queue, now,
+                                                 self.settings.max_message_bytes))
+        with_id = [p for p in parsed if not isinstance(p, DeadLetter)]
+        try:
+            ours = iter(self.transport.claim([p.key for p in with_id]))
+        except TransportError as exc:
+            # What was read must not be lost: process it; results stay deduplicated.
+            self.transport_down(exc)
+            ours = iter([True] * len(with_id))
+        for item in parsed:
+            if isinstance(item, DeadLetter) or next(ours):
+                self.accept(item)
+            else:
+                self.metrics.skipped.labels(item.queue, "claimed-or-done").inc()
+                log.debug("id=%s is claimed by another replica or already answered", item.key,
+                          extra={"id": item.id})
+
+    def accept_retry(self, delivery: Delivery, now: float) -> None:
+        parsed = messages.decode_state(delivery.raw, delivery.queue)
+        if isinstance(parsed, Request) and parsed.deadline <= now:
+            if not self.ledger.holds(parsed.key):
                 self.finish(parsed, Result(parsed.id, parsed.queue, False,
                                            retry.deadline_exceeded(parsed.last_error),
                                            attempts=parsed.attempts, metadata=parsed.metadata))
-                return
-        else:
-            parsed = messages.parse_request(delivery.raw, delivery.queue, now,
-                                            self.settings.max_message_bytes)
-            self.metrics.received.labels(delivery.queue).inc()
+            return
+        self.accept(parsed)
+
+    def accept(self, parsed) -> None:
         if isinstance(parsed, DeadLetter):
             self.metrics.bad_messages.labels(parsed.queue, "dead-letter").inc()
             self.metrics.dead_letters.labels(parsed.queue).inc()
@@ -300,13 +325,13 @@ class Supervisor:
             self.metrics.bad_messages.labels(parsed.queue, "error-result").inc()
             log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
             result = messages.rejected_result(parsed)
-            self.outbox.results.append(messages.encode_result(result, self.settings.result_format))
+            self.outbox.results.append((parsed.key, messages.encode_result(result, self.settings.result_format)))
             self.metrics.results.labels(parsed.queue, "error").inc()
         elif not self.ledger.admit(parsed):
             self._duplicate(parsed.key, parsed.queue)
 
     def _duplicate(self, key: str, queue: str) -> None:
-        self.metrics.duplicates.labels(queue).inc()
+        self.metrics.skipped.labels(queue, "in-flight").inc()
         log.warning("id=%s is already being processed; duplicate delivery ignored", key)
 
     def stage_overflow(self, now: float) -> None:
@@ -354,7 +379,7 @@ class Supervisor:
         self.finish(request, result)
 
     def finish(self, request: Request, result: Result) -> None:
-        self.outbox.results.append(messages.encode_result(result, self.settings.result_format))
+        self.outbox.results.append((result.key, messages.encode_result(result, self.settings.result_format)))
         outcome = "success" if result.ok else (
             "deadline_exceeded" if (result.error or "").startswith("deadline exceeded") else "error")
         self.metrics.results.labels(request.queue, outcome).inc()
@@ -399,6 +424,26 @@ class Supervisor:
         self.redis_ok = True
         self.reconnect_delay = RECONNECT_MIN
         self.next_retry_poll = 0.0
+
+    def recycle_workers(self, now: float) -> None:
+        """Retire workers past --worker-max-requests / --worker-max-rss once they hold no work."""
+        max_requests, max_rss = self.settings.worker_max_requests, self.settings.worker_max_rss
+        check_rss = max_rss and now >= self.rss_check_at
+        if check_rss:
+            self.rss_check_at = now + RSS_CHECK_SECONDS
+        for handle in self.pool.handles:
+            if not handle.retiring and handle.ready:
+                if max_requests and handle.served >= max_requests:
+                    handle.retiring = True
+                    log.info("worker %d served %d requests; retiring it", handle.index, handle.served)
+                elif check_rss:
+                    rss = self.pool.rss(handle)
+                    if rss is not None and rss > max_rss * 1024 * 1024:
+                        handle.retiring = True
+                        log.info("worker %d uses %.0f MiB (limit %.0f); retiring it", handle.index,
+                                 rss / 1048576, max_rss)
+            if handle.retiring and not handle.stop_sent and self.ledger.assigned_count(handle.index) == 0:
+                self.pool.retire(handle)
 
     # -- health and gauges ---------------------------------------------------------------------------
     def _update_health(self, now: float) -> None:

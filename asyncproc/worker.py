@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from asyncproc import gateway, logs
+from asyncproc import gateway, logs, outcomes
 
 log = logging.getLogger("asyncproc.worker")
 
@@ -50,7 +50,11 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
             job = jobs.get()
             if job is None:
                 return
-            outcome = gateway.post(session, job)
+            try:
+                outcome = gateway.post(session, job)
+            except Exception as exc:  # a bug must cost one attempt, not a thread
+                log.exception("id=%s: unexpected error in the worker", job.key)
+                outcome = outcomes.connection_failure(f"worker error: {type(exc).__name__}", 0.0)
             try:
                 send((DONE, job.key, outcome))
             except (OSError, ValueError):

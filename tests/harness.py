@@ -185,20 +185,46 @@ class Processor:
 
 
 class Results:
-    """Subscribes to the result channel before anything is published and keeps every result."""
+    """Collects every result from the result channel, resubscribing if Redis restarts.
 
-    def __init__(self, client: redis.Redis, channel: str = "batch-queue-result") -> None:
+    `generation` counts live subscriptions, so a test can wait until the collector is
+    subscribed again after a restart before anything is published.
+    """
+
+    def __init__(self, port: int, channel: str = "batch-queue-result") -> None:
         self.items: List[dict] = []
+        self.port = port
+        self.channel = channel
+        self.generation = 0
         self._lock = threading.Lock()
-        self._client = client  # a collected client closes its pool, and the subscription with it
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(**{channel: self._on_message})
-        self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True)
-        wait_subscribed(client, channel)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="results", daemon=True)
+        self._thread.start()
+        wait_until(lambda: self.generation >= 1, what="result subscription")
 
-    def _on_message(self, message) -> None:
-        with self._lock:
-            self.items.append(orjson.loads(message["data"]))
+    def _run(self) -> None:
+        while self._running:
+            pubsub = None
+            try:
+                client = redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                while self._running:
+                    message = pubsub.get_message(timeout=0.05)
+                    if message is None and pubsub.subscribed and not getattr(pubsub, "_live", False):
+                        pubsub._live = True
+                        self.generation += 1
+                    if message is not None and message["type"] == "message":
+                        with self._lock:
+                            self.items.append(orjson.loads(message["data"]))
+            except (redis.RedisError, OSError, AttributeError, TypeError):
+                time.sleep(0.02)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
 
     def wait_for(self, count: int, timeout: float = 60.0) -> List[dict]:
         wait_until(lambda: len(self.items) >= count, timeout, what=f"{count} results (have {len(self.items)})")
@@ -208,8 +234,12 @@ class Results:
         with self._lock:
             return {r["id"]: r for r in self.items}
 
+    def ids(self) -> List:
+        with self._lock:
+            return [r["id"] for r in self.items]
+
     def close(self) -> None:
-        self._thread.stop()  # the thread closes the subscription itself when it ends
+        self._running = False
         self._thread.join(5)
 
 

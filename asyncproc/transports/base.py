@@ -24,12 +24,12 @@ class Delivery:
 class Writes:
     """Everything one flush writes, in one round trip where the transport can.
 
-    `results` are encoded results; `retries` are (encoded request state, due time);
+    `results` are (id key, encoded result); `retries` are (encoded request state, due time);
     `dead_letters` are encoded dead-letter entries; `acks` are settled deliveries.
     Written before they are acked, so a crash in between repeats work, never loses it.
     """
 
-    results: List[bytes] = field(default_factory=list)
+    results: List[Tuple[str, bytes]] = field(default_factory=list)
     retries: List[Tuple[bytes, float]] = field(default_factory=list)
     dead_letters: List[bytes] = field(default_factory=list)
     acks: List[Delivery] = field(default_factory=list)
@@ -56,6 +56,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         """Retry-set entries due by `now`, removed from the set atomically."""
+
+    def claim(self, keys: List[str]) -> List[bool]:
+        """For each id key: is it ours to process? (Replicas sharing a queue, redeliveries.)"""
+        return [True] * len(keys)
 
     @abc.abstractmethod
     def write(self, writes: Writes) -> None:

@@ -7,12 +7,14 @@ supervisor stages what it cannot dispatch soon in the retry set.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import List, Optional
 
 import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
-from asyncproc.transports.retryset import RetrySet
+from asyncproc.transports.retryset import RetrySet, load_script
 
 log = logging.getLogger("asyncproc.redis")
 
@@ -34,6 +36,14 @@ class RedisPubSub(Transport):
         self._client = make_client(settings.redis_url)
         self._retries = RetrySet(self._client, settings.retry_queue)
         self._pubsub: Optional[redis.client.PubSub] = None
+        # claim and done markers of one result queue share a hash tag (one Redis Cluster slot)
+        self._tag = f"{settings.key_prefix}:{{{settings.result_queue}}}"
+        self._claims = settings.claim
+        self._claim_ttl = int(settings.claim_ttl)
+        self._window = int(settings.result_dedupe_window)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._claim_script = self._client.register_script(load_script("claim_ids.lua"))
+        self._publish_script = self._client.register_script(load_script("publish_results.lua"))
 
     def connect(self) -> None:
         self._close_pubsub()
@@ -80,13 +90,29 @@ class RedisPubSub(Transport):
             raise TransportError(f"redis: {exc}") from None
         return [Delivery(m, "", from_retry_set=True) for m in members]
 
+    def claim(self, keys: List[str]) -> List[bool]:
+        if not self._claims or not keys:
+            return [True] * len(keys)
+        redis_keys = []
+        for key in keys:
+            redis_keys += [f"{self._tag}:claim:{key}", f"{self._tag}:done:{key}"]
+        try:
+            flags = self._claim_script(keys=redis_keys, args=[self._owner, self._claim_ttl])
+        except redis.RedisError as exc:
+            raise TransportError(f"redis: {exc}") from None
+        return [bool(flag) for flag in flags]
+
     def write(self, writes: Writes) -> None:
         if not (writes.results or writes.retries or writes.dead_letters):
             return  # pub/sub deliveries need no ack
         try:
             pipe = self._client.pipeline(transaction=True)
-            for result in writes.results:
-                pipe.publish(self.result_channel, result)
+            if writes.results:
+                self._publish_script(
+                    keys=[f"{self._tag}:done:{key}" for key, _ in writes.results],
+                    args=[self._window, self.result_channel, *(raw for _, raw in writes.results)],
+                    client=pipe,
+                )
             self._retries.add(pipe, writes.retries)
             if writes.dead_letters:
                 pipe.rpush(self.dead_letter_key, *writes.dead_letters)

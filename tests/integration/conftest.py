@@ -25,7 +25,7 @@ def sim():
 
 @pytest.fixture
 def results(redis_server):
-    collector = Results(redis_server.client())
+    collector = Results(redis_server.port)
     yield collector
     collector.close()
 
