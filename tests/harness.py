@@ -66,12 +66,16 @@ class RedisServer:
         self.dir = workdir
         self.port = port or free_port()
         self.proc: Optional[subprocess.Popen] = None
+        self.extra: tuple = ()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *extra: str) -> "RedisServer":
+        """Start (or start again, with the same options and data directory)."""
+        self.extra = extra or self.extra
+        extra = self.extra
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -92,10 +96,14 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=10)
 
     def stop(self) -> None:
+        """SIGKILL: what a crash or an OOM kill does; with appendfsync always nothing is lost."""
         if self.proc is not None:
             kill_group(self.proc)
             self.proc.wait(10)
             self.proc = None
+
+    def log_text(self) -> str:
+        return (self.dir / "redis.log").read_text(errors="replace")
 
 
 class Sim:
@@ -123,14 +131,15 @@ class Processor:
     """`bin/asyncproc` as a process tree of its own."""
 
     def __init__(self, redis_url: str, gateway: str, *args: str, log: Path,
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, command: Optional[List[str]] = None,
+                 cwd: Optional[Path] = None) -> None:
         self.metrics_port = free_port()
         self.log = log
-        argv = [sys.executable, str(BIN), "--redis-url", redis_url, "--inference-gateway", gateway,
+        argv = [*(command or [sys.executable, str(BIN)]), "--redis-url", redis_url, "--inference-gateway", gateway,
                 "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", *args]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-                                     cwd=ROOT, env=full_env, start_new_session=True)
+                                     cwd=cwd or ROOT, env=full_env, start_new_session=True)
 
     def get(self, path: str) -> requests.Response:
         return requests.get(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5)

@@ -7,6 +7,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        elif "faults" in str(item.fspath):
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture
@@ -35,8 +37,9 @@ def start_processor(tmp_path, redis_server):
     """Start asyncproc against this test's Redis; every one started is killed at teardown."""
     started = []
 
-    def start(gateway, *args, wait_ready=True, env=None):
-        proc = Processor(redis_server.url, gateway, *args, log=tmp_path / f"asyncproc-{len(started)}.log", env=env)
+    def start(gateway, *args, wait_ready=True, env=None, command=None, cwd=None):
+        proc = Processor(redis_server.url, gateway, *args, log=tmp_path / f"asyncproc-{len(started)}.log",
+                         env=env, command=command, cwd=cwd)
         started.append(proc)
         if wait_ready:
             proc.wait_ready()
