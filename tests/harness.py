@@ -196,20 +196,19 @@ class Processor:
 class Results:
     """Collects every result from the result channel, resubscribing if Redis restarts.
 
-    `generation` counts live subscriptions, so a test can wait until the collector is
-    subscribed again after a restart before anything is published.
+    After a restart, a test waits for `wait_subscribed(client, channel)`: the collector is
+    then listening again before anything is published.
     """
 
     def __init__(self, port: int, channel: str = "batch-queue-result") -> None:
         self.items: List[dict] = []
         self.port = port
         self.channel = channel
-        self.generation = 0
         self._lock = threading.Lock()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="results", daemon=True)
         self._thread.start()
-        wait_until(lambda: self.generation >= 1, what="result subscription")
+        wait_subscribed(redis.Redis(port=port, socket_timeout=5), channel)
 
     def _run(self) -> None:
         while self._running:
@@ -220,9 +219,6 @@ class Results:
                 pubsub.subscribe(self.channel)
                 while self._running:
                     message = pubsub.get_message(timeout=0.05)
-                    if message is None and pubsub.subscribed and not getattr(pubsub, "_live", False):
-                        pubsub._live = True
-                        self.generation += 1
                     if message is not None and message["type"] == "message":
                         with self._lock:
                             self.items.append(orjson.loads(message["data"]))
