@@ -34,6 +34,7 @@ HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
 RETRY_SET_GAUGE_SECONDS = 5.0
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 RSS_CHECK_SECONDS = 5.0
+STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for Redis to return
 
 
 class Lifecycle(enum.Enum):
@@ -82,6 +83,7 @@ class Supervisor:
         self.next_retry_poll = 0.0
         self.more_to_read = False
         self.drain_deadline = 0.0
+        self.stop_deadline = 0.0
         self.retry_gauge_at = 0.0
         self.rss_check_at = 0.0
         self._wake_r, self._wake_w = os.pipe()
@@ -162,6 +164,8 @@ class Supervisor:
             wake.append(self.reconnect_at)
         if self.state is Lifecycle.DRAINING:
             wake.append(self.drain_deadline)
+        if self.state is Lifecycle.STOPPING:
+            wake.append(self.stop_deadline)
         restart = self.pool.next_restart()
         if restart is not None:
             wake.append(now + max(restart - time.monotonic(), 0.0))
@@ -179,10 +183,13 @@ class Supervisor:
             if self.state in (Lifecycle.STARTING, Lifecycle.RUNNING):
                 log.info("%s received: draining (grace %.0fs)", name, self.settings.shutdown_grace_period)
                 self.begin_drain()
+            elif self.state is Lifecycle.STOPPING:
+                log.warning("%s while stopping: exiting without waiting for Redis", name)
+                self.set_state(Lifecycle.STOPPED)
             elif signum == signal.SIGINT:
                 log.warning("second SIGINT: stopping now, putting back what is unfinished")
                 self.put_back(self.ledger.unfinished())
-                self.set_state(Lifecycle.STOPPING)
+                self.begin_stop()
 
     def reap(self) -> None:
         for handle in self.pool.reap():
@@ -266,14 +273,17 @@ class Supervisor:
         if self.state is Lifecycle.DRAINING:
             if self.ledger.count(State.ASSIGNED) == 0 or now >= self.drain_deadline:
                 self.put_back(self.ledger.unfinished())
-                self.set_state(Lifecycle.STOPPING)
+                self.begin_stop()
         if self.state is Lifecycle.STOPPING:
             self.flush()
-            if self.outbox:
-                log.error("queue system unreachable at stop: %d writes not made (ids: %s)",
-                          len(self.outbox.results) + len(self.outbox.retries),
-                          " ".join(self.outbox_keys[:50]))
-            self.set_state(Lifecycle.STOPPED)
+            if not self.outbox:
+                self.set_state(Lifecycle.STOPPED)
+            elif now >= self.stop_deadline:
+                lost = [k for k, _ in self.outbox.results] + [
+                    orjson.loads(raw).get("id") for raw, _ in self.outbox.retries]
+                log.error("queue system unreachable at stop: %d results and put-backs not written"
+                          " (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
+                self.set_state(Lifecycle.STOPPED)
         self._update_health(now)
 
     # -- intake details ------------------------------------------------------------------------
@@ -391,6 +401,11 @@ class Supervisor:
         self.set_state(Lifecycle.DRAINING)
         self.drain_deadline = time.time() + self.settings.shutdown_grace_period
         self.put_back(self.ledger.unfinished([State.WAITING]))
+
+    def begin_stop(self) -> None:
+        """Last step: write what is in the outbox, waiting a little for Redis if it is away."""
+        self.set_state(Lifecycle.STOPPING)
+        self.stop_deadline = time.time() + STOP_FLUSH_SECONDS
 
     def put_back(self, requests: List[Request]) -> None:
         """Unfinished work goes to the retry set, due now, so a restarted asyncproc finishes it.

@@ -187,3 +187,24 @@ def test_put_back_entries_are_the_whole_request_state(redis_server, sim, results
     state = orjson.loads(entry)
     assert state["id"] == "st" and state["metadata"] == {"k": "v"} and state["queue"] == "batch-queue"
     assert state["payload"]["x_sim"] == {"latency": 30}
+
+
+def test_stop_waits_for_redis_to_write_what_it_holds(sim, start_processor, redis_server):
+    redis_server.stop()
+    redis_server.start(*PERSISTENT)
+    proc = start_processor(sim.url, "--concurrency", "2", "--shutdown-grace-period", "20")
+    ids, raws = slow_requests(2, 1.0, prefix="h")
+    publish_many(redis_server.client(), raws)
+    wait_until(lambda: proc.metric("asyncproc_in_flight") == 2, what="two in flight")
+    redis_server.stop()
+    proc.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "draining -> stopping" in proc.log.read_text(), what="stopping with results held")
+    assert proc.proc.poll() is None  # waiting for Redis, not dropping the results
+    redis_server.start()
+    assert proc.proc.wait(30) == 0
+    # Nobody may be subscribed at that instant (pub/sub), but the publish script marks each
+    # id it published, atomically with the PUBLISH.
+    client = redis_server.client()
+    for rid in ids:
+        assert client.exists(f'asyncproc:{{batch-queue-result}}:done:"{rid}"')
+    assert "not written" not in proc.log.read_text()

@@ -14,3 +14,10 @@ def test_every_option_is_documented():
 def test_every_env_var_is_documented():
     missing = [config.env_var(o.flag) for o in config.OPTIONS if config.env_var(o.flag) not in README]
     assert missing == []
+
+
+def test_readme_renders_without_warnings():
+    import docutils.core
+
+    docutils.core.publish_string(README, writer_name="null",
+                                 settings_overrides={"halt_level": 2, "report_level": 2})
