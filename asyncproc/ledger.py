@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterable, List, Optional
+from typing import Any, Deque, Dict, Iterable, List, Optional
 
 from asyncproc.messages import Request
 
@@ -28,6 +28,7 @@ class State(enum.Enum):
 @dataclass
 class Entry:
     request: Request
+    delivery: Any = None   # the transport's handle, settled when the request is
     state: State = State.WAITING
     worker: Optional[int] = None
     dispatched_at: float = 0.0
@@ -40,12 +41,12 @@ class Ledger:
         self._by_worker: Dict[int, set] = {}
 
     # -- intake --------------------------------------------------------------------
-    def admit(self, request: Request) -> bool:
+    def admit(self, request: Request, delivery: Any = None) -> bool:
         """Hold a new request; False if its id is already held (a duplicate delivery)."""
         key = request.key
         if key in self._entries:
             return False
-        self._entries[key] = Entry(request)
+        self._entries[key] = Entry(request, delivery)
         self._waiting.setdefault(request.queue, deque()).append(key)
         return True
 
@@ -62,10 +63,10 @@ class Ledger:
         key = self._waiting[queue].popleft()
         return self._entries[key].request
 
-    def take_last(self, queue: str) -> Request:
+    def take_last(self, queue: str) -> Entry:
         """The newest waiting request of `queue`, to stage it elsewhere; it is forgotten."""
         key = self._waiting[queue].pop()
-        return self._entries.pop(key).request
+        return self._entries.pop(key)
 
     def assign(self, key: str, worker: int, now: float) -> None:
         entry = self._entries[key]
@@ -114,9 +115,13 @@ class Ledger:
             released.append(entry.request)
         return released
 
-    def unfinished(self, states: Iterable[State] = (State.WAITING, State.ASSIGNED)) -> List[Request]:
+    def unfinished(self, states: Iterable[State] = (State.WAITING, State.ASSIGNED)) -> List[Entry]:
         wanted = set(states)
-        return [e.request for e in self._entries.values() if e.state in wanted]
+        return [e for e in self._entries.values() if e.state in wanted]
+
+    def deliveries(self) -> List[Any]:
+        """The transport handles of everything held, to keep their leases alive."""
+        return [e.delivery for e in self._entries.values() if e.delivery is not None]
 
     # -- counts ----------------------------------------------------------------------
     def count(self, state: State) -> int:

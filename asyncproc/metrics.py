@@ -36,7 +36,14 @@ class Metrics:
         self.waiting = Gauge("asyncproc_waiting", "Requests held in memory, waiting for a worker", registry=r)
         self.workers_alive = Gauge("asyncproc_workers_alive", "Worker processes ready", registry=r)
         self.worker_restarts = Counter("asyncproc_worker_restarts", "Worker processes restarted", registry=r)
-        self.retry_set_size = Gauge("asyncproc_retry_set_size", "Entries in the Redis retry set", registry=r)
+        self.queue_gauges = {
+            "retry_set": Gauge("asyncproc_retry_set_size", "Entries in a Redis retry set", ["queue"], registry=r),
+            "depth": Gauge("asyncproc_queue_depth", "Requests waiting in a persisted queue", ["queue"], registry=r),
+            "leased": Gauge("asyncproc_queue_leased", "Requests leased or pending (taken, not finished)",
+                            ["queue"], registry=r),
+            "oldest_age_seconds": Gauge("asyncproc_queue_oldest_age_seconds",
+                                        "Age of the oldest request not yet taken", ["queue"], registry=r),
+        }
         self.outbox = Gauge("asyncproc_outbox", "Writes waiting for the queue system", registry=r)
         self.transport_errors = Counter("asyncproc_transport_errors", "Queue-system errors", registry=r)
         self.gateway_latency = Histogram(

@@ -20,7 +20,7 @@ import orjson
 
 from asyncproc import merge, messages, metrics, retry, worker
 from asyncproc.config import QueueConfig, Settings
-from asyncproc.ledger import Ledger, State
+from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Assignment, Kind, Outcome
 from asyncproc.pool import BootFailure, Pool
@@ -31,7 +31,7 @@ log = logging.getLogger("asyncproc.supervisor")
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
-RETRY_SET_GAUGE_SECONDS = 5.0
+QUEUE_STATS_SECONDS = 5.0
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for Redis to return
@@ -84,7 +84,8 @@ class Supervisor:
         self.more_to_read = False
         self.drain_deadline = 0.0
         self.stop_deadline = 0.0
-        self.retry_gauge_at = 0.0
+        self.stats_at = 0.0
+        self.keep_alive_at = 0.0
         self.rss_check_at = 0.0
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -205,23 +206,31 @@ class Supervisor:
                     self.settle(message[1], message[2])
 
     def intake(self) -> None:
+        """New messages and due retries, as far as there is room (pub/sub: drain it all)."""
         self.more_to_read = False
         if self.state is not Lifecycle.RUNNING or not self.redis_ok:
             return
         now = time.time()
         try:
-            deliveries = self.transport.receive(RECEIVE_BATCH)
-            self.more_to_read = len(deliveries) == RECEIVE_BATCH
-            self.accept_new(deliveries, now)
+            if self.transport.must_drain:
+                deliveries = self.transport.receive(RECEIVE_BATCH)
+                self.more_to_read = len(deliveries) == RECEIVE_BATCH
+                self.accept_new(deliveries, now)
             room = self.capacity - len(self.ledger)
-            if self.redis_ok and room > 0 and now >= self.next_retry_poll:
+            if room > 0 and now >= self.next_retry_poll:
                 claimed = self.transport.claim_due(now, room)
-                self.next_retry_poll = now if len(claimed) == room else now + RETRY_POLL_SECONDS
                 for delivery in claimed:
                     self.accept_retry(delivery, now)
+                room -= len(claimed)
+                if room > 0 and not self.transport.must_drain:
+                    deliveries = self.transport.receive(room)
+                    self.accept_new(deliveries, now)
+                    room -= len(deliveries)
+                self.next_retry_poll = now if room <= 0 else now + RETRY_POLL_SECONDS
         except TransportError as exc:
             self.transport_down(exc)
-        self.stage_overflow(now)
+        if self.transport.must_drain:
+            self.stage_overflow(now)
 
     def dispatch(self) -> None:
         if self.state is not Lifecycle.RUNNING:
@@ -268,6 +277,7 @@ class Supervisor:
             self.metrics.worker_restarts.inc()
         self.pool.kill_silent(self.settings.worker_timeout)
         self.recycle_workers(now)
+        self.keep_alive(now)
         if not self.redis_ok and now >= self.reconnect_at and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         if self.state is Lifecycle.DRAINING:
@@ -279,8 +289,8 @@ class Supervisor:
             if not self.outbox:
                 self.set_state(Lifecycle.STOPPED)
             elif now >= self.stop_deadline:
-                lost = [k for k, _ in self.outbox.results] + [
-                    orjson.loads(raw).get("id") for raw, _ in self.outbox.retries]
+                lost = [k for k, _, _ in self.outbox.results] + [
+                    orjson.loads(raw).get("id") for raw, _, _ in self.outbox.retries]
                 log.error("queue system unreachable at stop: %d results and put-backs not written"
                           " (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
                 self.set_state(Lifecycle.STOPPED)
@@ -303,45 +313,56 @@ class Supervisor:
             # What was read must not be lost: process it; results stay deduplicated.
             self.transport_down(exc)
             ours = iter([True] * len(with_id))
-        for item in parsed:
+        for item, delivery in zip(parsed, deliveries):
             if isinstance(item, DeadLetter) or next(ours):
-                self.accept(item)
+                self.accept(item, delivery)
             else:
                 self.metrics.skipped.labels(item.queue, "claimed-or-done").inc()
                 log.debug("id=%s is claimed by another replica or already answered", item.key,
                           extra={"id": item.id})
 
     def accept_retry(self, delivery: Delivery, now: float) -> None:
-        parsed = messages.decode_state(delivery.raw, delivery.queue)
+        """A due retry, a put-back request, or work abandoned by a holder that died."""
+        if delivery.state is not None:
+            parsed = messages.decode_state(delivery.state, delivery.queue)
+        else:
+            parsed = messages.parse_request(delivery.raw, delivery.queue, now,
+                                            self.settings.max_message_bytes)
         if isinstance(parsed, Request) and parsed.deadline <= now:
             if not self.ledger.holds(parsed.key):
                 self.finish(parsed, Result(parsed.id, parsed.queue, False,
                                            retry.deadline_exceeded(parsed.last_error),
-                                           attempts=parsed.attempts, metadata=parsed.metadata))
+                                           attempts=parsed.attempts, metadata=parsed.metadata),
+                            delivery)
+            else:
+                self.outbox.drops.append(delivery)
             return
-        self.accept(parsed)
+        self.accept(parsed, delivery)
 
-    def accept(self, parsed) -> None:
+    def accept(self, parsed, delivery: Optional[Delivery] = None) -> None:
         if isinstance(parsed, DeadLetter):
             self.metrics.bad_messages.labels(parsed.queue, "dead-letter").inc()
             self.metrics.dead_letters.labels(parsed.queue).inc()
             log.warning("dead-lettering a message from %s: %s", parsed.queue or "retry set",
                         parsed.reason)
-            self.outbox.dead_letters.append(messages.encode_dead_letter(parsed))
+            self.outbox.dead_letters.append((messages.encode_dead_letter(parsed), delivery))
         elif isinstance(parsed, Rejected):
             if self.ledger.holds(parsed.key):
-                self._duplicate(parsed.key, parsed.queue)
+                self._duplicate(parsed.key, parsed.queue, delivery)
                 return
             self.metrics.bad_messages.labels(parsed.queue, "error-result").inc()
             log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
             result = messages.rejected_result(parsed)
-            self.outbox.results.append((parsed.key, messages.encode_result(result, self.settings.result_format)))
+            self.outbox.results.append(
+                (parsed.key, messages.encode_result(result, self.settings.result_format), delivery))
             self.metrics.results.labels(parsed.queue, "error").inc()
-        elif not self.ledger.admit(parsed):
-            self._duplicate(parsed.key, parsed.queue)
+        elif not self.ledger.admit(parsed, delivery):
+            self._duplicate(parsed.key, parsed.queue, delivery)
 
-    def _duplicate(self, key: str, queue: str) -> None:
+    def _duplicate(self, key: str, queue: str, delivery: Optional[Delivery]) -> None:
         self.metrics.skipped.labels(queue, "in-flight").inc()
+        if delivery is not None and delivery.token is not None:
+            self.outbox.drops.append(delivery)
         log.warning("id=%s is already being processed; duplicate delivery ignored", key)
 
     def stage_overflow(self, now: float) -> None:
@@ -352,8 +373,8 @@ class Supervisor:
             queue = max(waiting, key=lambda q: len(waiting[q]))
             if not waiting[queue]:
                 return
-            request = self.ledger.take_last(queue)
-            self.outbox.retries.append((messages.encode_state(request), now))
+            entry = self.ledger.take_last(queue)
+            self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
             self.metrics.staged.labels(queue).inc()
             excess -= 1
 
@@ -374,7 +395,7 @@ class Supervisor:
             self.metrics.retries.labels(request.queue, outcome.kind.value).inc()
             log.debug("id=%s attempt %d failed (%s); retry in %.2fs", key, request.attempts,
                       outcome.describe(), decision.due - now, extra={"id": request.id})
-            self.outbox.retries.append((messages.encode_state(request), decision.due))
+            self.outbox.retries.append((messages.encode_state(request), decision.due, entry.delivery))
             self.outbox_keys.append(key)
             return
         attempts = request.attempts if outcome.kind is not Kind.EXPIRED else before.attempts
@@ -386,10 +407,11 @@ class Supervisor:
         if not decision.ok:
             log.warning("id=%s failed after %d attempts: %s", key, attempts, decision.reason,
                         extra={"id": request.id})
-        self.finish(request, result)
+        self.finish(request, result, entry.delivery)
 
-    def finish(self, request: Request, result: Result) -> None:
-        self.outbox.results.append((result.key, messages.encode_result(result, self.settings.result_format)))
+    def finish(self, request: Request, result: Result, delivery: Optional[Delivery]) -> None:
+        self.outbox.results.append(
+            (result.key, messages.encode_result(result, self.settings.result_format), delivery))
         outcome = "success" if result.ok else (
             "deadline_exceeded" if (result.error or "").startswith("deadline exceeded") else "error")
         self.metrics.results.labels(request.queue, outcome).inc()
@@ -407,18 +429,18 @@ class Supervisor:
         self.set_state(Lifecycle.STOPPING)
         self.stop_deadline = time.time() + STOP_FLUSH_SECONDS
 
-    def put_back(self, requests: List[Request]) -> None:
+    def put_back(self, entries: List[Entry]) -> None:
         """Unfinished work goes to the retry set, due now, so a restarted asyncproc finishes it.
 
         The ledger lets go at once: intake has stopped, and a late outcome for a request put
         back is ignored (it will be dispatched again: at-least-once).
         """
         now = time.time()
-        for request in requests:
-            self.outbox.retries.append((messages.encode_state(request), now))
-            self.ledger.forget(request.key)
-        if requests:
-            log.info("putting back %d unfinished requests", len(requests))
+        for entry in entries:
+            self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
+            self.ledger.forget(entry.request.key)
+        if entries:
+            log.info("putting back %d unfinished requests", len(entries))
 
     def transport_down(self, exc: TransportError) -> None:
         self.metrics.transport_errors.inc()
@@ -439,6 +461,19 @@ class Supervisor:
         self.redis_ok = True
         self.reconnect_delay = RECONNECT_MIN
         self.next_retry_poll = 0.0
+
+    def keep_alive(self, now: float) -> None:
+        """Extend the leases of everything held, so no other replica takes it over."""
+        interval = self.transport.keep_alive_interval
+        if interval is None or not self.redis_ok or now < self.keep_alive_at:
+            return
+        self.keep_alive_at = now + interval
+        held = self.ledger.deliveries()
+        if held:
+            try:
+                self.transport.keep_alive(held)
+            except TransportError as exc:
+                self.transport_down(exc)
 
     def recycle_workers(self, now: float) -> None:
         """Retire workers past --worker-max-requests / --worker-max-rss once they hold no work."""
@@ -476,11 +511,13 @@ class Supervisor:
         m.in_flight.set(self.ledger.count(State.ASSIGNED))
         m.waiting.set(self.ledger.count(State.WAITING))
         m.workers_alive.set(alive)
-        m.outbox.set(len(self.outbox.results) + len(self.outbox.retries) + len(self.outbox.dead_letters))
-        if self.redis_ok and now >= self.retry_gauge_at:
-            self.retry_gauge_at = now + RETRY_SET_GAUGE_SECONDS
+        m.outbox.set(len(self.outbox))
+        if self.redis_ok and now >= self.stats_at:
+            self.stats_at = now + QUEUE_STATS_SECONDS
             try:
-                m.retry_set_size.set(self.transport.retry_set_size())
+                for name, by_queue in self.transport.stats().items():
+                    for queue, value in by_queue.items():
+                        m.queue_gauges[name].labels(queue).set(value)
             except TransportError as exc:
                 self.transport_down(exc)
 

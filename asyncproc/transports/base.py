@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 
 class TransportError(Exception):
@@ -12,39 +12,50 @@ class TransportError(Exception):
 
 @dataclass(frozen=True)
 class Delivery:
-    """One raw message as the queue handed it over. `token` is what `ack` needs, if anything."""
+    """One message as the queue handed it over.
+
+    `raw` is the request message as the producer wrote it; `state`, when set, is the full
+    request state asyncproc stored with a retry (attempts, last error), which wins over
+    `raw`. `token` is what the transport needs to settle it (None: nothing to settle).
+    """
 
     raw: bytes
     queue: str
     token: Any = None
-    from_retry_set: bool = False
+    state: Optional[bytes] = None
 
 
 @dataclass
 class Writes:
-    """Everything one flush writes, in one round trip where the transport can.
+    """Everything one flush writes. Each item names the delivery it settles, if any.
 
-    `results` are (id key, encoded result); `retries` are (encoded request state, due time);
-    `dead_letters` are encoded dead-letter entries; `acks` are settled deliveries.
-    Written before they are acked, so a crash in between repeats work, never loses it.
+    `drops` settle without writing.
+    `results`: (id key, encoded result, delivery); `retries`: (encoded request state, due
+    time, delivery); `dead_letters`: (encoded dead-letter entry, delivery). A delivery is
+    settled only after what replaces it is written, so a crash in between repeats work
+    (results stay deduplicated), never loses it. Writing the same Writes twice is safe.
     """
 
-    results: List[Tuple[str, bytes]] = field(default_factory=list)
-    retries: List[Tuple[bytes, float]] = field(default_factory=list)
-    dead_letters: List[bytes] = field(default_factory=list)
-    acks: List[Delivery] = field(default_factory=list)
+    results: List[Tuple[str, bytes, Optional[Delivery]]] = field(default_factory=list)
+    retries: List[Tuple[bytes, float, Optional[Delivery]]] = field(default_factory=list)
+    dead_letters: List[Tuple[bytes, Optional[Delivery]]] = field(default_factory=list)
+    #: deliveries settled with nothing to write (a duplicate of an id already held)
+    drops: List[Delivery] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.results or self.retries or self.dead_letters or self.acks)
+        return bool(self.results or self.retries or self.dead_letters or self.drops)
 
-    def extend(self, other: "Writes") -> None:
-        self.results.extend(other.results)
-        self.retries.extend(other.retries)
-        self.dead_letters.extend(other.dead_letters)
-        self.acks.extend(other.acks)
+    def __len__(self) -> int:
+        return len(self.results) + len(self.retries) + len(self.dead_letters) + len(self.drops)
 
 
 class Transport(abc.ABC):
+    #: True when receive() must drain everything (pub/sub); False when the queue keeps what
+    #: is not taken, so asyncproc takes only what it has room for.
+    must_drain: bool = False
+    #: How often held deliveries need keep_alive(), in seconds (None: never).
+    keep_alive_interval: Optional[float] = None
+
     @abc.abstractmethod
     def connect(self) -> None:
         """(Re)establish connections and subscriptions. Raises TransportError."""
@@ -55,7 +66,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
-        """Retry-set entries due by `now`, removed from the set atomically."""
+        """Retries due by `now` (and work abandoned by dead holders), claimed atomically."""
 
     def claim(self, keys: List[str]) -> List[bool]:
         """For each id key: is it ours to process? (Replicas sharing a queue, redeliveries.)"""
@@ -63,11 +74,14 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def write(self, writes: Writes) -> None:
-        """Publish results, schedule retries, store dead letters, then ack. All or nothing."""
+        """Write results, retries and dead letters, and settle their deliveries."""
+
+    def keep_alive(self, deliveries: List[Delivery]) -> None:
+        """Tell the queue these deliveries are still being worked on (extend leases)."""
 
     @abc.abstractmethod
-    def retry_set_size(self) -> int:
-        ...
+    def stats(self) -> Dict[str, Dict[str, float]]:
+        """Gauges by name, each by queue: retry_set, depth, leased, oldest_age_seconds."""
 
     @abc.abstractmethod
     def ping(self) -> None:

@@ -29,6 +29,8 @@ def make_client(url: str) -> redis.Redis:
 
 
 class RedisPubSub(Transport):
+    must_drain = True
+
     def __init__(self, settings) -> None:
         self.channels = settings.queue_names
         self.result_channel = settings.result_queue
@@ -88,7 +90,7 @@ class RedisPubSub(Transport):
             members = self._retries.claim_due(now, limit)
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
-        return [Delivery(m, "", from_retry_set=True) for m in members]
+        return [Delivery(m, "", state=m) for m in members]
 
     def claim(self, keys: List[str]) -> List[bool]:
         if not self._claims or not keys:
@@ -109,20 +111,20 @@ class RedisPubSub(Transport):
             pipe = self._client.pipeline(transaction=True)
             if writes.results:
                 self._publish_script(
-                    keys=[f"{self._tag}:done:{key}" for key, _ in writes.results],
-                    args=[self._window, self.result_channel, *(raw for _, raw in writes.results)],
+                    keys=[f"{self._tag}:done:{key}" for key, _, _ in writes.results],
+                    args=[self._window, self.result_channel, *(raw for _, raw, _ in writes.results)],
                     client=pipe,
                 )
-            self._retries.add(pipe, writes.retries)
+            self._retries.add(pipe, [(state, due) for state, due, _ in writes.retries])
             if writes.dead_letters:
-                pipe.rpush(self.dead_letter_key, *writes.dead_letters)
+                pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
             pipe.execute()
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
 
-    def retry_set_size(self) -> int:
+    def stats(self):
         try:
-            return self._retries.size()
+            return {"retry_set": {self._retries.key: self._retries.size()}}
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
 

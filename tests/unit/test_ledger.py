@@ -6,6 +6,17 @@ def req(i, queue="q"):
     return Request(i, 2e9, {"prompt": str(i)}, queue, 1.0)
 
 
+def test_deliveries_travel_with_entries():
+    ledger = Ledger()
+    ledger.admit(req("a"), delivery="token-a")
+    ledger.admit(req("b"))
+    assert ledger.deliveries() == ["token-a"]
+    assert ledger.settle(req("a").key) is None  # not assigned yet
+    r = ledger.take("q")
+    ledger.assign(r.key, 0, 1.0)
+    assert ledger.settle(r.key).delivery == "token-a"
+
+
 def test_one_entry_per_id():
     ledger = Ledger()
     assert ledger.admit(req("a"))
@@ -47,8 +58,8 @@ def test_unfinished_and_take_last():
         ledger.admit(req(i))
     r = ledger.take("q")
     ledger.assign(r.key, 0, 1.0)
-    assert ledger.take_last("q").id == 2
-    assert sorted(x.id for x in ledger.unfinished()) == [0, 1]
-    assert [x.id for x in ledger.unfinished([State.WAITING])] == [1]
+    assert ledger.take_last("q").request.id == 2
+    assert sorted(x.request.id for x in ledger.unfinished()) == [0, 1]
+    assert [x.request.id for x in ledger.unfinished([State.WAITING])] == [1]
     ledger.forget(req(1).key)
     assert ledger.count(State.WAITING) == 0
