@@ -18,7 +18,7 @@ import orjson
 from asyncproc import merge, messages, retry
 
 ENV_PREFIX = "ASYNCPROC_"
-TRANSPORTS = ("redis-pubsub",)
+TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -90,19 +90,21 @@ OPTIONS: Tuple[Option, ...] = (
            "sent as the x-gateway-inference-objective header when not empty"),
     Option("--request-merge-policy", str, "random-robin",
            "how messages of several request queues are merged", choices=merge.POLICIES),
-    Option("--message-queue-impl", str, "redis-pubsub", "the queue transport",
+    Option("--message-queue-impl", str, "redis-pubsub",
+           "the queue transport: redis-pubsub (channels), redis-sortedset, redis-streams",
            choices=TRANSPORTS),
     Option("--redis-url", str, "redis://localhost:6379/0",
            "Redis URL (redis://, rediss://, unix://); REDIS_URL is honoured too", _redis_url),
     Option("--redis.request-queue-name", str, None,
-           "request channel; give it several times to consume several (default batch-queue)",
+           "request queue (channel, sorted set or stream); give it several times to consume several"
+           " (default batch-queue)",
            _queue_names, append=True),
     Option("--redis.retry-queue-name", str, "batch-sortedset-retry",
            "Redis sorted set holding retries (and staged overflow), scored by due time"),
     Option("--redis.result-queue-name", str, "batch-queue-result",
-           "channel results are published to"),
+           "where results go: a channel (pub/sub), a list (sorted set) or a stream (streams)"),
     Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
-           "Redis list for messages with no usable id"),
+           "where messages with no usable id go: a list (a stream for redis-streams)"),
     Option("--redis.key-prefix", str, "asyncproc",
            "prefix of asyncproc's own Redis keys (claims, result markers)"),
     Option("--redis.claim", parse_bool, True,
@@ -111,6 +113,15 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--redis.claim-ttl", float, 3600.0, "seconds a claim on a request id lasts", _at_least(1)),
     Option("--result-dedupe-window", float, 3600.0,
            "seconds during which a second result for the same id is not published; 0 = off",
+           _at_least(0)),
+    Option("--redis.lease-seconds", float, 60.0,
+           "redis-sortedset / redis-streams: a claimed request not kept alive this long (its holder"
+           " died) is taken up again", _at_least(1)),
+    Option("--redis.consumer-group", str, "asyncproc", "redis-streams: the consumer group"),
+    Option("--max-deliveries", int, 5,
+           "redis-streams: an entry delivered more often goes to the dead-letter stream", _at_least(1)),
+    Option("--redis.result-maxlen", int, 1000000,
+           "redis-streams: the result stream is trimmed to about this many entries; 0 = never",
            _at_least(0)),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
@@ -220,6 +231,10 @@ class Settings:
     claim: bool
     claim_ttl: float
     result_dedupe_window: float
+    lease_seconds: float
+    consumer_group: str
+    max_deliveries: int
+    result_maxlen: int
     backoff: retry.Backoff
     max_attempts: int
     request_timeout: float
@@ -286,6 +301,10 @@ def load_settings(
         claim=ns.redis_claim,
         claim_ttl=ns.redis_claim_ttl,
         result_dedupe_window=ns.result_dedupe_window,
+        lease_seconds=ns.redis_lease_seconds,
+        consumer_group=ns.redis_consumer_group,
+        max_deliveries=ns.max_deliveries,
+        result_maxlen=ns.redis_result_maxlen,
         backoff=retry.Backoff(ns.retry_policy, ns.retry_base_delay, ns.retry_max_delay),
         max_attempts=ns.max_attempts,
         request_timeout=ns.request_timeout,

@@ -10,6 +10,14 @@ def open_transport(settings) -> Transport:
         from asyncproc.transports.redis_pubsub import RedisPubSub
 
         return RedisPubSub(settings)
+    if settings.message_queue_impl == "redis-sortedset":
+        from asyncproc.transports.redis_sortedset import RedisSortedSet
+
+        return RedisSortedSet(settings)
+    if settings.message_queue_impl == "redis-streams":
+        from asyncproc.transports.redis_streams import RedisStreams
+
+        return RedisStreams(settings)
     raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
 
 

@@ -1,0 +1,105 @@
+"""Requests as members of a Redis sorted set scored by deadline (earliest first); results
+RPUSHed to a list. Claims move members atomically into a lease set; a finished member is
+removed only after its result is written; an expired lease (its holder died) puts the
+member back in play. Retries wait in the lease set until their due time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List
+
+from asyncproc.transports.base import Delivery, Transport, Writes
+from asyncproc.transports.leases import LeaseSet
+from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client
+
+
+def shares(names: List[str], limit: int, start: int) -> List[tuple]:
+    """Spread `limit` over the queues, starting from a rotating one so none starves."""
+    if not names:
+        return []
+    order = names[start % len(names):] + names[:start % len(names)]
+    base, extra = divmod(limit, len(order))
+    return [(name, base + (1 if i < extra else 0)) for i, name in enumerate(order)]
+
+
+class RedisSortedSet(Transport):
+    must_drain = False
+
+    def __init__(self, settings) -> None:
+        self._client = make_client(settings.redis_url)
+        self.lease_seconds = settings.lease_seconds
+        self.keep_alive_interval = settings.lease_seconds / 3
+        self.sets: Dict[str, LeaseSet] = {
+            q: LeaseSet(self._client, settings.key_prefix, q, ready_key=q) for q in settings.queue_names
+        }
+        self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, "list",
+                                    settings.result_dedupe_window)
+        self.dead_letter_key = settings.dead_letter_queue
+        self._turn = 0
+
+    def connect(self) -> None:
+        guarded(self._client.ping)
+
+    def _claim(self, now: float, limit: int, take_new: bool) -> List[Delivery]:
+        out: List[Delivery] = []
+        self._turn += 1
+        for queue, share in shares(list(self.sets), limit, self._turn):
+            if share <= 0:
+                continue
+            pairs = guarded(lambda q=queue, n=share: self.sets[q].claim(
+                self._client, now, now + self.lease_seconds, n, take_new))
+            out.extend(Delivery(member, queue, token=member, state=state) for member, state in pairs)
+        return out
+
+    def receive(self, limit: int) -> List[Delivery]:
+        return self._claim(time.time(), limit, take_new=True)
+
+    def claim_due(self, now: float, limit: int) -> List[Delivery]:
+        return self._claim(now, limit, take_new=False)
+
+    def write(self, writes: Writes) -> None:
+        def run() -> None:
+            if writes.results or writes.dead_letters:
+                pipe = self._client.pipeline(transaction=False)
+                self.results.add(pipe, writes.results)
+                if writes.dead_letters:
+                    pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
+                pipe.execute()  # what replaces a request is written before the request goes
+            pipe = self._client.pipeline(transaction=False)
+            for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
+                for state, due, delivery in items:
+                    self.sets[queue].retry(pipe, delivery.token, state, due)
+            done = writes.drops + [d for _, _, d in writes.results] + [d for _, d in writes.dead_letters]
+            for queue, deliveries in by_queue(done, lambda d: d).items():
+                self.sets[queue].settle(pipe, (d.token for d in deliveries))
+            pipe.execute()
+
+        guarded(run)
+
+    def keep_alive(self, deliveries: List[Delivery]) -> None:
+        until = time.time() + self.lease_seconds
+        pipe = self._client.pipeline(transaction=False)
+        for queue, held in by_queue(deliveries, lambda d: d).items():
+            self.sets[queue].extend(pipe, (d.token for d in held), until)
+        guarded(pipe.execute)
+
+    def stats(self):
+        def run():
+            pipe = self._client.pipeline(transaction=False)
+            for queue, lease_set in self.sets.items():
+                pipe.zcard(queue)
+                pipe.zcard(lease_set.leases)
+            counts = pipe.execute()
+            names = list(self.sets)
+            return {
+                "depth": {q: counts[2 * i] for i, q in enumerate(names)},
+                "leased": {q: counts[2 * i + 1] for i, q in enumerate(names)},
+            }
+
+        return guarded(run)
+
+    def ping(self) -> None:
+        guarded(self._client.ping)
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,182 @@
+"""Requests as entries of a Redis stream (one field `message`), read with a consumer group.
+
+A result is XADDed to the result stream and its entry acknowledged in one MULTI. Entries
+pending on a dead consumer are taken over with XAUTOCLAIM once idle for the lease time;
+live ones are kept from being stolen by touching them (XCLAIM JUSTID resets idle time
+without counting a delivery). An entry delivered more than --max-deliveries times goes to
+the dead-letter stream. A retry acknowledges the entry and keeps its state in the queue's
+lease set until due, so retries survive any crash too.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, Optional
+
+import orjson
+import redis
+
+from asyncproc.transports.base import Delivery, Transport, Writes
+from asyncproc.transports.leases import LeaseSet
+from asyncproc.transports.redis_sortedset import shares
+from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, owner_name
+
+log = logging.getLogger("asyncproc.redis")
+
+ENTRY, LEASE = b"e", b"l"  # token kinds: a stream entry id, or a member of the lease set
+FIELD = b"message"
+
+
+class RedisStreams(Transport):
+    must_drain = False
+
+    def __init__(self, settings) -> None:
+        self._client = make_client(settings.redis_url)
+        self.group = settings.consumer_group
+        self.consumer = owner_name()
+        self.lease_seconds = settings.lease_seconds
+        self.keep_alive_interval = settings.lease_seconds / 3
+        self.max_deliveries = settings.max_deliveries
+        self.sets: Dict[str, LeaseSet] = {
+            q: LeaseSet(self._client, settings.key_prefix, q, ready_key=None) for q in settings.queue_names
+        }
+        self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, "stream",
+                                    settings.result_dedupe_window, settings.result_maxlen)
+        self.dead_letter_key = settings.dead_letter_queue
+        self._turn = 0
+        self._autoclaim_at = 0.0
+
+    def connect(self) -> None:
+        def run() -> None:
+            for queue in self.sets:
+                try:
+                    # from the start: entries added before the group existed are work too
+                    self._client.xgroup_create(queue, self.group, id="0", mkstream=True)
+                    log.info("created consumer group %s on stream %s", self.group, queue)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+        guarded(run)
+
+    # -- intake --------------------------------------------------------------------------
+    def receive(self, limit: int) -> List[Delivery]:
+        out: List[Delivery] = []
+        self._turn += 1
+        for queue, share in shares(list(self.sets), limit, self._turn):
+            if share <= 0:
+                continue
+            reply = guarded(lambda q=queue, n=share: self._client.xreadgroup(
+                self.group, self.consumer, {q: ">"}, count=n))
+            for _stream, entries in reply or []:
+                out.extend(self._delivery(queue, entry_id, fields) for entry_id, fields in entries)
+        return out
+
+    @staticmethod
+    def _delivery(queue: str, entry_id: bytes, fields: Optional[dict]) -> Delivery:
+        raw = (fields or {}).get(FIELD)
+        if raw is None:  # not asyncproc's shape: keep what there is for the dead letter
+            raw = orjson.dumps({k.decode(errors="replace"): v.decode(errors="replace")
+                                for k, v in (fields or {}).items()})
+        return Delivery(raw, queue, token=(ENTRY, entry_id))
+
+    def claim_due(self, now: float, limit: int) -> List[Delivery]:
+        out: List[Delivery] = []
+        for queue, lease_set in self.sets.items():
+            pairs = guarded(lambda ls=lease_set, n=limit - len(out): ls.claim(
+                self._client, now, now + self.lease_seconds, n, take_new=False))
+            out.extend(Delivery(b"", queue, token=(LEASE, m), state=state) for m, state in pairs)
+        if now >= self._autoclaim_at and len(out) < limit:
+            self._autoclaim_at = now + self.lease_seconds / 2
+            for queue in self.sets:
+                out.extend(guarded(lambda q=queue, n=limit - len(out): self._take_over(q, n)))
+        return out
+
+    def _take_over(self, queue: str, limit: int) -> List[Delivery]:
+        """Entries idle past the lease time on any consumer (a dead one): ours now."""
+        if limit <= 0:
+            return []
+        reply = self._client.xautoclaim(queue, self.group, self.consumer,
+                                        int(self.lease_seconds * 1000), "0-0", count=limit)
+        entries = [(i, f) for i, f in reply[1] if f is not None] if reply else []
+        if not entries:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for entry_id, _ in entries:
+            pipe.xpending_range(queue, self.group, entry_id, entry_id, 1)
+        counts = [p[0]["times_delivered"] if p else 0 for p in pipe.execute()]
+        out, dead = [], []
+        for (entry_id, fields), count in zip(entries, counts):
+            delivery = self._delivery(queue, entry_id, fields)
+            if count > self.max_deliveries:
+                dead.append((delivery, count))
+            else:
+                out.append(delivery)
+        if dead:
+            pipe = self._client.pipeline(transaction=True)
+            for delivery, count in dead:
+                log.warning("stream %s entry %s delivered %d times; dead-lettering it", queue,
+                            delivery.token[1].decode(), count)
+                pipe.xadd(self.dead_letter_key, {
+                    FIELD: delivery.raw, b"reason": f"delivered {count} times (max {self.max_deliveries})",
+                    b"queue": queue, b"entry": delivery.token[1]})
+                pipe.xack(queue, self.group, delivery.token[1])
+            pipe.execute()
+        log.info("took over %d entries of %s from consumers that went silent", len(out), queue)
+        return out
+
+    # -- settling ------------------------------------------------------------------------
+    def write(self, writes: Writes) -> None:
+        pipe = self._client.pipeline(transaction=True)  # results and acks: one atomic step
+        self.results.add(pipe, writes.results)
+        for entry, delivery in writes.dead_letters:
+            pipe.xadd(self.dead_letter_key, {FIELD: entry, b"queue": delivery.queue if delivery else ""})
+        for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
+            lease_set = self.sets[queue]
+            for state, due, delivery in items:
+                kind, ident = delivery.token
+                if kind == ENTRY:
+                    pipe.xack(queue, self.group, ident)
+                lease_set.retry(pipe, ident, state, due)
+        done = writes.drops + [d for _, _, d in writes.results] + [d for _, d in writes.dead_letters]
+        for queue, deliveries in by_queue(done, lambda d: d).items():
+            entries = [d.token[1] for d in deliveries if d.token[0] == ENTRY]
+            if entries:
+                pipe.xack(queue, self.group, *entries)
+            self.sets[queue].settle(pipe, (d.token[1] for d in deliveries if d.token[0] == LEASE))
+        guarded(pipe.execute)
+
+    def keep_alive(self, deliveries: List[Delivery]) -> None:
+        until = time.time() + self.lease_seconds
+        pipe = self._client.pipeline(transaction=False)
+        for queue, held in by_queue(deliveries, lambda d: d).items():
+            entries = [d.token[1] for d in held if d.token[0] == ENTRY]
+            if entries:  # resets idle time, not the delivery count: not taken over while alive
+                pipe.xclaim(queue, self.group, self.consumer, 0, entries, justid=True)
+            self.sets[queue].extend(pipe, (d.token[1] for d in held if d.token[0] == LEASE), until)
+        guarded(pipe.execute)
+
+    def stats(self):
+        def run():
+            depth, leased, oldest = {}, {}, {}
+            now_ms = time.time() * 1000
+            for queue, lease_set in self.sets.items():
+                group = next((g for g in self._client.xinfo_groups(queue)
+                              if g["name"] in (self.group, self.group.encode())), None)
+                if group is None:
+                    continue
+                depth[queue] = group.get("lag") or 0
+                leased[queue] = group.get("pending", 0) + self._client.zcard(lease_set.leases)
+                after = group["last-delivered-id"]
+                after = after.decode() if isinstance(after, bytes) else after
+                first = self._client.xrange(queue, min=f"({after}", count=1)
+                oldest[queue] = max(now_ms - int(first[0][0].split(b"-")[0]), 0) / 1000 if first else 0
+            return {"depth": depth, "leased": leased, "oldest_age_seconds": oldest}
+
+        return guarded(run)
+
+    def ping(self) -> None:
+        guarded(self._client.ping)
+
+    def close(self) -> None:
+        self._client.close()

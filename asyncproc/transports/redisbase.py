@@ -1,0 +1,66 @@
+"""What the persisted Redis transports share: client, result writes with dedupe, errors."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable, Dict, List, TypeVar
+
+import redis
+
+from asyncproc.transports.base import TransportError
+from asyncproc.transports.keys import aux_key
+from asyncproc.transports.retryset import load_script
+
+SOCKET_TIMEOUT = 5.0
+T = TypeVar("T")
+
+
+def make_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
+        socket_keepalive=True,
+    )
+
+
+def owner_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def guarded(call: Callable[[], T]) -> T:
+    """Run a Redis call; its errors become TransportError (the edge of the transport)."""
+    try:
+        return call()
+    except (redis.RedisError, OSError) as exc:
+        raise TransportError(f"redis: {exc}") from None
+
+
+class ResultWriter:
+    """Appends results to a list or a stream, once per id within the dedupe window."""
+
+    def __init__(self, client: redis.Redis, prefix: str, key: str, mode: str, window: float,
+                 maxlen: int = 0) -> None:
+        self.key = key
+        self.mode = mode
+        self.window = int(window)
+        self.maxlen = maxlen
+        self._prefix = prefix
+        self._script = client.register_script(load_script("push_results.lua"))
+
+    def done_key(self, id_key: str) -> str:
+        return aux_key(self._prefix, self.key, f"done:{id_key}")
+
+    def add(self, pipe, results: List) -> None:
+        """Queue on `pipe` the (id key, encoded result, delivery) items."""
+        if results:
+            self._script(keys=[self.key, *(self.done_key(k) for k, _, _ in results)],
+                         args=[self.window, self.mode, self.maxlen, *(raw for _, raw, _ in results)],
+                         client=pipe)
+
+
+def by_queue(items, delivery_of) -> Dict[str, list]:
+    grouped: Dict[str, list] = {}
+    for item in items:
+        delivery = delivery_of(item)
+        if delivery is not None and delivery.token is not None:
+            grouped.setdefault(delivery.queue, []).append(item)
+    return grouped
