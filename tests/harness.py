@@ -258,3 +258,48 @@ def request(id_value, payload=None, deadline_in: float = 600.0, **extra) -> byte
 def wait_subscribed(client: redis.Redis, channel: str, timeout: float = 30.0) -> None:
     wait_until(lambda: dict(client.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1, timeout,
                what=f"a subscriber on {channel}")
+
+
+class Queue:
+    """Producer and result reader for one persisted transport, as a user would write them."""
+
+    def __init__(self, client: redis.Redis, impl: str, name: str = "batch-queue",
+                 results: str = "batch-queue-result") -> None:
+        self.client, self.impl, self.name, self.results_key = client, impl, name, results
+
+    def put(self, raws: List[bytes], deadlines: Optional[List[float]] = None) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for i, raw in enumerate(raws):
+            if self.impl == "redis-sortedset":
+                deadline = deadlines[i] if deadlines else float(orjson.loads(raw).get("deadline", 0) or 0)
+                pipe.zadd(self.name, {raw: deadline})
+            else:
+                pipe.xadd(self.name, {"message": raw})
+        pipe.execute()
+
+    def results(self) -> List[dict]:
+        if self.impl == "redis-sortedset":
+            return [orjson.loads(x) for x in self.client.lrange(self.results_key, 0, -1)]
+        return [orjson.loads(fields[b"message"]) for _, fields in self.client.xrange(self.results_key)]
+
+    def wait_results(self, count: int, timeout: float = 60.0) -> List[dict]:
+        wait_until(lambda: len(self.results()) >= count, timeout, 0.05,
+                   what=f"{count} results in {self.results_key}")
+        return self.results()
+
+    def dead_letters(self) -> List[dict]:
+        key = "batch-queue-dead-letter"
+        if self.impl == "redis-sortedset":
+            return [orjson.loads(x) for x in self.client.lrange(key, 0, -1)]
+        return [{k.decode(): v.decode() for k, v in f.items()} for _, f in self.client.xrange(key)]
+
+    def leftovers(self) -> Dict[str, int]:
+        """Work still held anywhere in Redis: queue, leases, pending entries."""
+        out = {k.decode(): self.client.zcard(k) for k in self.client.keys("asyncproc:*:leases")}
+        if self.impl == "redis-sortedset":
+            out["queue"] = self.client.zcard(self.name)
+        else:
+            for group in self.client.xinfo_groups(self.name):
+                out["pending"] = group["pending"]
+                out["lag"] = group.get("lag") or 0
+        return {k: v for k, v in out.items() if v}

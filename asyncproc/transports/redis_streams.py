@@ -25,6 +25,7 @@ log = logging.getLogger("asyncproc.redis")
 
 ENTRY, LEASE = b"e", b"l"  # token kinds: a stream entry id, or a member of the lease set
 FIELD = b"message"
+DEPTH_COUNT_CAP = 1000
 
 
 class RedisStreams(Transport):
@@ -165,10 +166,13 @@ class RedisStreams(Transport):
                               if g["name"] in (self.group, self.group.encode())), None)
                 if group is None:
                     continue
-                depth[queue] = group.get("lag") or 0
                 leased[queue] = group.get("pending", 0) + self._client.zcard(lease_set.leases)
                 after = group["last-delivered-id"]
                 after = after.decode() if isinstance(after, bytes) else after
+                lag = group.get("lag")
+                if lag is None:  # Redis without XINFO lag: count what is left, up to a cap
+                    lag = len(self._client.xrange(queue, min=f"({after}", count=DEPTH_COUNT_CAP))
+                depth[queue] = lag
                 first = self._client.xrange(queue, min=f"({after}", count=1)
                 oldest[queue] = max(now_ms - int(first[0][0].split(b"-")[0]), 0) / 1000 if first else 0
             return {"depth": depth, "leased": leased, "oldest_age_seconds": oldest}
