@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import merge, messages, metrics, retry, worker
+from asyncproc import merge, messages, metrics, notify, retry, worker
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
@@ -87,6 +87,9 @@ class Supervisor:
         self.stats_at = 0.0
         self.keep_alive_at = 0.0
         self.rss_check_at = 0.0
+        self.notifier = notify.Notifier(os.environ)
+        self.notified_ready = False
+        self.watchdog_at = 0.0
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -123,11 +126,13 @@ class Supervisor:
             log.error("cannot start workers: %s", exc)
             code = 3
         finally:
-            self.pool.stop(timeout=5.0)
+            # Everything held was answered or put back: nothing a worker still does matters.
+            self.pool.stop(timeout=1.0)
             self.transport.close()
             if server is not None:
                 server.shutdown()
             signal.set_wakeup_fd(-1)
+            self.notifier.close()
         log.info("asyncproc stopped")
         return code
 
@@ -167,6 +172,8 @@ class Supervisor:
             wake.append(self.drain_deadline)
         if self.state is Lifecycle.STOPPING:
             wake.append(self.stop_deadline)
+        if self.notifier.watchdog_interval is not None:
+            wake.append(self.watchdog_at)
         restart = self.pool.next_restart()
         if restart is not None:
             wake.append(now + max(restart - time.monotonic(), 0.0))
@@ -295,6 +302,7 @@ class Supervisor:
                           " (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
                 self.set_state(Lifecycle.STOPPED)
         self._update_health(now)
+        self.tell_systemd(now)
 
     # -- intake details ------------------------------------------------------------------------
     def accept_new(self, deliveries: List[Delivery], now: float) -> None:
@@ -420,6 +428,7 @@ class Supervisor:
 
     # -- drain and outages -----------------------------------------------------------------------
     def begin_drain(self) -> None:
+        self.notifier.send("STOPPING=1", "STATUS=draining")
         self.set_state(Lifecycle.DRAINING)
         self.drain_deadline = time.time() + self.settings.shutdown_grace_period
         self.put_back(self.ledger.unfinished([State.WAITING]))
@@ -494,6 +503,16 @@ class Supervisor:
                                  rss / 1048576, max_rss)
             if handle.retiring and not handle.stop_sent and self.ledger.assigned_count(handle.index) == 0:
                 self.pool.retire(handle)
+
+    def tell_systemd(self, now: float) -> None:
+        """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""
+        if not self.notified_ready and self.health.ready:
+            self.notified_ready = True
+            self.notifier.send("READY=1", f"STATUS=running, {self.settings.workers} workers")
+        interval = self.notifier.watchdog_interval  # systemd watches only after start-up
+        if interval is not None and self.notified_ready and now >= self.watchdog_at:
+            self.watchdog_at = now + interval
+            self.notifier.send("WATCHDOG=1")
 
     # -- health and gauges ---------------------------------------------------------------------------
     def _update_health(self, now: float) -> None:

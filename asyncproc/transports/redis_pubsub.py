@@ -108,7 +108,9 @@ class RedisPubSub(Transport):
         if not (writes.results or writes.retries or writes.dead_letters):
             return  # pub/sub deliveries need no ack
         try:
-            pipe = self._client.pipeline(transaction=True)
+            # Not MULTI: the keys live in different slots on a cluster, and every part is
+            # safe to repeat (results are deduplicated, ZADD is idempotent).
+            pipe = self._client.pipeline(transaction=False)
             if writes.results:
                 self._publish_script(
                     keys=[f"{self._tag}:done:{key}" for key, _, _ in writes.results],

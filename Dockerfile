@@ -1,0 +1,19 @@
+# asyncproc container image: `docker build -t asyncproc .` from the source tree.
+# The Helm chart's default image (ghcr.io/asyncproc/asyncproc) is built from this file.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+
+WORKDIR /src
+COPY setup.cfg setup.py README.rst ./
+COPY asyncproc ./asyncproc
+RUN pip install . && rm -rf /src
+
+# A fixed non-root user, as the chart's securityContext expects (runAsUser 10001).
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin asyncproc
+USER 10001:10001
+WORKDIR /
+
+EXPOSE 9090
+ENTRYPOINT ["asyncproc"]
+CMD ["--help"]
