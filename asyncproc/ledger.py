@@ -131,5 +131,12 @@ class Ledger:
             return sum(len(s) for s in self._by_worker.values())
         return sum(1 for e in self._entries.values() if e.state is state)
 
+    def count_by_queue(self, state: State) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for entry in self._entries.values():
+            if entry.state is state:
+                counts[entry.request.queue] = counts.get(entry.request.queue, 0) + 1
+        return counts
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -24,7 +24,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter("asyncproc_requests_received", "Request messages received", ["queue"], registry=r)
-        self.results = Counter("asyncproc_results", "Results written, by outcome", ["queue", "outcome"], registry=r)
+        self.results = Counter(
+            "asyncproc_results",
+            "Results written, by outcome: success, gateway_error, invalid, deadline_exceeded, max_attempts",
+            ["queue", "outcome"], registry=r)
         self.retries = Counter("asyncproc_retries", "Retries scheduled, by reason", ["queue", "reason"], registry=r)
         self.bad_messages = Counter("asyncproc_bad_messages", "Invalid request messages, by kind", ["queue", "kind"], registry=r)
         self.dead_letters = Counter("asyncproc_dead_letters", "Messages sent to the dead-letter list", ["queue"], registry=r)
@@ -32,7 +35,16 @@ class Metrics:
                                "Deliveries not processed: id in flight here, or claimed elsewhere / answered",
                                ["queue", "reason"], registry=r)
         self.staged = Counter("asyncproc_staged", "Requests staged in the retry set for lack of capacity", ["queue"], registry=r)
-        self.in_flight = Gauge("asyncproc_in_flight", "Requests assigned to workers", registry=r)
+        self.in_flight = Gauge("asyncproc_in_flight", "Requests assigned to workers", ["queue"], registry=r)
+        self.shed = Counter("asyncproc_shed", "Attempts the gateway shed (HTTP 429)", ["queue"], registry=r)
+        self.residence = Histogram(
+            "asyncproc_queue_residence_seconds", "Receipt of a request to its first dispatch", ["queue"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.end_to_end = Histogram(
+            "asyncproc_end_to_end_seconds", "Creation (or receipt) of a request to its result", ["queue"],
+            buckets=LATENCY_BUCKETS + (600, 1800, 3600, 14400, 86400), registry=r,
+        )
         self.waiting = Gauge("asyncproc_waiting", "Requests held in memory, waiting for a worker", registry=r)
         self.workers_alive = Gauge("asyncproc_workers_alive", "Worker processes ready", registry=r)
         self.worker_restarts = Counter("asyncproc_worker_restarts", "Worker processes restarted", registry=r)

@@ -9,6 +9,7 @@ from typing import Optional, Union
 from asyncproc.outcomes import Kind, Outcome
 
 POLICIES = ("exponential", "fixed")
+DEADLINE = "deadline_exceeded"
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,15 @@ class RetryAt:
 
 @dataclass(frozen=True)
 class Finish:
-    """End the request: `ok` with the outcome's body, or an error with `reason`."""
+    """End the request: `ok` with the outcome's body, or an error with `reason`.
+
+    `code` names the kind of ending for metrics: success, gateway_error,
+    deadline_exceeded or max_attempts.
+    """
 
     ok: bool
     reason: Optional[str] = None
+    code: str = "success"
 
 
 Decision = Union[RetryAt, Finish]
@@ -75,20 +81,21 @@ def decide(
     if outcome.kind is Kind.OK:
         return Finish(True)
     if outcome.kind is Kind.FATAL:
-        return Finish(False, outcome.describe())
+        return Finish(False, outcome.describe(), "gateway_error")
     if outcome.kind is Kind.EXPIRED:
-        return Finish(False, deadline_exceeded(last_error))
+        return Finish(False, deadline_exceeded(last_error), DEADLINE)
     if now >= deadline:
-        return Finish(False, deadline_exceeded(outcome.describe()))
+        return Finish(False, deadline_exceeded(outcome.describe()), DEADLINE)
     if max_attempts and attempts >= max_attempts:
-        return Finish(False, f"max attempts ({max_attempts}) reached (last failure: {outcome.describe()})")
+        return Finish(False, f"max attempts ({max_attempts}) reached (last failure: {outcome.describe()})",
+                      "max_attempts")
     delay = backoff.delay(attempts, rng)
     asked = parse_retry_after(outcome.retry_after, now)
     if asked is not None:
         delay = max(delay, asked)
     due = now + delay
     if due >= deadline:
-        return Finish(False, deadline_exceeded(outcome.describe()))
+        return Finish(False, deadline_exceeded(outcome.describe()), DEADLINE)
     return RetryAt(due)
 
 

@@ -32,6 +32,7 @@ RECEIVE_BATCH = 2000         # messages read from the transport per tick, at mos
 RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
 QUEUE_STATS_SECONDS = 5.0
+GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for Redis to return
@@ -85,6 +86,7 @@ class Supervisor:
         self.drain_deadline = 0.0
         self.stop_deadline = 0.0
         self.stats_at = 0.0
+        self.gauges_at = 0.0
         self.keep_alive_at = 0.0
         self.rss_check_at = 0.0
         self.notifier = notify.Notifier(os.environ)
@@ -262,6 +264,8 @@ class Supervisor:
                 request_timeout=self.settings.request_timeout,
             )
             self.ledger.assign(request.key, index, now)
+            if request.attempts == 0 and request.last_error is None:
+                self.metrics.residence.labels(request.queue).observe(max(now - request.received_at, 0.0))
             free[index] -= 1
             if not self.pool.send_job(handles[index], job):
                 free.pop(index)  # dying: reap() gives its work back
@@ -341,7 +345,7 @@ class Supervisor:
                 self.finish(parsed, Result(parsed.id, parsed.queue, False,
                                            retry.deadline_exceeded(parsed.last_error),
                                            attempts=parsed.attempts, metadata=parsed.metadata),
-                            delivery)
+                            delivery, retry.DEADLINE)
             else:
                 self.outbox.drops.append(delivery)
             return
@@ -363,7 +367,8 @@ class Supervisor:
             result = messages.rejected_result(parsed)
             self.outbox.results.append(
                 (parsed.key, messages.encode_result(result, self.settings.result_format), delivery))
-            self.metrics.results.labels(parsed.queue, "error").inc()
+            late = parsed.reason == "deadline exceeded"
+            self.metrics.results.labels(parsed.queue, retry.DEADLINE if late else "invalid").inc()
         elif not self.ledger.admit(parsed, delivery):
             self._duplicate(parsed.key, parsed.queue, delivery)
 
@@ -395,6 +400,8 @@ class Supervisor:
         request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
         if outcome.kind is not Kind.EXPIRED:
             self.metrics.gateway_latency.labels(request.queue).observe(outcome.elapsed)
+        if outcome.kind is Kind.SHED:
+            self.metrics.shed.labels(request.queue).inc()
         now = time.time()
         decision = retry.decide(outcome, request.attempts, request.deadline, now,
                                 self.settings.backoff, self.rng, self.settings.max_attempts,
@@ -415,14 +422,14 @@ class Supervisor:
         if not decision.ok:
             log.warning("id=%s failed after %d attempts: %s", key, attempts, decision.reason,
                         extra={"id": request.id})
-        self.finish(request, result, entry.delivery)
+        self.finish(request, result, entry.delivery, decision.code)
 
-    def finish(self, request: Request, result: Result, delivery: Optional[Delivery]) -> None:
+    def finish(self, request: Request, result: Result, delivery: Optional[Delivery], code: str) -> None:
         self.outbox.results.append(
             (result.key, messages.encode_result(result, self.settings.result_format), delivery))
-        outcome = "success" if result.ok else (
-            "deadline_exceeded" if (result.error or "").startswith("deadline exceeded") else "error")
-        self.metrics.results.labels(request.queue, outcome).inc()
+        self.metrics.results.labels(request.queue, code).inc()
+        self.metrics.end_to_end.labels(request.queue).observe(
+            max(time.time() - (request.created or request.received_at), 0.0))
         if self.ledger.holds(request.key):
             self.outbox_keys.append(request.key)
 
@@ -526,8 +533,13 @@ class Supervisor:
             self.health.ready, self.health.reason = False, "no worker ready"
         else:
             self.health.ready, self.health.reason = True, "ready"
+        if now < self.gauges_at:
+            return
+        self.gauges_at = now + GAUGE_SECONDS
         m = self.metrics
-        m.in_flight.set(self.ledger.count(State.ASSIGNED))
+        assigned = self.ledger.count_by_queue(State.ASSIGNED)
+        for queue in set(assigned) | set(self.routes):
+            m.in_flight.labels(queue).set(assigned.get(queue, 0))
         m.waiting.set(self.ledger.count(State.WAITING))
         m.workers_alive.set(alive)
         m.outbox.set(len(self.outbox))

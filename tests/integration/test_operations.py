@@ -86,3 +86,36 @@ def test_configuration_from_environment_and_file(tmp_path, redis_server, sim, re
         assert len(proc.children()) == min(os.cpu_count() or 1, 3)
     finally:
         proc.kill()
+
+
+def test_metrics_by_outcome_and_histograms(redis_server, sim, results, start_processor):
+    proc = start_processor(sim.url, "--concurrency", "2", "--retry-base-delay", "0.05", "--retry-max-delay", "0.05")
+    client = redis_server.client()
+    client.publish("batch-queue", request("ok"))
+    client.publish("batch-queue", request("shed", {"prompt": "x", "x_sim": {"key": "shed", "script": [429, 200]}}))
+    client.publish("batch-queue", request("bad", {"prompt": "x", "x_sim": {"key": "bad", "script": [422]}}))
+    client.publish("batch-queue", request("late", deadline_in=-1))
+    client.publish("batch-queue", b'{"id": "inv", "deadline": "soon", "payload": {}}')
+    results.wait_for(5)
+
+    def outcome(name):
+        return proc.metric("asyncproc_results_total", queue="batch-queue", outcome=name)
+
+    wait_until(lambda: outcome("success") == 2, what="two successes")
+    assert (outcome("gateway_error"), outcome("deadline_exceeded"), outcome("invalid")) == (1, 1, 1)
+    assert proc.metric("asyncproc_shed_total", queue="batch-queue") == 1
+    assert proc.metric("asyncproc_retries_total", queue="batch-queue", reason="shed") == 1
+    assert proc.metric("asyncproc_queue_residence_seconds_count", queue="batch-queue") == 3
+    assert proc.metric("asyncproc_end_to_end_seconds_count", queue="batch-queue") == 3
+    assert proc.metric("asyncproc_gateway_latency_seconds_count", queue="batch-queue") == 4
+
+
+def test_json_logs_from_supervisor_and_workers(redis_server, sim, results, start_processor):
+    proc = start_processor(sim.url, "--log-format", "json", "--workers", "2", "--concurrency", "2")
+    redis_server.client().publish("batch-queue", request("j1", {"prompt": "x", "x_sim": {"key": "j1", "script": [404]}}))
+    results.wait_for(1)
+    assert proc.terminate() == 0
+    lines = [__import__("orjson").loads(line) for line in proc.log.read_text().splitlines()]
+    assert {line["process"] for line in lines} >= {"supervisor", "worker-0", "worker-1"}
+    failed = [line for line in lines if "failed after" in line["msg"]]
+    assert failed and failed[0]["id"] == "j1" and failed[0]["level"] == "warning"

@@ -57,7 +57,7 @@ def decide(outcome, attempts=1, deadline=NOW + 100, backoff=Backoff("fixed", 1.0
 
 @pytest.mark.parametrize("outcome, expected", [
     (Outcome(Kind.OK, 200), Finish(True)),
-    (outcomes.from_response(400, b"no", None, 0), Finish(False, "gateway returned HTTP 400: no")),
+    (outcomes.from_response(400, b"no", None, 0), Finish(False, "gateway returned HTTP 400: no", "gateway_error")),
     (outcomes.from_response(503, b"", None, 0), RetryAt(NOW + 1)),
     (outcomes.from_response(429, b"", "5", 0), RetryAt(NOW + 5)),
     (outcomes.from_response(503, b"", "0", 0), RetryAt(NOW + 1)),
@@ -70,20 +70,21 @@ def test_decide(outcome, expected):
 
 def test_no_retry_past_the_deadline():
     outcome = outcomes.from_response(429, b"", "50", 0)
-    assert decide(outcome, deadline=NOW + 20) == Finish(False, "deadline exceeded (last failure: HTTP 429)")
+    assert decide(outcome, deadline=NOW + 20) == Finish(False, "deadline exceeded (last failure: HTTP 429)",
+                                                        "deadline_exceeded")
     refused = outcomes.connection_failure("connection error: refused", 0)
     assert decide(refused, deadline=NOW + 0.5) == Finish(
-        False, "deadline exceeded (last failure: connection error: refused)")
+        False, "deadline exceeded (last failure: connection error: refused)", "deadline_exceeded")
 
 
 def test_expired_before_dispatch_reports_the_previous_failure():
     assert decide(outcomes.expired(), last_error="HTTP 503") == Finish(
-        False, "deadline exceeded (last failure: HTTP 503)")
-    assert decide(outcomes.expired()) == Finish(False, "deadline exceeded")
+        False, "deadline exceeded (last failure: HTTP 503)", "deadline_exceeded")
+    assert decide(outcomes.expired()) == Finish(False, "deadline exceeded", "deadline_exceeded")
 
 
 def test_max_attempts():
     outcome = outcomes.from_response(503, b"", None, 0)
     assert isinstance(decide(outcome, attempts=2, max_attempts=3), RetryAt)
     assert decide(outcome, attempts=3, max_attempts=3) == Finish(
-        False, "max attempts (3) reached (last failure: HTTP 503)")
+        False, "max attempts (3) reached (last failure: HTTP 503)", "max_attempts")
