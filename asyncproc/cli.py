@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-TOOLS = ("demo", "sim")
+TOOLS = ("demo", "sim", "bench")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -32,6 +32,10 @@ def _run_tool(name: str, argv: List[str]) -> int:
         from asyncproc import sim
 
         return sim.main(argv)
+    if name == "bench":
+        from asyncproc import bench
+
+        return bench.main(argv)
     from asyncproc import demo
 
     return demo.main(argv)

@@ -1,0 +1,334 @@
+"""`asyncproc bench` (or `python -m asyncproc.bench`): throughput, latency and cost, measured.
+
+Each scenario starts a private redis-server and the stand-in gateway, measures the
+gateway alone at the scenario's concurrency, then runs the real asyncproc process tree,
+produces N messages, collects every result, and prints one table row: messages/s (over
+the middle 80% of results, so start-up and the last stragglers do not blur the rate),
+p50/p99 end-to-end latency, CPU per message summed over the asyncproc tree (psutil), peak
+RSS summed over the tree, and lost and duplicate counts.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import orjson
+import psutil
+import redis
+
+from asyncproc.demo import find_redis_server, free_port
+
+TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    concurrency: int
+    latency: str            # sim latency: "0" or "0.5-1.5"
+    messages: int
+    rate_503: float = 0.0
+    describe: str = ""
+
+
+SCENARIOS = {
+    "P1": Scenario("P1", 16, "0", 20000, describe="zero latency, 16 in flight"),
+    "P2": Scenario("P2", 256, "0.5-1.5", 10000, describe="latency 0.5-1.5 s, 256 in flight"),
+    "P3": Scenario("P3", 1000, "0.5-1.5", 20000, describe="latency 0.5-1.5 s, 1000 in flight"),
+    "P4": Scenario("P4", 16, "0", 20000, rate_503=0.1, describe="zero latency, 10% 503s"),
+}
+
+
+@dataclass
+class Row:
+    scenario: str
+    transport: str
+    concurrency: int
+    workers: int
+    messages: int
+    rate: float
+    bound: Optional[float]
+    gateway_rate: float
+    p50: float
+    p99: float
+    cpu_us: float
+    rss_mb: float
+    lost: int
+    duplicates: int
+
+
+def sim_args(s: Scenario) -> List[str]:
+    args = ["--latency-min", s.latency.split("-")[0], "--latency-max", s.latency.split("-")[1]] \
+        if "-" in s.latency else ["--latency", s.latency]
+    if s.rate_503:
+        args += ["--rate-503", str(s.rate_503)]
+    return args
+
+
+def mean_latency(s: Scenario) -> float:
+    if "-" in s.latency:
+        low, high = (float(x) for x in s.latency.split("-"))
+        return (low + high) / 2
+    return float(s.latency)
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self, argv, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def gateway_capacity(url: str, concurrency: int, seconds: float) -> float:
+    """Requests/s the stand-in serves alone to `concurrency` keep-alive clients."""
+    import aiohttp
+
+    async def run() -> int:
+        done = 0
+        stop = time.monotonic() + seconds
+        body = orjson.dumps({"model": "m", "prompt": "hi"})
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def client() -> None:
+                nonlocal done
+                while time.monotonic() < stop:
+                    async with session.post(url + "/v1/completions", data=body,
+                                            headers={"Content-Type": "application/json"}) as r:
+                        await r.read()
+                    done += 1
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        return done
+
+    started = time.monotonic()
+    done = asyncio.run(run())
+    return done / (time.monotonic() - started)
+
+
+def tree_usage(root: psutil.Process) -> tuple:
+    cpu, rss = 0.0, 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            cpu += times.user + times.system
+            rss += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return cpu, rss
+
+
+class Collector(threading.Thread):
+    """Reads results from the result queue of any transport; records when each arrived."""
+
+    def __init__(self, client: redis.Redis, transport: str, key: str) -> None:
+        super().__init__(daemon=True)
+        self.client, self.transport, self.key = client, transport, key
+        self.arrivals: Dict[str, List[float]] = {}
+        self.count = 0
+        self.running = True
+        self.ready = threading.Event()
+        self.pubsub = None
+        if transport == "redis-pubsub":
+            self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+            self.pubsub.subscribe(key)
+
+    def record(self, raw: bytes) -> None:
+        result = orjson.loads(raw)
+        self.arrivals.setdefault(result["id"], []).append(time.time())
+        self.count += 1
+
+    def run(self) -> None:
+        self.ready.set()
+        last_id = "0"
+        while self.running:
+            if self.pubsub is not None:
+                message = self.pubsub.get_message(timeout=0.1)
+                while message is not None:
+                    if message["type"] == "message":
+                        self.record(message["data"])
+                    message = self.pubsub.get_message(timeout=0)
+            elif self.transport == "redis-sortedset":
+                pipe = self.client.pipeline()
+                pipe.lrange(self.key, 0, 999)
+                pipe.ltrim(self.key, 1000, -1)
+                items = pipe.execute()[0]
+                for raw in items:
+                    self.record(raw)
+                if not items:
+                    time.sleep(0.02)
+            else:
+                reply = self.client.xread({self.key: last_id}, count=1000, block=100)
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last_id = entry_id
+                        self.record(fields[b"message"])
+
+
+def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_server: str,
+            capacity_seconds: float) -> Row:
+    procs = Processes()
+    try:
+        port = free_port()
+        procs.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port, socket_timeout=30)
+        _wait(lambda: _pings(client), 10)
+        sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", *sim_args(s)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
+        if s.rate_503:
+            gateway_rate = 0.0
+        else:
+            gateway_rate = gateway_capacity(url, s.concurrency, capacity_seconds)
+        queue, results = "bench-requests", "bench-results"
+        collector = Collector(redis.Redis(port=port, socket_timeout=30), transport, results)
+        collector.start()
+        collector.ready.wait()
+        ap = procs.start([sys.executable, "-m", "asyncproc", "--redis-url", f"redis://127.0.0.1:{port}/0",
+                          "--inference-gateway", url, "--message-queue-impl", transport,
+                          "--redis.request-queue-name", queue, "--redis.result-queue-name", results,
+                          "--concurrency", str(s.concurrency), "--workers", str(workers),
+                          "--metrics-port", "0", "--log-level", "WARNING",
+                          "--retry-base-delay", "0.01", "--retry-max-delay", "0.05"],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "asyncproc.log"), "ab"))
+        root = psutil.Process(ap.pid)
+        if transport == "redis-pubsub":
+            _wait(lambda: dict(client.pubsub_numsub(queue)).get(queue.encode(), 0) > 0, 30)
+        _wait(lambda: len(root.children()) >= workers, 30)
+        time.sleep(1.0)  # workers import and build their sessions
+        cpu_before, _ = tree_usage(root)
+        sent: Dict[str, float] = {}
+        deadline = int(time.time() + 3600)
+        pipe = client.pipeline(transaction=False)
+        for i in range(s.messages):
+            rid = f"m{i}"
+            raw = orjson.dumps({"id": rid, "deadline": deadline, "payload": {"model": "m", "prompt": f"p{i}"}})
+            if transport == "redis-pubsub":
+                pipe.publish(queue, raw)
+            elif transport == "redis-sortedset":
+                pipe.zadd(queue, {raw: deadline})
+            else:
+                pipe.xadd(queue, {"message": raw})
+            sent[rid] = time.time()
+            if len(pipe) >= 1000:
+                pipe.execute()
+        pipe.execute()
+        peak_rss = 0
+        give_up = time.time() + max(120.0, 10 * s.messages / max(s.concurrency / max(mean_latency(s), 0.001), 100))
+        while len(collector.arrivals) < s.messages and time.time() < give_up:
+            peak_rss = max(peak_rss, tree_usage(root)[1])
+            time.sleep(0.2)
+        cpu_after, rss = tree_usage(root)
+        peak_rss = max(peak_rss, rss)
+        collector.running = False
+        collector.join(5)
+        firsts = sorted(times[0] for times in collector.arrivals.values())
+        latencies = sorted(collector.arrivals[rid][0] - sent[rid] for rid in collector.arrivals if rid in sent)
+        lo, hi = int(len(firsts) * 0.1), max(int(len(firsts) * 0.9) - 1, 0)
+        rate = (hi - lo) / (firsts[hi] - firsts[lo]) if hi > lo and firsts[hi] > firsts[lo] else 0.0
+        done = len(collector.arrivals)
+        return Row(
+            s.name, transport, s.concurrency, workers, s.messages, rate,
+            s.concurrency / mean_latency(s) if mean_latency(s) else None, gateway_rate,
+            _pct(latencies, 50), _pct(latencies, 99),
+            (cpu_after - cpu_before) / max(done, 1) * 1e6, peak_rss / 1048576,
+            s.messages - done, collector.count - done,
+        )
+    finally:
+        procs.stop()
+
+
+def _pct(values: List[float], p: int) -> float:
+    if not values:
+        return float("nan")
+    return values[min(int(len(values) * p / 100), len(values) - 1)]
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _wait(predicate, timeout: float) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            raise RuntimeError("timed out starting the benchmark")
+        time.sleep(0.05)
+
+
+HEADER = (f"{'scen':4} {'transport':15} {'inflight':>8} {'wrk':>3} {'msgs':>6} {'msg/s':>7} {'bound':>6} "
+          f"{'gw alone':>8} {'p50 s':>6} {'p99 s':>6} {'cpu us/msg':>10} {'rss MB':>7} {'lost':>4} {'dup':>4}")
+
+
+def format_row(r: Row) -> str:
+    bound = f"{r.bound:6.0f}" if r.bound else "     -"
+    gw = f"{r.gateway_rate:8.0f}" if r.gateway_rate else "       -"
+    return (f"{r.scenario:4} {r.transport:15} {r.concurrency:8d} {r.workers:3d} {r.messages:6d} {r.rate:7.0f} {bound} "
+            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.rss_mb:7.0f} {r.lost:4d} {r.duplicates:4d}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="asyncproc bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                        help="scenario to run (repeatable; default all)")
+    parser.add_argument("--transport", action="append", choices=TRANSPORTS,
+                        help="transport (repeatable; default all)")
+    parser.add_argument("--messages", type=int, default=0, help="messages per run (default: the scenario's)")
+    parser.add_argument("--concurrency", type=int, default=0, help="override the scenario's in-flight count")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
+    parser.add_argument("--capacity-seconds", type=float, default=3.0,
+                        help="how long to measure the gateway alone")
+    parser.add_argument("--json", help="also write the rows as JSON lines to this file")
+    args = parser.parse_args(argv)
+    redis_server = find_redis_server()
+    if redis_server is None:
+        print("asyncproc bench: error: no redis-server found", file=sys.stderr)
+        return 2
+    print(f"# {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
+          f"{sys.version.split()[0]}; gw alone = the stand-in gateway's own rate at the same concurrency")
+    print(HEADER)
+    rows = []
+    for name in args.scenario or sorted(SCENARIOS):
+        base = SCENARIOS[name]
+        s = Scenario(base.name, args.concurrency or base.concurrency, base.latency,
+                     args.messages or base.messages, base.rate_503, base.describe)
+        workers = args.workers or min(os.cpu_count() or 1, s.concurrency)
+        for transport in args.transport or TRANSPORTS:
+            with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
+                row = run_one(s, transport, workers, workdir, redis_server, args.capacity_seconds)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    if args.json:
+        with open(args.json, "ab") as out:
+            for row in rows:
+                out.write(orjson.dumps(row.__dict__) + b"\n")
+    return 0 if all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
