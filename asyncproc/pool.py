@@ -125,9 +125,9 @@ class Pool:
         return sum(1 for h in self.handles if h.ready)
 
     # -- messages ----------------------------------------------------------------------
-    def send_job(self, handle: Handle, job: Assignment) -> bool:
+    def send_jobs(self, handle: Handle, jobs: List[Assignment]) -> bool:
         try:
-            handle.conn.send((worker.JOB, job))
+            handle.conn.send((worker.JOBS, jobs))
             return True
         except (OSError, ValueError):
             return False  # its sentinel will report the death
@@ -145,7 +145,7 @@ class Pool:
             handle.abort_sent = None
         for message in out:
             if message[0] == worker.DONE:
-                handle.served += 1
+                handle.served += len(message[1])
             elif message[0] == worker.READY:
                 handle.ready = True
                 self.slots[handle.index].boot_failures = 0

@@ -13,12 +13,12 @@ import random
 import signal
 import time
 from multiprocessing.connection import wait
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import merge, messages, metrics, notify, retry, worker
+from asyncproc import gateway, merge, messages, metrics, notify, retry, worker
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
@@ -55,10 +55,12 @@ class Route:
         self.gateway_path = parts.path if parts.path not in ("", "/") else None
         self.queue_path = queue.path
         objective = queue.objective if queue.objective is not None else settings.inference_objective
-        self.headers: Tuple = (("x-gateway-inference-objective", objective),) if objective else ()
+        self.headers: Dict[str, str] = dict(gateway.BASE_HEADERS)
+        if objective:
+            self.headers["x-gateway-inference-objective"] = objective
 
-    def url(self, request: Request) -> str:
-        return self.origin + messages.request_path(request, self.queue_path, self.gateway_path)
+    def path(self, request: Request) -> str:
+        return messages.request_path(request, self.queue_path, self.gateway_path)
 
 
 class Supervisor:
@@ -212,7 +214,8 @@ class Supervisor:
         for handle in self.pool.handles:
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
-                    self.settle(message[1], message[2])
+                    for key, outcome in message[1]:
+                        self.settle(key, outcome)
 
     def intake(self) -> None:
         """New messages and due retries, as far as there is room (pub/sub: drain it all)."""
@@ -242,33 +245,34 @@ class Supervisor:
             self.stage_overflow(now)
 
     def dispatch(self) -> None:
+        """Fill free worker threads from the waiting requests; one pipe write per worker."""
         if self.state is not Lifecycle.RUNNING:
             return
         now = time.time()
         free = {h.index: h.threads - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
-        handles = {h.index: h for h in self.pool.handles}
+        batches: Dict[int, List[Assignment]] = {}
         while free:
             index = max(free, key=free.__getitem__)
             if free[index] <= 0:
-                return
+                break
             queue = self.pick(self.ledger.waiting_by_queue, self.rng)
             if queue is None:
-                return
+                break
             request = self.ledger.take(queue)
             route = self.routes.get(request.queue, self.default_route)
-            job = Assignment(
-                key=request.key, url=route.url(request), body=orjson.dumps(request.payload),
-                headers=route.headers, deadline=request.deadline,
-                connect_timeout=self.settings.connect_timeout,
-                request_timeout=self.settings.request_timeout,
-            )
+            batches.setdefault(index, []).append(Assignment(
+                request.key, route.origin, route.path(request), orjson.dumps(request.payload),
+                route.headers, request.deadline, self.settings.connect_timeout,
+                self.settings.request_timeout,
+            ))
             self.ledger.assign(request.key, index, now)
             if request.attempts == 0 and request.last_error is None:
                 self.metrics.residence.labels(request.queue).observe(max(now - request.received_at, 0.0))
             free[index] -= 1
-            if not self.pool.send_job(handles[index], job):
-                free.pop(index)  # dying: reap() gives its work back
+        handles = {h.index: h for h in self.pool.handles}
+        for index, jobs in batches.items():
+            self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
 
     def flush(self) -> None:
         if not self.outbox or not self.redis_ok:

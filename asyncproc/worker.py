@@ -1,8 +1,10 @@
-"""Worker process: N threads posting assignments with one pooled session, over one Pipe.
+"""Worker process: N threads posting assignments through one Gateway (pooled connections),
+over one Pipe.
 
 Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the supervisor
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
-its pipe reaches EOF (the supervisor is gone: nobody would read the outcomes).
+its pipe reaches EOF (the supervisor is gone: nobody would read the outcomes). Jobs arrive
+and outcomes leave in batches, so a busy worker makes one pipe write for many requests.
 """
 from __future__ import annotations
 
@@ -13,14 +15,15 @@ import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import List
 
 from asyncproc import gateway, logs, outcomes
 
 log = logging.getLogger("asyncproc.worker")
 
-# Messages on the pipe. Supervisor → worker: (JOB, Assignment) | (STOP,).
-# Worker → supervisor: (READY, pid) | (DONE, key, Outcome) | (BEAT,).
-JOB, STOP, READY, DONE, BEAT = "job", "stop", "ready", "done", "beat"
+# Messages on the pipe. Supervisor → worker: (JOBS, [Assignment, ...]) | (STOP,).
+# Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
+JOBS, STOP, READY, DONE, BEAT = "jobs", "stop", "ready", "done", "beat"
 
 
 @dataclass(frozen=True)
@@ -32,18 +35,48 @@ class WorkerSpec:
     log_level: str
 
 
+class Outbox:
+    """Outcomes from many threads, sent in as few pipe writes as the load allows: the
+    thread that finds nobody sending sends everything queued, including what others added
+    meanwhile."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.pending: List[tuple] = []
+        self.sending = False
+        self.send_lock = threading.Lock()
+
+    def put(self, item: tuple) -> None:
+        with self.lock:
+            self.pending.append(item)
+            if self.sending:
+                return
+            self.sending = True
+        while True:
+            with self.lock:
+                batch, self.pending = self.pending, []
+                if not batch:
+                    self.sending = False
+                    return
+            self.send((DONE, batch))
+
+    def send(self, message: tuple) -> None:
+        try:
+            with self.send_lock:
+                self.conn.send(message)
+        except (OSError, ValueError):
+            os._exit(0)  # the supervisor is gone
+
+
 def main(spec: WorkerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     logs.configure(spec.log_format, spec.log_level, f"worker-{spec.index}")
-    session = gateway.make_session(spec.threads)
+    http = gateway.Gateway(spec.threads)
     jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
+    out = Outbox(conn)
 
     def run_jobs() -> None:
         while True:
@@ -51,36 +84,35 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
             if job is None:
                 return
             try:
-                outcome = gateway.post(session, job)
+                outcome = http.post(job)
             except Exception as exc:  # a bug must cost one attempt, not a thread
                 log.exception("id=%s: unexpected error in the worker", job.key)
                 outcome = outcomes.connection_failure(f"worker error: {type(exc).__name__}", 0.0)
-            try:
-                send((DONE, job.key, outcome))
-            except (OSError, ValueError):
-                os._exit(0)  # the supervisor is gone
+            out.put((job.key, outcome))
 
     threads = [threading.Thread(target=run_jobs, name=f"post-{i}", daemon=True)
                for i in range(spec.threads)]
     for thread in threads:
         thread.start()
-    send((READY, os.getpid()))
+    out.send((READY, os.getpid()))
     poll_interval = min(spec.heartbeat, 0.5)
     while not stopping.is_set():
         try:
             if conn.poll(poll_interval):
                 message = conn.recv()
-                if message[0] == JOB:
-                    jobs.put(message[1])
+                if message[0] == JOBS:
+                    for job in message[1]:
+                        jobs.put(job)
                 elif message[0] == STOP:
                     stopping.set()
             else:
-                send((BEAT,))
+                out.send((BEAT,))
         except (EOFError, OSError):
             os._exit(0)
     for _ in threads:
         jobs.put(None)
     for thread in threads:
         thread.join()
+    http.close()
     log.info("worker %d finished its in-flight requests and exits", spec.index)
     conn.close()

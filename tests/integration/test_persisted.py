@@ -36,15 +36,15 @@ def test_every_request_gets_one_result_and_nothing_is_left(redis_server, sim, st
 
 def test_retries_deadlines_and_bad_input(redis_server, sim, start_processor, impl):
     queue = Queue(redis_server.client(), impl)
+    start(start_processor, sim, impl, "--concurrency", "4")  # first: "late" must arrive in time
     queue.put([
         request("retried", {"prompt": "x", "x_sim": {"key": "retried", "script": [503, 429, 200]}}),
         request("fatal", {"prompt": "x", "x_sim": {"key": "fatal", "script": [400]}}),
-        request("late", {"prompt": "x", "x_sim": {"key": "late", "script": [503]}}, deadline_in=2),
+        request("late", {"prompt": "x", "x_sim": {"key": "late", "script": [503]}}, deadline_in=3),
         request("past", deadline_in=-5),
         orjson.dumps({"id": "nopayload", "deadline": time.time() + 60}),
         b"not json at all",
     ], deadlines=[time.time() + 600] * 6)
-    start(start_processor, sim, impl, "--concurrency", "4")
     by_id = {r["id"]: r for r in queue.wait_results(5, timeout=30)}
     assert by_id["retried"]["attempts"] == 3 and "payload" in by_id["retried"]
     assert by_id["fatal"]["error"].startswith("gateway returned HTTP 400")

@@ -1,59 +1,104 @@
-"""The worker's HTTP layer against `responses` (the one place mocks of HTTP belong)."""
+"""The worker's HTTP layer against a real local HTTP server (real sockets, real timeouts)."""
+import json
+import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
-import responses
 
-from asyncproc import gateway
+from asyncproc.gateway import BASE_HEADERS, Gateway
 from asyncproc.outcomes import Assignment, Kind
 
-URL = "http://gw.test/v1/completions"
+SEEN = []
 
 
-def job(deadline_in=60.0, headers=(("x-gateway-inference-objective", "food"),)):
-    return Assignment("k", URL, b'{"prompt": "hi"}', headers, time.time() + deadline_in, 5.0, 300.0)
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        SEEN.append((self.path, dict(self.headers), body))
+        if self.path == "/slow":
+            time.sleep(2)
+        status, headers, out = {
+            "/shed": (429, {"Retry-After": "7"}, b'{"error": "busy"}'),
+            "/bad": (400, {}, b'{"error": "no such model"}'),
+            "/text": (200, {}, b"plain"),
+        }.get(self.path, (200, {}, json.dumps({"choices": []}).encode()))
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(out)))
+        try:
+            self.end_headers()
+            self.wfile.write(out)
+        except BrokenPipeError:
+            pass  # the client gave up (the timeout test)
 
 
-@responses.activate
-def test_post_sends_payload_and_objective_header():
-    responses.post(URL, json={"choices": []}, status=200)
-    outcome = gateway.post(gateway.make_session(2), job())
-    assert outcome.kind is Kind.OK and outcome.status == 200 and outcome.body == b'{"choices": []}'
-    sent = responses.calls[0].request
-    assert sent.body == b'{"prompt": "hi"}'
-    assert sent.headers["Content-Type"] == "application/json"
-    assert sent.headers["x-gateway-inference-objective"] == "food"
+@pytest.fixture(scope="module")
+def origin():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
-@responses.activate
-def test_timeouts_are_bounded_by_the_deadline():
-    responses.post(URL, json={}, status=200)
-    gateway.post(gateway.make_session(1), job(deadline_in=2.0))
-    connect, read = responses.calls[0].request.req_kwargs["timeout"]
-    assert 1.0 < connect <= 2.0 and 1.0 < read <= 2.0
+def job(origin, path="/v1/completions", deadline_in=60.0, objective="food"):
+    headers = dict(BASE_HEADERS, **({"x-gateway-inference-objective": objective} if objective else {}))
+    return Assignment("k", origin, path, b'{"prompt": "hi"}', headers, time.time() + deadline_in, 5.0, 300.0)
 
 
-@responses.activate
-def test_retry_after_is_passed_on():
-    responses.post(URL, status=429, headers={"Retry-After": "7"})
-    outcome = gateway.post(gateway.make_session(1), job())
-    assert outcome.kind is Kind.SHED and outcome.retry_after == "7"
+def test_post_sends_payload_and_objective_header(origin):
+    SEEN.clear()
+    outcome = Gateway(2).post(job(origin))
+    assert outcome.kind is Kind.OK and outcome.status == 200 and json.loads(outcome.body) == {"choices": []}
+    path, headers, body = SEEN[0]
+    assert path == "/v1/completions" and body == b'{"prompt": "hi"}'
+    assert headers["Content-Type"] == "application/json"
+    assert headers["x-gateway-inference-objective"] == "food"
 
 
-@pytest.mark.parametrize("exc, reason", [
-    (requests.exceptions.ConnectionError("refused"), "connection error"),
-    (requests.exceptions.ConnectTimeout("slow"), "connect timeout"),
-    (requests.exceptions.ReadTimeout("slow"), "read timeout"),
+def test_connections_are_reused(origin):
+    gateway = Gateway(1)
+    for _ in range(3):
+        assert gateway.post(job(origin)).kind is Kind.OK
+    assert gateway.pool(origin).num_connections == 1
+
+
+@pytest.mark.parametrize("path, kind, status, retry_after", [
+    ("/shed", Kind.SHED, 429, "7"),
+    ("/bad", Kind.FATAL, 400, None),
+    ("/text", Kind.OK, 200, None),
 ])
-@responses.activate
-def test_connection_failures_are_retryable(exc, reason):
-    responses.post(URL, body=exc)
-    outcome = gateway.post(gateway.make_session(1), job())
-    assert outcome.kind is Kind.RETRY and outcome.error.startswith(reason)
+def test_statuses(origin, path, kind, status, retry_after):
+    outcome = Gateway(1).post(job(origin, path))
+    assert (outcome.kind, outcome.status, outcome.retry_after) == (kind, status, retry_after)
+    if kind is Kind.FATAL:
+        assert outcome.error == 'gateway returned HTTP 400: {"error": "no such model"}'
 
 
-@responses.activate
-def test_no_attempt_after_the_deadline():
-    outcome = gateway.post(gateway.make_session(1), job(deadline_in=-1))
-    assert outcome.kind is Kind.EXPIRED and len(responses.calls) == 0
+def test_read_timeout_is_bounded_by_the_deadline(origin):
+    started = time.monotonic()
+    outcome = Gateway(1).post(job(origin, "/slow", deadline_in=0.5))
+    assert outcome.kind is Kind.RETRY and outcome.error == "read timeout"
+    assert time.monotonic() - started < 1.5
+
+
+def test_connection_refused_is_retryable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outcome = Gateway(1).post(job(f"http://127.0.0.1:{port}"))
+    assert outcome.kind is Kind.RETRY and outcome.error.startswith("connection error")
+    assert "refused" in outcome.error.lower()
+
+
+def test_no_attempt_after_the_deadline(origin):
+    SEEN.clear()
+    outcome = Gateway(1).post(job(origin, deadline_in=-1))
+    assert outcome.kind is Kind.EXPIRED and SEEN == []
