@@ -14,7 +14,7 @@ from typing import List, Optional
 import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
-from asyncproc.transports.retryset import RetrySet, load_script
+from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
 
@@ -51,6 +51,7 @@ class RedisPubSub(Transport):
         self._close_pubsub()
         try:
             self._client.ping()
+            preload(self._client, self._publish_script)
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(*self.channels)
             # Read the subscribe confirmations so the subscription is live when we return.
@@ -112,11 +113,9 @@ class RedisPubSub(Transport):
             # safe to repeat (results are deduplicated, ZADD is idempotent).
             pipe = self._client.pipeline(transaction=False)
             if writes.results:
-                self._publish_script(
-                    keys=[f"{self._tag}:done:{key}" for key, _, _ in writes.results],
-                    args=[self._window, self.result_channel, *(raw for _, raw, _ in writes.results)],
-                    client=pipe,
-                )
+                in_pipeline(self._publish_script, pipe,
+                            [f"{self._tag}:done:{key}" for key, _, _ in writes.results],
+                            [self._window, self.result_channel, *(raw for _, raw, _ in writes.results)])
             self._retries.add(pipe, [(state, due) for state, due, _ in writes.retries])
             if writes.dead_letters:
                 pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))

@@ -38,7 +38,7 @@ class RedisSortedSet(Transport):
         self._turn = 0
 
     def connect(self) -> None:
-        guarded(self._client.ping)
+        guarded(lambda: self.results.preload(self._client))
 
     def _claim(self, now: float, limit: int, take_new: bool) -> List[Delivery]:
         out: List[Delivery] = []

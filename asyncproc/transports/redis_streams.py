@@ -49,6 +49,7 @@ class RedisStreams(Transport):
 
     def connect(self) -> None:
         def run() -> None:
+            self.results.preload(self._client)
             for queue in self.sets:
                 try:
                     # from the start: entries added before the group existed are work too

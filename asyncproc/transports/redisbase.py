@@ -9,7 +9,7 @@ import redis
 
 from asyncproc.transports.base import TransportError
 from asyncproc.transports.keys import aux_key
-from asyncproc.transports.retryset import load_script
+from asyncproc.transports.retryset import in_pipeline, load_script, preload
 
 SOCKET_TIMEOUT = 5.0
 T = TypeVar("T")
@@ -49,12 +49,14 @@ class ResultWriter:
     def done_key(self, id_key: str) -> str:
         return aux_key(self._prefix, self.key, f"done:{id_key}")
 
+    def preload(self, client) -> None:
+        preload(client, self._script)
+
     def add(self, pipe, results: List) -> None:
         """Queue on `pipe` the (id key, encoded result, delivery) items."""
         if results:
-            self._script(keys=[self.key, *(self.done_key(k) for k, _, _ in results)],
-                         args=[self.window, self.mode, self.maxlen, *(raw for _, raw, _ in results)],
-                         client=pipe)
+            in_pipeline(self._script, pipe, [self.key, *(self.done_key(k) for k, _, _ in results)],
+                        [self.window, self.mode, self.maxlen, *(raw for _, raw, _ in results)])
 
 
 def by_queue(items, delivery_of) -> Dict[str, list]:

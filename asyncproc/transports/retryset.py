@@ -11,6 +11,18 @@ def load_script(name: str) -> str:
     return resources.files("asyncproc.transports").joinpath("lua", name).read_text()
 
 
+def in_pipeline(script, pipe, keys, args) -> None:
+    """EVALSHA on a pipeline without redis-py's SCRIPT EXISTS round trip before it: the
+    transport loads its scripts when it connects, and a NOSCRIPT (Redis restarted and
+    lost them) fails the write, which reconnects and loads them again."""
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def preload(client, *scripts) -> None:
+    for script in scripts:
+        client.script_load(script.script)
+
+
 class RetrySet:
     def __init__(self, client: redis.Redis, key: str) -> None:
         self.key = key
