@@ -302,6 +302,11 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity-seconds", type=float, default=3.0,
                         help="how long to measure the gateway alone")
     parser.add_argument("--json", help="also write the rows as JSON lines to this file")
+    parser.add_argument("--curve", choices=("concurrency", "workers"),
+                        help="instead of the scenarios: a scaling curve at 1 s gateway latency")
+    parser.add_argument("--points", default="",
+                        help="curve points (default: 16,64,256,1000,2000,4000 in flight; 1,2,4 workers)")
+    parser.add_argument("--plot", help="with --curve: write a PNG plot here (needs matplotlib)")
     args = parser.parse_args(argv)
     redis_server = find_redis_server()
     if redis_server is None:
@@ -310,6 +315,11 @@ def main(argv=None) -> int:
     print(f"# {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
           f"{sys.version.split()[0]}; gw alone = the stand-in gateway's own rate at the same concurrency")
     print(HEADER)
+    if args.curve:
+        rows = curve(args, redis_server)
+        if args.plot:
+            plot(rows, args.curve, args.plot)
+        return 0 if all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
     rows = []
     for name in args.scenario or sorted(SCENARIOS):
         base = SCENARIOS[name]
@@ -326,6 +336,49 @@ def main(argv=None) -> int:
             for row in rows:
                 out.write(orjson.dumps(row.__dict__) + b"\n")
     return 0 if all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
+
+
+def curve(args, redis_server: str) -> List[Row]:
+    """Throughput and RSS against in-flight requests, or against worker processes."""
+    default = "16,64,256,1000,2000,4000" if args.curve == "concurrency" else "1,2,4"
+    points = [int(x) for x in (args.points or default).split(",")]
+    transport = (args.transport or ["redis-streams"])[0]
+    rows = []
+    for point in points:
+        concurrency = point if args.curve == "concurrency" else (args.concurrency or 1000)
+        workers = point if args.curve == "workers" else (args.workers or min(os.cpu_count() or 1, concurrency))
+        s = Scenario(f"C{point}", concurrency, "1", args.messages or max(4000, 8 * concurrency))
+        with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
+            row = run_one(s, transport, workers, workdir, redis_server, args.capacity_seconds)
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if args.json:
+            with open(args.json, "ab") as out:
+                out.write(orjson.dumps(row.__dict__) + b"\n")
+    return rows
+
+
+def plot(rows: List[Row], axis: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.concurrency if axis == "concurrency" else r.workers for r in rows]
+    fig, left = plt.subplots(figsize=(7, 4))
+    left.plot(xs, [r.rate for r in rows], "o-", label="asyncproc msg/s")
+    if axis == "concurrency":
+        left.plot(xs, [r.bound for r in rows], "--", color="grey", label="bound: in flight / latency")
+        left.set_xscale("log")
+    left.set_xlabel("requests in flight" if axis == "concurrency" else "worker processes")
+    left.set_ylabel("messages/s")
+    right = left.twinx()
+    right.plot(xs, [r.rss_mb for r in rows], "s:", color="tab:red", label="RSS MB (tree)")
+    right.set_ylabel("RSS MB")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    left.set_title(f"asyncproc {rows[0].transport}, gateway latency 1 s, {os.cpu_count()} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

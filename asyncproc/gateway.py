@@ -28,6 +28,7 @@ class Gateway:
     def __init__(self, pool_size: int) -> None:
         self.pool_size = max(pool_size, 1)
         self._pools: Dict[str, urllib3.HTTPConnectionPool] = {}
+        self._timeouts: Dict[tuple, urllib3.Timeout] = {}
         self._lock = threading.Lock()
 
     def pool(self, origin: str) -> urllib3.HTTPConnectionPool:
@@ -45,8 +46,15 @@ class Gateway:
         remaining = job.deadline - clock()
         if remaining < MIN_ATTEMPT_SECONDS:
             return outcomes.expired()
-        timeout = urllib3.Timeout(connect=min(job.connect_timeout, remaining),
-                                  read=min(job.request_timeout, remaining))
+        if remaining > job.request_timeout and remaining > job.connect_timeout:
+            timeout = self._timeouts.get((job.connect_timeout, job.request_timeout))
+            if timeout is None:  # the common case: the deadline is further than both caps
+                timeout = self._timeouts.setdefault(
+                    (job.connect_timeout, job.request_timeout),
+                    urllib3.Timeout(connect=job.connect_timeout, read=job.request_timeout))
+        else:
+            timeout = urllib3.Timeout(connect=min(job.connect_timeout, remaining),
+                                      read=min(job.request_timeout, remaining))
         started = time.monotonic()
         try:
             response = self.pool(job.origin).urlopen(

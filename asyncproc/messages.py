@@ -7,7 +7,8 @@ Pure: no I/O, the clock is passed in. Everything a queue hands us ends as exactl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Optional, Union
 
 import orjson
@@ -41,12 +42,13 @@ class Request:
     attempts: int = 0
     last_error: Optional[str] = None
 
-    @property
+    @cached_property
     def key(self) -> str:
         return id_key(self.id)
 
     def after_attempt(self, error: Optional[str]) -> "Request":
-        return replace(self, attempts=self.attempts + 1, last_error=error)
+        return Request(self.id, self.deadline, self.payload, self.queue, self.received_at, self.endpoint,
+                       self.metadata, self.created, self.attempts + 1, error)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ STALL_SECONDS = 30.0
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter("asyncproc_requests_received", "Request messages received", ["queue"], registry=r)
@@ -62,6 +63,15 @@ class Metrics:
             "asyncproc_gateway_latency_seconds", "Time of one gateway attempt", ["queue"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
+
+
+    def of(self, metric, *labels: str):
+        """The labelled child of `metric`, looked up once (labels() is costly per message)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
 
 @dataclass

@@ -268,7 +268,7 @@ class Supervisor:
             ))
             self.ledger.assign(request.key, index, now)
             if request.attempts == 0 and request.last_error is None:
-                self.metrics.residence.labels(request.queue).observe(max(now - request.received_at, 0.0))
+                self.metrics.of(self.metrics.residence, request.queue).observe(max(now - request.received_at, 0.0))
             free[index] -= 1
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in batches.items():
@@ -315,11 +315,18 @@ class Supervisor:
     # -- intake details ------------------------------------------------------------------------
     def accept_new(self, deliveries: List[Delivery], now: float) -> None:
         """Parse a batch, claim its ids (one replica processes each), accept what is ours."""
-        if not deliveries:
+        fresh = []
+        for delivery in deliveries:
+            if delivery.state is not None:  # a due retry handed over with new work
+                self.accept_retry(delivery, now)
+            else:
+                fresh.append(delivery)
+        if not fresh:
             return
+        deliveries = fresh
         parsed = []
         for delivery in deliveries:
-            self.metrics.received.labels(delivery.queue).inc()
+            self.metrics.of(self.metrics.received, delivery.queue).inc()
             parsed.append(messages.parse_request(delivery.raw, delivery.queue, now,
                                                  self.settings.max_message_bytes))
         with_id = [p for p in parsed if not isinstance(p, DeadLetter)]
@@ -333,7 +340,7 @@ class Supervisor:
             if isinstance(item, DeadLetter) or next(ours):
                 self.accept(item, delivery)
             else:
-                self.metrics.skipped.labels(item.queue, "claimed-or-done").inc()
+                self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
                 log.debug("id=%s is claimed by another replica or already answered", item.key,
                           extra={"id": item.id})
 
@@ -357,8 +364,8 @@ class Supervisor:
 
     def accept(self, parsed, delivery: Optional[Delivery] = None) -> None:
         if isinstance(parsed, DeadLetter):
-            self.metrics.bad_messages.labels(parsed.queue, "dead-letter").inc()
-            self.metrics.dead_letters.labels(parsed.queue).inc()
+            self.metrics.of(self.metrics.bad_messages, parsed.queue, "dead-letter").inc()
+            self.metrics.of(self.metrics.dead_letters, parsed.queue).inc()
             log.warning("dead-lettering a message from %s: %s", parsed.queue or "retry set",
                         parsed.reason)
             self.outbox.dead_letters.append((messages.encode_dead_letter(parsed), delivery))
@@ -366,18 +373,18 @@ class Supervisor:
             if self.ledger.holds(parsed.key):
                 self._duplicate(parsed.key, parsed.queue, delivery)
                 return
-            self.metrics.bad_messages.labels(parsed.queue, "error-result").inc()
+            self.metrics.of(self.metrics.bad_messages, parsed.queue, "error-result").inc()
             log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
             result = messages.rejected_result(parsed)
             self.outbox.results.append(
                 (parsed.key, messages.encode_result(result, self.settings.result_format), delivery))
             late = parsed.reason == "deadline exceeded"
-            self.metrics.results.labels(parsed.queue, retry.DEADLINE if late else "invalid").inc()
+            self.metrics.of(self.metrics.results, parsed.queue, retry.DEADLINE if late else "invalid").inc()
         elif not self.ledger.admit(parsed, delivery):
             self._duplicate(parsed.key, parsed.queue, delivery)
 
     def _duplicate(self, key: str, queue: str, delivery: Optional[Delivery]) -> None:
-        self.metrics.skipped.labels(queue, "in-flight").inc()
+        self.metrics.of(self.metrics.skipped, queue, "in-flight").inc()
         if delivery is not None and delivery.token is not None:
             self.outbox.drops.append(delivery)
         log.warning("id=%s is already being processed; duplicate delivery ignored", key)
@@ -392,7 +399,7 @@ class Supervisor:
                 return
             entry = self.ledger.take_last(queue)
             self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
-            self.metrics.staged.labels(queue).inc()
+            self.metrics.of(self.metrics.staged, queue).inc()
             excess -= 1
 
     # -- outcomes ------------------------------------------------------------------------------
@@ -403,15 +410,15 @@ class Supervisor:
         before = entry.request
         request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
         if outcome.kind is not Kind.EXPIRED:
-            self.metrics.gateway_latency.labels(request.queue).observe(outcome.elapsed)
+            self.metrics.of(self.metrics.gateway_latency, request.queue).observe(outcome.elapsed)
         if outcome.kind is Kind.SHED:
-            self.metrics.shed.labels(request.queue).inc()
+            self.metrics.of(self.metrics.shed, request.queue).inc()
         now = time.time()
         decision = retry.decide(outcome, request.attempts, request.deadline, now,
                                 self.settings.backoff, self.rng, self.settings.max_attempts,
                                 last_error=before.last_error)
         if isinstance(decision, retry.RetryAt):
-            self.metrics.retries.labels(request.queue, outcome.kind.value).inc()
+            self.metrics.of(self.metrics.retries, request.queue, outcome.kind.value).inc()
             log.debug("id=%s attempt %d failed (%s); retry in %.2fs", key, request.attempts,
                       outcome.describe(), decision.due - now, extra={"id": request.id})
             self.outbox.retries.append((messages.encode_state(request), decision.due, entry.delivery))
@@ -431,8 +438,8 @@ class Supervisor:
     def finish(self, request: Request, result: Result, delivery: Optional[Delivery], code: str) -> None:
         self.outbox.results.append(
             (result.key, messages.encode_result(result, self.settings.result_format), delivery))
-        self.metrics.results.labels(request.queue, code).inc()
-        self.metrics.end_to_end.labels(request.queue).observe(
+        self.metrics.of(self.metrics.results, request.queue, code).inc()
+        self.metrics.of(self.metrics.end_to_end, request.queue).observe(
             max(time.time() - (request.created or request.received_at), 0.0))
         if self.ledger.holds(request.key):
             self.outbox_keys.append(request.key)

@@ -52,10 +52,11 @@ class RedisSortedSet(Transport):
         return out
 
     def receive(self, limit: int) -> List[Delivery]:
+        """Due leases (retries, abandoned work) first, then new members: one script call."""
         return self._claim(time.time(), limit, take_new=True)
 
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
-        return self._claim(now, limit, take_new=False)
+        return []  # receive() takes what is due, in the same script
 
     def write(self, writes: Writes) -> None:
         def run() -> None:
