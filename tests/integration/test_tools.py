@@ -60,3 +60,13 @@ def test_sim_rejects_a_non_object_body_and_unknown_paths():
         assert ok["data"][0]["object"] == "embedding" and ok["model"] == "e"
     finally:
         sim.stop()
+
+
+def test_bench_runs_a_scenario_and_prints_its_row():
+    out = subprocess.run([sys.executable, "-m", "asyncproc", "bench", "--scenario", "P1", "--transport", "redis-streams",
+                          "--messages", "300", "--capacity-seconds", "0.5"],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    row = out.stdout.strip().splitlines()[-1].split()
+    assert row[:2] == ["P1", "redis-streams"] and row[4] == "300"
+    assert row[-2:] == ["0", "0"]  # nothing lost, nothing doubled
