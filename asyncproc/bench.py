@@ -308,6 +308,8 @@ def main(argv=None) -> int:
                         help="curve points (default: 16,64,256,1000,2000,4000 in flight; 1,2,4 workers)")
     parser.add_argument("--plot", help="with --curve: write a PNG plot here (needs matplotlib)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the processes a run started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     redis_server = find_redis_server()
     if redis_server is None:
         print("asyncproc bench: error: no redis-server found", file=sys.stderr)
@@ -347,7 +349,7 @@ def curve(args, redis_server: str) -> List[Row]:
     for point in points:
         concurrency = point if args.curve == "concurrency" else (args.concurrency or 1000)
         workers = point if args.curve == "workers" else (args.workers or min(os.cpu_count() or 1, concurrency))
-        s = Scenario(f"C{point}", concurrency, "1", args.messages or max(4000, 8 * concurrency))
+        s = Scenario(f"C{point}", concurrency, "1", args.messages or max(200, 8 * concurrency))
         with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
             row = run_one(s, transport, workers, workdir, redis_server, args.capacity_seconds)
         rows.append(row)
