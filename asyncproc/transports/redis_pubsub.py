@@ -19,6 +19,7 @@ from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, pr
 log = logging.getLogger("asyncproc.redis")
 
 SOCKET_TIMEOUT = 5.0
+REPLY_COMPLETION = 1.0  # seconds the rest of a partly arrived reply may take
 
 
 def make_client(url: str) -> redis.Redis:
@@ -67,19 +68,23 @@ class RedisPubSub(Transport):
             raise TransportError(f"redis: {exc}") from None
 
     def receive(self, limit: int) -> List[Delivery]:
+        """Every message already arriving on the socket, up to `limit`, without waiting for
+        new ones. A reply that has started to arrive gets up to REPLY_COMPLETION seconds to
+        finish: get_message(timeout=0) would give it none, and redis-py answers that
+        timeout by reconnecting, which drops everything Redis had buffered for us (seen
+        in a burst on a busy machine)."""
         if self._pubsub is None:
             raise TransportError("not subscribed")
         out: List[Delivery] = []
         try:
-            while len(out) < limit:
-                message = self._pubsub.get_message(timeout=0.0)
-                if message is None:
-                    break
-                if message.get("type") != "message":
+            while len(out) < limit and self._pubsub.connection.can_read(timeout=0):
+                message = self._pubsub.get_message(timeout=REPLY_COMPLETION)
+                if message is None or message.get("type") != "message":
                     continue
                 channel = message["channel"]
                 out.append(Delivery(message["data"], channel.decode() if isinstance(channel, bytes) else channel))
         except (redis.RedisError, OSError) as exc:
+            log.warning("subscription read failed: %s: %s", type(exc).__name__, exc)
             self._close_pubsub()
             if out:
                 return out
