@@ -32,10 +32,6 @@ class Outcome(NamedTuple):
     retry_after: Optional[str] = None
     elapsed: float = 0.0
 
-    @property
-    def retryable(self) -> bool:
-        return self.kind in (Kind.SHED, Kind.RETRY)
-
     def describe(self) -> str:
         """A short reason for logs and error results."""
         if self.error:
