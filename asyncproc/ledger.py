@@ -98,9 +98,6 @@ class Ledger:
             self._by_worker.get(entry.worker, set()).discard(key)
 
     # -- faults and drain ------------------------------------------------------------
-    def assigned_to(self, worker: int) -> List[str]:
-        return sorted(self._by_worker.get(worker, ()))
-
     def assigned_count(self, worker: int) -> int:
         return len(self._by_worker.get(worker, ()))
 

@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable, Dict, List, Optional
 
@@ -63,8 +63,6 @@ class _Slot:
     restart_at: float = 0.0
     fast_deaths: int = 0
     boot_failures: int = 0
-    restarts: int = 0
-    delays: List[float] = field(default_factory=list)
 
 
 def describe_exit(exitcode: Optional[int]) -> str:
@@ -196,7 +194,6 @@ class Pool:
                 RESTART_DELAY_MIN * 2 ** (slot.fast_deaths - 1), RESTART_DELAY_MAX
             )
             slot.restart_at = now + delay
-            slot.delays.append(delay)
             log.warning(
                 "worker %d (pid %s) %s; restarting in %.1fs",
                 handle.index, handle.pid, describe_exit(handle.process.exitcode), delay,
@@ -208,7 +205,6 @@ class Pool:
         now = self._clock()
         for index, slot in self.slots.items():
             if slot.handle is None and slot.restart_at <= now:
-                slot.restarts += 1
                 started.append(self._spawn(index))
         return started
 
@@ -256,7 +252,3 @@ class Pool:
             handle.conn.close()
         for slot in self.slots.values():
             slot.handle = None
-
-    @property
-    def restarts(self) -> int:
-        return sum(s.restarts for s in self.slots.values())
