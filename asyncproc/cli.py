@@ -1,4 +1,5 @@
-"""Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim` run the tools.
+"""Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim|bench|run-batch|
+submit|collect|status|cancel` run the tools.
 
 Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-TOOLS = ("demo", "sim", "bench")
+TOOLS = ("demo", "sim", "bench", "run-batch", "submit", "collect", "status", "cancel")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -36,6 +37,10 @@ def _run_tool(name: str, argv: List[str]) -> int:
         from asyncproc import bench
 
         return bench.main(argv)
+    if name in ("run-batch", "submit", "collect", "status", "cancel"):
+        from asyncproc import batch
+
+        return batch.main(name, argv)
     from asyncproc import demo
 
     return demo.main(argv)

@@ -176,11 +176,14 @@ class _Parser(configargparse.ArgumentParser):
         raise ConfigError(message.splitlines()[0] if message else "bad configuration")
 
 
-def build_parser(environ: Mapping[str, str], prog: str = "asyncproc") -> _Parser:
+DESCRIPTION = ("Pull LLM requests from queues, dispatch them to an inference gateway,"
+               " retry until the deadline, write one result each.")
+
+
+def build_parser(environ: Mapping[str, str], prog: str = "asyncproc", description: str = DESCRIPTION) -> _Parser:
     parser = _Parser(
         prog=prog,
-        description="Pull LLM requests from queues, dispatch them to an inference gateway,"
-        " retry until the deadline, write one result each.",
+        description=description,
         formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
         config_file_parser_class=configargparse.DefaultConfigFileParser,
     )
@@ -265,8 +268,17 @@ def load_settings(
     argv: Sequence[str], environ: Optional[Mapping[str, str]] = None, cpu_count: Optional[int] = None
 ) -> Settings:
     """Parse and check everything; raise ConfigError with one line on the first problem."""
+    return parse_args(argv, environ, cpu_count)[0]
+
+
+def parse_args(
+    argv: Sequence[str], environ: Optional[Mapping[str, str]] = None, cpu_count: Optional[int] = None,
+    parser: Optional[configargparse.ArgumentParser] = None,
+) -> Tuple[Settings, configargparse.Namespace]:
+    """Like load_settings, with a caller's parser (a tool's own arguments beside the
+    processor's options, so one config file serves both); returns the namespace too."""
     environ = os.environ if environ is None else environ
-    parser = build_parser(environ)
+    parser = parser or build_parser(environ)
     ns = parser.parse_args(list(argv), env_vars=environ)
     for opt in OPTIONS:
         value = getattr(ns, dest(opt.flag))
@@ -285,7 +297,7 @@ def load_settings(
         raise ConfigError(f"--workers: must be at most --concurrency ({concurrency}), got {workers}")
     if ns.retry_max_delay < ns.retry_base_delay:
         raise ConfigError("--retry-max-delay: must not be below --retry-base-delay")
-    return Settings(
+    settings = Settings(
         concurrency=concurrency,
         workers=workers,
         inference_gateway=ns.inference_gateway,
@@ -321,6 +333,7 @@ def load_settings(
         log_format=ns.log_format,
         log_level=ns.log_level,
     )
+    return settings, ns
 
 
 def _dedupe(names: Sequence[str]) -> List[str]:

@@ -68,6 +68,16 @@ class Ledger:
         key = self._waiting[queue].pop()
         return self._entries.pop(key)
 
+    def withdraw(self, key: str) -> Optional[Entry]:
+        """Take a waiting request out of line, to answer it without dispatch (cancelled);
+        it stays held (settling) until its result is written."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not State.WAITING:
+            return None
+        self._waiting[entry.request.queue].remove(key)
+        entry.state = State.SETTLING
+        return entry
+
     def assign(self, key: str, worker: int, now: float) -> None:
         entry = self._entries[key]
         entry.state, entry.worker, entry.dispatched_at = State.ASSIGNED, worker, now

@@ -26,6 +26,11 @@ FALLBACK_PATH = "/v1/completions"
 
 RESULT_FORMATS = ("seed", "llm-d-async")
 
+#: The metadata key `asyncproc submit` tags each request with; results echo metadata, so
+#: a batch's results can be told apart, and `asyncproc cancel --batch` can name them.
+BATCH_KEY = "asyncproc.batch"
+CANCELLED = "cancelled"
+
 
 @dataclass(frozen=True)
 class Request:
@@ -93,6 +98,24 @@ class Result:
     @property
     def key(self) -> str:
         return id_key(self.id)
+
+
+@dataclass(frozen=True)
+class Cancellations:
+    """What `asyncproc cancel` named: batches (by their tag) and single ids (by key)."""
+
+    batches: frozenset = frozenset()
+    ids: frozenset = frozenset()
+
+    def covers(self, request: Request) -> bool:
+        if request.key in self.ids:
+            return True
+        return bool(self.batches and request.metadata) and request.metadata.get(BATCH_KEY) in self.batches
+
+
+def cancelled_result(request: Request) -> Result:
+    return Result(request.id, request.queue, False, CANCELLED, attempts=request.attempts,
+                  metadata=request.metadata)
 
 
 def id_key(id_value: Union[str, int]) -> str:

@@ -36,6 +36,7 @@ GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for Redis to return
+CANCEL_POLL_SECONDS = 1.0    # how often cancellations are read
 
 
 class Lifecycle(enum.Enum):
@@ -90,6 +91,8 @@ class Supervisor:
         self.stats_at = 0.0
         self.gauges_at = 0.0
         self.keep_alive_at = 0.0
+        self.cancelled = messages.Cancellations()
+        self.cancel_poll_at = 0.0
         self.rss_check_at = 0.0
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
@@ -293,6 +296,7 @@ class Supervisor:
         self.pool.kill_silent(self.settings.worker_timeout)
         self.recycle_workers(now)
         self.keep_alive(now)
+        self.refresh_cancellations(now)
         if not self.redis_ok and now >= self.reconnect_at and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         if self.state is Lifecycle.DRAINING:
@@ -380,6 +384,9 @@ class Supervisor:
                 (parsed.key, messages.encode_result(result, self.settings.result_format), delivery))
             late = parsed.reason == "deadline exceeded"
             self.metrics.of(self.metrics.results, parsed.queue, retry.DEADLINE if late else "invalid").inc()
+        elif self.cancelled.covers(parsed) and not self.ledger.holds(parsed.key):
+            log.info("id=%s cancelled", parsed.key, extra={"id": parsed.id})
+            self.finish(parsed, messages.cancelled_result(parsed), delivery, messages.CANCELLED)
         elif not self.ledger.admit(parsed, delivery):
             self._duplicate(parsed.key, parsed.queue, delivery)
 
@@ -443,6 +450,27 @@ class Supervisor:
             max(time.time() - (request.created or request.received_at), 0.0))
         if self.ledger.holds(request.key):
             self.outbox_keys.append(request.key)
+
+    def refresh_cancellations(self, now: float) -> None:
+        """Read what `asyncproc cancel` named; answer held requests it covers that are not
+        dispatched yet (dispatched ones finish). Later arrivals are answered at intake."""
+        if now < self.cancel_poll_at or not self.redis_ok:
+            return
+        self.cancel_poll_at = now + CANCEL_POLL_SECONDS
+        try:
+            batches, ids = self.transport.cancellations(now)
+        except TransportError as exc:
+            self.transport_down(exc)
+            return
+        if batches == self.cancelled.batches and ids == self.cancelled.ids:
+            return
+        self.cancelled = messages.Cancellations(batches, ids)
+        withdrawn = [e.request for e in self.ledger.unfinished([State.WAITING]) if self.cancelled.covers(e.request)]
+        for request in withdrawn:
+            entry = self.ledger.withdraw(request.key)
+            self.finish(request, messages.cancelled_result(request), entry.delivery, messages.CANCELLED)
+        if withdrawn:
+            log.info("cancelled %d waiting requests: %s", len(withdrawn), " ".join(r.key for r in withdrawn[:20]))
 
     # -- drain and outages -----------------------------------------------------------------------
     def begin_drain(self) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 
 class TransportError(Exception):
@@ -78,6 +78,10 @@ class Transport(abc.ABC):
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
         """Tell the queue these deliveries are still being worked on (extend leases)."""
+
+    def cancellations(self, now: float) -> Tuple[FrozenSet[str], FrozenSet[str]]:
+        """(batch ids, id keys) that `asyncproc cancel` named and that have not lapsed."""
+        return frozenset(), frozenset()
 
     @abc.abstractmethod
     def stats(self) -> Dict[str, Dict[str, float]]:

@@ -17,3 +17,14 @@ def aux_key(prefix: str, name: str, suffix: str) -> str:
     tag = hash_tag(name)
     middle = "" if tag == name else f":{name}"
     return f"{prefix}:{{{tag}}}{middle}:{suffix}"
+
+
+def cancel_key(prefix: str) -> str:
+    """The sorted set `asyncproc cancel` writes: members `batch:<id>` or `id:<id key>`,
+    scored by when the cancellation lapses."""
+    return f"{prefix}:cancelled"
+
+
+def pubsub_marker(prefix: str, result_queue: str, kind: str, id_key: str) -> str:
+    """redis-pubsub's per-id markers: `claim` (a replica took it) and `done` (answered)."""
+    return f"{prefix}:{{{result_queue}}}:{kind}:{id_key}"

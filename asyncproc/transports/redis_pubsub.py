@@ -14,6 +14,8 @@ from typing import List, Optional
 import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
+from asyncproc.transports.keys import pubsub_marker
+from asyncproc.transports.redisbase import guarded, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
@@ -39,8 +41,8 @@ class RedisPubSub(Transport):
         self._client = make_client(settings.redis_url)
         self._retries = RetrySet(self._client, settings.retry_queue)
         self._pubsub: Optional[redis.client.PubSub] = None
-        # claim and done markers of one result queue share a hash tag (one Redis Cluster slot)
-        self._tag = f"{settings.key_prefix}:{{{settings.result_queue}}}"
+        self._prefix = settings.key_prefix
+        self._result_queue = settings.result_queue
         self._claims = settings.claim
         self._claim_ttl = int(settings.claim_ttl)
         self._window = int(settings.result_dedupe_window)
@@ -103,7 +105,7 @@ class RedisPubSub(Transport):
             return [True] * len(keys)
         redis_keys = []
         for key in keys:
-            redis_keys += [f"{self._tag}:claim:{key}", f"{self._tag}:done:{key}"]
+            redis_keys += [self._marker("claim", key), self._marker("done", key)]
         try:
             flags = self._claim_script(keys=redis_keys, args=[self._owner, self._claim_ttl])
         except redis.RedisError as exc:
@@ -119,7 +121,7 @@ class RedisPubSub(Transport):
             pipe = self._client.pipeline(transaction=False)
             if writes.results:
                 in_pipeline(self._publish_script, pipe,
-                            [f"{self._tag}:done:{key}" for key, _, _ in writes.results],
+                            [self._marker("done", key) for key, _, _ in writes.results],
                             [self._window, self.result_channel, *(raw for _, raw, _ in writes.results)])
             self._retries.add(pipe, [(state, due) for state, due, _ in writes.retries])
             if writes.dead_letters:
@@ -127,6 +129,13 @@ class RedisPubSub(Transport):
             pipe.execute()
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
+
+    def _marker(self, kind: str, key: str) -> str:
+        # claim and done markers of one result queue share a hash tag (one Redis Cluster slot)
+        return pubsub_marker(self._prefix, self._result_queue, kind, key)
+
+    def cancellations(self, now: float):
+        return guarded(lambda: read_cancellations(self._client, self._prefix, now))
 
     def stats(self):
         try:

@@ -10,7 +10,7 @@ from typing import Dict, List
 
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
-from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client
+from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, read_cancellations
 
 
 def shares(names: List[str], limit: int, start: int) -> List[tuple]:
@@ -27,6 +27,7 @@ class RedisSortedSet(Transport):
 
     def __init__(self, settings) -> None:
         self._client = make_client(settings.redis_url)
+        self._prefix = settings.key_prefix
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3
         self.sets: Dict[str, LeaseSet] = {
@@ -83,6 +84,9 @@ class RedisSortedSet(Transport):
         for queue, held in by_queue(deliveries, lambda d: d).items():
             self.sets[queue].extend(pipe, (d.token for d in held), until)
         guarded(pipe.execute)
+
+    def cancellations(self, now: float):
+        return guarded(lambda: read_cancellations(self._client, self._prefix, now))
 
     def stats(self):
         def run():

@@ -19,7 +19,7 @@ import redis
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
 from asyncproc.transports.redis_sortedset import shares
-from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, owner_name
+from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, owner_name, read_cancellations
 
 log = logging.getLogger("asyncproc.redis")
 
@@ -33,6 +33,7 @@ class RedisStreams(Transport):
 
     def __init__(self, settings) -> None:
         self._client = make_client(settings.redis_url)
+        self._prefix = settings.key_prefix
         self.group = settings.consumer_group
         self.consumer = owner_name()
         self.lease_seconds = settings.lease_seconds
@@ -157,6 +158,9 @@ class RedisStreams(Transport):
                 pipe.xclaim(queue, self.group, self.consumer, 0, entries, justid=True)
             self.sets[queue].extend(pipe, (d.token[1] for d in held if d.token[0] == LEASE), until)
         guarded(pipe.execute)
+
+    def cancellations(self, now: float):
+        return guarded(lambda: read_cancellations(self._client, self._prefix, now))
 
     def stats(self):
         def run():

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Dict, List, TypeVar
+from typing import Callable, Dict, FrozenSet, List, Tuple, TypeVar
 
 import redis
 
 from asyncproc.transports.base import TransportError
-from asyncproc.transports.keys import aux_key
+from asyncproc.transports.keys import aux_key, cancel_key
 from asyncproc.transports.retryset import in_pipeline, load_script, preload
 
 SOCKET_TIMEOUT = 5.0
@@ -66,3 +66,12 @@ def by_queue(items, delivery_of) -> Dict[str, list]:
         if delivery is not None and delivery.token is not None:
             grouped.setdefault(delivery.queue, []).append(item)
     return grouped
+
+
+def read_cancellations(client: redis.Redis, prefix: str, now: float) -> Tuple[FrozenSet[str], FrozenSet[str]]:
+    """(cancelled batch ids, cancelled id keys) that have not lapsed."""
+    batches, ids = set(), set()
+    for member in client.zrangebyscore(cancel_key(prefix), now, "+inf"):
+        kind, _, name = member.decode("utf-8", "replace").partition(":")
+        (batches if kind == "batch" else ids).add(name)
+    return frozenset(batches), frozenset(ids)
