@@ -288,8 +288,8 @@ def run_batch(argv: List[str]) -> int:
     def take(results: List[dict]) -> None:
         wrote = output.add(results, ours)
         bar.update(wrote)
-        bar.set_postfix(ok=output.ok, failed=output.failed, in_flight=len(awaiting) - output.ok - output.failed,
-                        refresh=False)
+        in_flight = len(awaiting) - output.ok - output.failed
+        bar.set_postfix_str(f"ok {output.ok}, failed {output.failed}, in flight {in_flight}", refresh=False)
 
     try:
         with client.results() as results:

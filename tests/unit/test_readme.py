@@ -22,3 +22,20 @@ def test_readme_renders_without_warnings():
 
     docutils.core.publish_string(README, writer=Writer(),
                                  settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+def test_every_batch_command_option_is_documented(capsys):
+    import re
+
+    import pytest
+
+    from asyncproc import batch
+
+    processor_flags = {o.flag for o in config.OPTIONS} | {"--config", "--help"}
+    missing = []
+    for command in batch.COMMANDS:
+        with pytest.raises(SystemExit):
+            batch.main(command, ["--help"])
+        flags = set(re.findall(r"--[a-z][a-z.-]*[a-z]", capsys.readouterr().out)) - processor_flags
+        missing += [f"{command} {flag}" for flag in sorted(flags) if f"``{flag}" not in README]
+    assert missing == []
