@@ -346,6 +346,9 @@ def submit(argv: List[str]) -> int:
         client.close()
     print(f"submitted {count} requests to {settings.queue_names[0]} ({settings.message_queue_impl});"
           f" {len(found.errors)} malformed lines skipped", file=sys.stderr)
+    if not client.persisted:
+        print(f"note: redis-pubsub publishes each result once, on {settings.result_queue}: only a subscriber"
+              " listening then gets it (run-batch listens while it submits)", file=sys.stderr)
     print(batch)
     return 0
 
