@@ -39,6 +39,7 @@ class Ledger:
         self._entries: Dict[str, Entry] = {}
         self._waiting: Dict[str, Deque[str]] = {}
         self._by_worker: Dict[int, set] = {}
+        self._assigned_in: Dict[str, int] = {}   # queue -> requests assigned to workers
 
     # -- intake --------------------------------------------------------------------
     def admit(self, request: Request, delivery: Any = None) -> bool:
@@ -72,6 +73,7 @@ class Ledger:
         entry = self._entries[key]
         entry.state, entry.worker, entry.dispatched_at = State.ASSIGNED, worker, now
         self._by_worker.setdefault(worker, set()).add(key)
+        self._count_assigned(entry, 1)
 
     def settle(self, key: str, request: Optional[Request] = None) -> Optional[Entry]:
         """The outcome for `key` is in; None if it was not assigned (a stale report)."""
@@ -79,6 +81,7 @@ class Ledger:
         if entry is None or entry.state is not State.ASSIGNED:
             return None
         self._by_worker.get(entry.worker, set()).discard(key)
+        self._count_assigned(entry, -1)
         entry.state, entry.worker = State.SETTLING, None
         if request is not None:
             entry.request = request
@@ -96,6 +99,8 @@ class Ledger:
                     pass
         if entry is not None and entry.worker is not None:
             self._by_worker.get(entry.worker, set()).discard(key)
+        if entry is not None and entry.state is State.ASSIGNED:
+            self._count_assigned(entry, -1)
 
     # -- faults and drain ------------------------------------------------------------
     def assigned_count(self, worker: int) -> int:
@@ -107,10 +112,19 @@ class Ledger:
         released = []
         for key in sorted(keys, key=lambda k: self._entries[k].dispatched_at, reverse=True):
             entry = self._entries[key]
+            self._count_assigned(entry, -1)
             entry.state, entry.worker = State.WAITING, None
             self._waiting.setdefault(entry.request.queue, deque()).appendleft(key)
             released.append(entry.request)
         return released
+
+    def _count_assigned(self, entry: Entry, step: int) -> None:
+        queue = entry.request.queue
+        self._assigned_in[queue] = self._assigned_in.get(queue, 0) + step
+
+    def assigned_in(self, queue: str) -> int:
+        """Requests of `queue` at workers now (kept as a count: dispatch asks every tick)."""
+        return self._assigned_in.get(queue, 0)
 
     def unfinished(self, states: Iterable[State] = (State.WAITING, State.ASSIGNED)) -> List[Entry]:
         wanted = set(states)
