@@ -68,6 +68,9 @@ class Sources:
             return self._query(source)
         except (redis.RedisError, urllib3.exceptions.HTTPError, OSError) as exc:
             return Failed(f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # a surprise costs a reading (logged, counted), not the loop
+            log.exception("gate source %s: unexpected error", describe(source))
+            return Failed(f"unexpected {type(exc).__name__}: {exc}"[:300])
 
     def _redis(self, source: RedisKey) -> Reading:
         client = self.clients.get((source.url, source.timeout))

@@ -121,3 +121,48 @@ def test_adaptive_concurrency_settles_near_what_the_gateway_serves(redis_server,
         assert proc.metric("asyncproc_shed_total") == stats["shed"]
     finally:
         gateway.stop()
+
+
+def overlap(intervals):
+    """The most intervals open at once."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_priority_merge_and_a_per_queue_in_flight_limit(redis_server, sim, results, start_processor, tmp_path):
+    """Everything waits behind a closed gate first, so the order is the merge policy's alone:
+    urgent goes first; bulk never has more than its max_in_flight (1) at the gateway."""
+    client = redis_server.client()
+    client.set("go", "0")
+    queues = tmp_path / "queues.json"
+    queues.write_bytes(orjson.dumps({"queues": [
+        {"name": "urgent", "priority": 1}, {"name": "bulk", "priority": 0, "max_in_flight": 1}]}))
+    proc = start_processor(sim.url, "--concurrency", "4", "--workers", "1", "--queues-file", str(queues),
+                           "--request-merge-policy", "priority", "--intake-buffer", "100",
+                           "--gate", '{"type": "redis", "key": "go", "interval": 0.1}')
+    slow = {"x_sim": {"latency": 0.05}}
+    raws = []
+    for i in range(30):
+        raws.append(("bulk", request(f"b{i}", {"prompt": "b", **slow})))
+        raws.append(("urgent", request(f"u{i}", {"prompt": "u", **slow})))
+    pipe = client.pipeline(transaction=False)
+    for channel, raw in raws:
+        pipe.publish(channel, raw)
+    pipe.execute()
+    wait_until(lambda: proc.metric("asyncproc_requests_received_total") == 60, what="60 received")
+    assert sim.stats()["requests"] == 0
+    client.set("go", "1")
+    wait_until(lambda: proc.metric("asyncproc_held_back", queue="bulk", reason="queue_limit") > 0,
+               what="bulk held back by its own limit")
+    got = assert_each_once(results, 60)
+    spans = {r["id"]: (r["payload"]["x_sim"]["arrived"], r["payload"]["x_sim"]["at"]) for r in got}
+    bulk = [spans[f"b{i}"] for i in range(30)]
+    urgent = [spans[f"u{i}"] for i in range(30)]
+    assert overlap(bulk) == 1
+    assert overlap(urgent) <= 4
+    last_urgent = max(a for a, _ in urgent)
+    assert sum(1 for a, _ in bulk if a < last_urgent) <= 1
