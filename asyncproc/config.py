@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import gates, merge, messages, retry
+from asyncproc import gates, ledger, merge, messages, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
@@ -126,6 +126,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
            " priority)"),
+    Option("--dispatch-order", str, "arrival",
+           "order inside a queue: arrival, or deadline (earliest deadline first among the requests held)",
+           choices=ledger.ORDERS),
     Option("--gate", str, "",
            "dispatch gate (a JSON object, see Choosing a gate) for every queue without its own in the"
            " queues file; empty = always open"),
@@ -276,6 +279,7 @@ class Settings:
     default_gate: Any = gates.OPEN
     adaptive: Optional[gates.Aimd] = None
     priority_aging: float = 0.0
+    dispatch_order: str = "arrival"
 
     def gate_of(self, queue: QueueConfig) -> Any:
         return queue.gate if queue.gate is not None else self.default_gate
@@ -366,6 +370,7 @@ def load_settings(
         adaptive=gates.Aimd(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
+        dispatch_order=ns.dispatch_order,
     )
 
 

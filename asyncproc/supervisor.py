@@ -67,7 +67,7 @@ class Supervisor:
     def __init__(self, settings: Settings, transport: Optional[Transport] = None) -> None:
         self.settings = settings
         self.transport = transport or open_transport(settings)
-        self.ledger = Ledger()
+        self.ledger = Ledger(settings.dispatch_order)
         self.metrics = metrics.Metrics()
         self.health = metrics.Health()
         self.pool = Pool(settings.threads_per_worker(), self._worker_spec)

@@ -166,3 +166,17 @@ def test_priority_merge_and_a_per_queue_in_flight_limit(redis_server, sim, resul
     assert overlap(urgent) <= 4
     last_urgent = max(a for a, _ in urgent)
     assert sum(1 for a, _ in bulk if a < last_urgent) <= 1
+
+
+def test_earliest_deadline_first_inside_a_queue(redis_server, sim, results, start_processor):
+    client = redis_server.client()
+    client.set("go", "0")
+    proc = start_processor(sim.url, "--concurrency", "1", "--workers", "1", "--dispatch-order", "deadline",
+                           "--intake-buffer", "20", "--gate", '{"type": "redis", "key": "go", "interval": 0.1}')
+    deadlines = {f"d{i}": 600 + (i * 7) % 20 * 10 for i in range(20)}   # shuffled deadlines
+    publish(client, [request(rid, deadline_in=d) for rid, d in deadlines.items()])
+    wait_until(lambda: proc.metric("asyncproc_requests_received_total") == 20, what="20 received")
+    client.set("go", "1")
+    got = assert_each_once(results, 20)
+    order = [r["id"] for r in sorted(got, key=lambda r: r["payload"]["x_sim"]["arrived"])]
+    assert order == sorted(deadlines, key=deadlines.get)
