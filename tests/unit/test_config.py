@@ -186,3 +186,12 @@ def test_cli_misspelled_gate_exits_2_with_one_line(tmp_path):
     proc = run_cli("--gate", '{"type": "prometheus"}')
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "--gate: unknown gate type 'prometheus'" in proc.stderr
+
+
+def test_gate_from_config_file_and_env(tmp_path):
+    cfg = tmp_path / "asyncproc.conf"
+    cfg.write_text('gate = {"type": "redis", "key": "x", "interval": 2}\n')
+    assert load(["-c", str(cfg)]).default_gate == gates.RedisGate(
+        2.0, False, gates.RedisKey("redis://localhost:6379/0", "x", 0.25))
+    env = {"ASYNCPROC_GATE": '{"type": "constant", "budget": 0.3}'}
+    assert load(env=env).default_gate == gates.Constant(0.3)
