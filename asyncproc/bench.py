@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import orjson
@@ -238,6 +238,170 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         procs.stop()
 
 
+# -- G1: online traffic with and without batch ---------------------------------------------------
+@dataclass(frozen=True)
+class Online:
+    """The online-vs-batch scenario: a fixed-rate online load on a sim of limited capacity."""
+
+    capacity: int = 32
+    latency: str = "0.4-0.6"
+    share: float = 0.5         # of the capacity the online load keeps busy on average
+    seconds: float = 30.0
+    concurrency: int = 32      # asyncproc's --concurrency for batch
+    reserved: float = 0.125
+    interval: float = 0.2
+    gain: int = 4              # a gated phase with this many times --concurrency
+
+    @property
+    def rate(self) -> float:
+        return self.share * self.capacity / mean_latency(Scenario("", 0, self.latency, 0))
+
+
+@dataclass
+class OnlineRow:
+    phase: str
+    online_n: int
+    online_errors: int
+    p50: float
+    p99: float
+    online_busy: float      # mean online requests served at once
+    batch_busy: float       # mean batch requests served at once
+    batch_rate: float       # batch results/s during the window
+    idle_used: float        # batch_busy / (capacity - online_busy)
+    shed: int
+
+
+def online_load(url: str, rate: float, seconds: float) -> Dict:
+    """Open loop: one request every 1/rate s whatever the answers do; client-side latencies."""
+    import aiohttp
+
+    async def run() -> Dict:
+        latencies: List[float] = []
+        errors = 0
+        body = orjson.dumps({"model": "m", "prompt": "online"})
+        headers = {"Content-Type": "application/json", "x-gateway-inference-objective": "online"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            async def one() -> None:
+                nonlocal errors
+                started = time.monotonic()
+                try:
+                    async with session.post(url + "/v1/completions", data=body, headers=headers) as r:
+                        await r.read()
+                        if r.status != 200:
+                            errors += 1
+                            return
+                except aiohttp.ClientError:
+                    errors += 1
+                    return
+                latencies.append(time.monotonic() - started)
+
+            tasks = []
+            start = time.monotonic()
+            for i in range(int(rate * seconds)):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one()))
+            await asyncio.gather(*tasks)
+        return {"latencies": latencies, "errors": errors}
+
+    return asyncio.run(run())
+
+
+def run_online(o: Online, redis_server: str, workdir: str, workers: int) -> List[OnlineRow]:
+    """Phases on one sim: online alone; with ungated batch; with batch gated on the total
+    running count (at --concurrency, and at `gain` times it: the budget scales --concurrency,
+    and asyncproc's own requests count in that saturation); gated on the online objective's
+    running count (what a gateway reporting per objective allows)."""
+    procs = Processes()
+    rows = []
+    try:
+        port = free_port()
+        procs.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port, socket_timeout=30)
+        wait_for(lambda: redis_answers(client), 10, "redis-server")
+        low, high = o.latency.split("-")
+        sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", "--capacity", str(o.capacity),
+                           "--latency-min", low, "--latency-max", high], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
+        scrape = {"type": "endpoint-scrape", "url": url + "/metrics", "capacity": o.capacity,
+                  "reserved": o.reserved, "interval": o.interval}
+        running = dict(scrape, metric="vllm:num_requests_running")
+        phases = [
+            ("no batch", None, o.concurrency),
+            ("ungated batch", "", o.concurrency),
+            ("gated: all running", running, o.concurrency),
+            (f"gated: all running x{o.gain}", running, o.gain * o.concurrency),
+            ("gated: online running", dict(scrape, metric="sim_running_requests", labels={"objective": "online"}),
+             o.concurrency),
+        ]
+        for n, (phase, gate, concurrency) in enumerate(phases):
+            rows.append(online_phase(replace(o, concurrency=concurrency), phase, gate, url, port, client, workdir,
+                                     min(workers, concurrency), n))
+            print(format_online(rows[-1]), flush=True)
+    finally:
+        procs.stop()
+    return rows
+
+
+def online_phase(o: Online, phase: str, gate, url: str, port: int, client: redis.Redis, workdir: str,
+                 workers: int, n: int) -> OnlineRow:
+    procs = Processes()
+    try:
+        queue = f"g1-{n}"
+        if gate is not None:
+            args = [sys.executable, "-m", "asyncproc", "--redis-url", f"redis://127.0.0.1:{port}/0",
+                    "--inference-gateway", url, "--message-queue-impl", "redis-sortedset",
+                    "--redis.request-queue-name", queue, "--redis.result-queue-name", queue + "-results",
+                    "--concurrency", str(o.concurrency), "--workers", str(workers), "--metrics-port", "0",
+                    "--inference-objective", "batch", "--log-level", "WARNING",
+                    "--retry-base-delay", "0.05", "--retry-max-delay", "0.5"]
+            if gate:
+                args += ["--gate", orjson.dumps(gate).decode()]
+            deadline = int(time.time() + 3600)
+            total = int(2 * o.capacity / mean_latency(Scenario("", 0, o.latency, 0)) * (o.seconds + 30))
+            pipe = client.pipeline(transaction=False)
+            for i in range(total):
+                raw = orjson.dumps({"id": f"{queue}-{i}", "deadline": deadline, "payload": {"model": "m", "prompt": "b"}})
+                pipe.zadd(queue, {raw: deadline})
+                if len(pipe) >= 1000:
+                    pipe.execute()
+            pipe.execute()
+            procs.start(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"asyncproc-{n}.log"), "ab"))
+            wait_for(lambda: client.llen(queue + "-results") >= o.capacity, 60, "batch results")
+            time.sleep(3.0)  # let the gate settle before measuring
+        before, results_before = sim_stats(url), client.llen(queue + "-results")
+        load = online_load(url, o.rate, o.seconds)
+        after, results_after = sim_stats(url), client.llen(queue + "-results")
+        elapsed = after["time"] - before["time"]
+        busy = {k: after["busy_seconds"].get(k, 0.0) - before["busy_seconds"].get(k, 0.0) for k in ("online", "batch")}
+        online_busy, batch_busy = busy["online"] / elapsed, busy["batch"] / elapsed
+        latencies = sorted(load["latencies"])
+        shed = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
+        return OnlineRow(phase, len(latencies), load["errors"], _pct(latencies, 50), _pct(latencies, 99),
+                         online_busy, batch_busy, (results_after - results_before) / elapsed,
+                         batch_busy / max(o.capacity - online_busy, 1e-9), shed)
+    finally:
+        procs.stop()
+        wait_for(lambda: sim_stats(url)["running"] == 0 and sim_stats(url)["waiting"] == 0, 120, "the sim to drain")
+
+
+def sim_stats(url: str) -> Dict:
+    import urllib3
+
+    return orjson.loads(urllib3.request("GET", url + "/sim/stats", timeout=5).data)
+
+
+ONLINE_HEADER = (f"{'phase':22} {'online n':>8} {'err':>4} {'p50 s':>6} {'p99 s':>6} {'online busy':>11} "
+                 f"{'batch busy':>10} {'batch/s':>7} {'idle used':>9}")
+
+
+def format_online(r: OnlineRow) -> str:
+    return (f"{r.phase:22} {r.online_n:8d} {r.online_errors:4d} {r.p50:6.3f} {r.p99:6.3f} {r.online_busy:11.1f} "
+            f"{r.batch_busy:10.1f} {r.batch_rate:7.1f} {r.idle_used:9.0%}")
+
+
 def _pct(values: List[float], p: int) -> float:
     if not values:
         return float("nan")
@@ -272,6 +436,10 @@ def main(argv=None) -> int:
     parser.add_argument("--points", default="",
                         help="curve points (default: 16,64,256,1000,2000,4000 in flight; 1,2,4 workers)")
     parser.add_argument("--plot", help="with --curve: write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--online", action="store_true",
+                        help="instead of the scenarios: G1, online traffic with no batch, ungated and gated batch")
+    parser.add_argument("--online-seconds", type=float, default=Online.seconds, help="G1: seconds measured per phase")
+    parser.add_argument("--reserved", type=float, default=Online.reserved, help="G1: the gates' reserved share")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the processes a run started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -281,6 +449,19 @@ def main(argv=None) -> int:
         return 2
     print(f"# {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
           f"{sys.version.split()[0]}; gw alone = the stand-in gateway's own rate at the same concurrency")
+    if args.online:
+        o = Online(seconds=args.online_seconds, reserved=args.reserved, concurrency=args.concurrency or Online.concurrency)
+        print(f"# G1: sim capacity {o.capacity}, latency {o.latency} s, online {o.rate:.0f}/s at a fixed rate"
+              f" ({o.share:.0%} of capacity), batch --concurrency {o.concurrency}, gates reserve {o.reserved:.1%}"
+              f" and read every {o.interval} s, {o.seconds:.0f} s per phase")
+        print(ONLINE_HEADER)
+        with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
+            rows = run_online(o, redis_server, workdir, args.workers or min(os.cpu_count() or 1, o.concurrency))
+        if args.json:
+            with open(args.json, "ab") as out:
+                for row in rows:
+                    out.write(orjson.dumps(row.__dict__) + b"\n")
+        return 0
     print(HEADER)
     if args.curve:
         rows = curve(args, redis_server)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import merge, messages, retry
+from asyncproc import gates, ledger, merge, messages, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
@@ -126,6 +126,30 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
            " priority)"),
+    Option("--dispatch-order", str, "arrival",
+           "order inside a queue: arrival, or deadline (earliest deadline first among the requests held)",
+           choices=ledger.ORDERS),
+    Option("--gate", str, "",
+           "dispatch gate (a JSON object, see Choosing a gate) for every queue without its own in the"
+           " queues file; empty = always open"),
+    Option("--gate-interval", float, 1.0,
+           "seconds a gate reading is cached (a gate's own \"interval\" overrides it)", _above(0)),
+    Option("--gate-timeout", float, 0.25,
+           "seconds one gate reading (Redis, scrape, Prometheus query) may take; a slower one fails",
+           _above(0)),
+    Option("--adaptive-concurrency", parse_bool, False,
+           "adapt the in-flight limit: additive increase on successes, multiplicative decrease"
+           " when the gateway sheds (429/503) or is slow (true|false)"),
+    Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1)),
+    Option("--adaptive-decrease", float, 0.8,
+           "adaptive concurrency: the limit is multiplied by this on a shed or slow answer",
+           lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})"),
+    Option("--adaptive-latency-target", float, 0.0,
+           "adaptive concurrency: seconds; a success slower than this counts as overload; 0 = off",
+           _at_least(0)),
+    Option("--priority-aging", float, 0.0,
+           "priority merge policy: a waiting queue gains one priority level per this many seconds"
+           " unserved, so none starves; 0 = strict priority", _at_least(0)),
     Option("--retry-policy", str, "exponential", "back-off between attempts",
            choices=retry.POLICIES),
     Option("--retry-base-delay", float, 1.0,
@@ -215,6 +239,8 @@ class QueueConfig:
     labels: Dict[str, str] = field(default_factory=dict)
     weight: float = 1.0
     priority: int = 0
+    gate: Optional[Any] = None          # a gates.Gate; None: the default gate (--gate)
+    max_in_flight: int = 0              # 0: no limit of its own (--concurrency)
 
 
 @dataclass(frozen=True)
@@ -253,6 +279,13 @@ class Settings:
     worker_max_rss: float
     log_format: str
     log_level: str
+    default_gate: Any = gates.OPEN
+    adaptive: Optional[gates.Aimd] = None
+    priority_aging: float = 0.0
+    dispatch_order: str = "arrival"
+
+    def gate_of(self, queue: QueueConfig) -> Any:
+        return queue.gate if queue.gate is not None else self.default_gate
 
     @property
     def queue_names(self) -> List[str]:
@@ -287,14 +320,27 @@ def parse_args(
             if problem:
                 raise ConfigError(f"{opt.flag}: {problem}")
     flag_names = _dedupe(ns.redis_request_queue_name or [])
+    gate_defaults = gates.Defaults(ns.redis_url, ns.gate_interval, ns.gate_timeout)
+    default_gate = gates.OPEN
+    if ns.gate.strip():
+        try:
+            doc = orjson.loads(ns.gate)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"--gate: not valid JSON ({exc})") from None
+        try:
+            default_gate = gates.parse(doc, gate_defaults, "--gate")
+        except gates.GateError as exc:
+            raise ConfigError(str(exc)) from None
     if ns.queues_file:
-        queues = load_queues_file(ns.queues_file, flag_names)
+        queues = load_queues_file(ns.queues_file, flag_names, gate_defaults)
     else:
         queues = tuple(QueueConfig(n) for n in flag_names or ["batch-queue"])
     concurrency = ns.concurrency
     workers = ns.workers or min(cpu_count or os.cpu_count() or 1, concurrency)
     if workers > concurrency:
         raise ConfigError(f"--workers: must be at most --concurrency ({concurrency}), got {workers}")
+    if ns.adaptive_concurrency and ns.adaptive_floor > concurrency:
+        raise ConfigError(f"--adaptive-floor: must be at most --concurrency ({concurrency}), got {ns.adaptive_floor}")
     if ns.retry_max_delay < ns.retry_base_delay:
         raise ConfigError("--retry-max-delay: must not be below --retry-base-delay")
     settings = Settings(
@@ -332,6 +378,11 @@ def parse_args(
         worker_max_rss=ns.worker_max_rss,
         log_format=ns.log_format,
         log_level=ns.log_level,
+        default_gate=default_gate,
+        adaptive=gates.Aimd(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
+        if ns.adaptive_concurrency else None,
+        priority_aging=ns.priority_aging,
+        dispatch_order=ns.dispatch_order,
     )
     return settings, ns
 
@@ -345,11 +396,13 @@ def _dedupe(names: Sequence[str]) -> List[str]:
     return seen
 
 
-QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority"}
+QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority", "gate", "max_in_flight"}
 
 
-def load_queues_file(path: str, flag_names: Sequence[str] = ()) -> Tuple[QueueConfig, ...]:
+def load_queues_file(path: str, flag_names: Sequence[str] = (),
+                     gate_defaults: Optional[gates.Defaults] = None) -> Tuple[QueueConfig, ...]:
     """Per-queue settings: `{"queues": [{"name": ..., ...}]}` or a bare list of those."""
+    gate_defaults = gate_defaults or gates.Defaults("redis://localhost:6379/0")
     where = f"--queues-file {path}"
     try:
         with open(path, "rb") as handle:
@@ -390,7 +443,17 @@ def load_queues_file(path: str, flag_names: Sequence[str] = ()) -> Tuple[QueueCo
             raise ConfigError(f"{at}: weight must be a positive number")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigError(f"{at}: priority must be an integer")
-        queues.append(QueueConfig(name.strip(), gateway, path_, objective, labels, float(weight), priority))
+        gate = None
+        if "gate" in entry:
+            try:
+                gate = gates.parse(entry["gate"], gate_defaults, f"{at}.gate")
+            except gates.GateError as exc:
+                raise ConfigError(str(exc)) from None
+        max_in_flight = entry.get("max_in_flight", 0)
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 0:
+            raise ConfigError(f"{at}: max_in_flight must be a whole number, 0 = no limit of its own")
+        queues.append(QueueConfig(name.strip(), gateway, path_, objective, labels, float(weight), priority,
+                                  gate, max_in_flight))
     known = {q.name for q in queues}
     queues.extend(QueueConfig(n) for n in flag_names if n not in known)
     if len({q.name for q in queues}) != len(queues):

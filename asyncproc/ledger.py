@@ -1,6 +1,7 @@
 """The in-flight ledger: every request the supervisor holds, and where it is.
 
 Invariants it keeps:
+- waiting requests leave their queue in arrival order, or earliest deadline first;
 - one entry per id at a time, so an id is dispatched once and answered once;
 - a request is waiting (per queue, in arrival order), assigned to one worker, or settling
   (its outcome is in; the result or retry is not yet written);
@@ -11,10 +12,12 @@ Pure bookkeeping: no I/O.
 """
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from asyncproc.messages import Request
 
@@ -34,11 +37,53 @@ class Entry:
     dispatched_at: float = 0.0
 
 
+class ByDeadline:
+    """A queue's waiting ids, earliest deadline first (ties in arrival order). The deque
+    operations the ledger uses; a sorted list, as a queue holds at most --concurrency +
+    --intake-buffer ids and most operations are at its ends."""
+
+    def __init__(self, deadline_of: Callable[[str], float]) -> None:
+        self.deadline_of = deadline_of
+        self.items: List[Tuple[float, int, str]] = []
+        self.serial = itertools.count()
+
+    def append(self, key: str) -> None:
+        bisect.insort(self.items, (self.deadline_of(key), next(self.serial), key))
+
+    appendleft = append  # released work takes its place by deadline
+
+    def popleft(self) -> str:
+        return self.items.pop(0)[2]
+
+    def pop(self) -> str:
+        return self.items.pop()[2]
+
+    def remove(self, key: str) -> None:
+        for i, item in enumerate(self.items):
+            if item[2] == key:
+                del self.items[i]
+                return
+        raise ValueError(key)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return (item[2] for item in self.items)
+
+
+ORDERS = ("arrival", "deadline")
+
+
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, order: str = "arrival") -> None:
+        if order not in ORDERS:
+            raise ValueError(f"unknown dispatch order {order!r}")
+        self.order = order
         self._entries: Dict[str, Entry] = {}
-        self._waiting: Dict[str, Deque[str]] = {}
+        self._waiting: Dict[str, Union[Deque[str], ByDeadline]] = {}
         self._by_worker: Dict[int, set] = {}
+        self._assigned_in: Dict[str, int] = {}   # queue -> requests assigned to workers
 
     # -- intake --------------------------------------------------------------------
     def admit(self, request: Request, delivery: Any = None) -> bool:
@@ -47,15 +92,25 @@ class Ledger:
         if key in self._entries:
             return False
         self._entries[key] = Entry(request, delivery)
-        self._waiting.setdefault(request.queue, deque()).append(key)
+        self._queue(request.queue).append(key)
         return True
+
+    def _queue(self, name: str):
+        waiting = self._waiting.get(name)
+        if waiting is None:
+            if self.order == "deadline":
+                waiting = ByDeadline(lambda key: self._entries[key].request.deadline)
+            else:
+                waiting = deque()
+            self._waiting[name] = waiting
+        return waiting
 
     def holds(self, key: str) -> bool:
         return key in self._entries
 
     # -- dispatch ------------------------------------------------------------------
     @property
-    def waiting_by_queue(self) -> Dict[str, Deque[str]]:
+    def waiting_by_queue(self) -> Dict[str, Union[Deque[str], ByDeadline]]:
         return self._waiting
 
     def take(self, queue: str) -> Request:
@@ -82,6 +137,7 @@ class Ledger:
         entry = self._entries[key]
         entry.state, entry.worker, entry.dispatched_at = State.ASSIGNED, worker, now
         self._by_worker.setdefault(worker, set()).add(key)
+        self._count_assigned(entry, 1)
 
     def settle(self, key: str, request: Optional[Request] = None) -> Optional[Entry]:
         """The outcome for `key` is in; None if it was not assigned (a stale report)."""
@@ -89,6 +145,7 @@ class Ledger:
         if entry is None or entry.state is not State.ASSIGNED:
             return None
         self._by_worker.get(entry.worker, set()).discard(key)
+        self._count_assigned(entry, -1)
         entry.state, entry.worker = State.SETTLING, None
         if request is not None:
             entry.request = request
@@ -106,6 +163,8 @@ class Ledger:
                     pass
         if entry is not None and entry.worker is not None:
             self._by_worker.get(entry.worker, set()).discard(key)
+        if entry is not None and entry.state is State.ASSIGNED:
+            self._count_assigned(entry, -1)
 
     # -- faults and drain ------------------------------------------------------------
     def assigned_count(self, worker: int) -> int:
@@ -117,10 +176,19 @@ class Ledger:
         released = []
         for key in sorted(keys, key=lambda k: self._entries[k].dispatched_at, reverse=True):
             entry = self._entries[key]
+            self._count_assigned(entry, -1)
             entry.state, entry.worker = State.WAITING, None
-            self._waiting.setdefault(entry.request.queue, deque()).appendleft(key)
+            self._queue(entry.request.queue).appendleft(key)
             released.append(entry.request)
         return released
+
+    def _count_assigned(self, entry: Entry, step: int) -> None:
+        queue = entry.request.queue
+        self._assigned_in[queue] = self._assigned_in.get(queue, 0) + step
+
+    def assigned_in(self, queue: str) -> int:
+        """Requests of `queue` at workers now (kept as a count: dispatch asks every tick)."""
+        return self._assigned_in.get(queue, 0)
 
     def unfinished(self, states: Iterable[State] = (State.WAITING, State.ASSIGNED)) -> List[Entry]:
         wanted = set(states)

@@ -63,7 +63,19 @@ class Metrics:
             "asyncproc_gateway_latency_seconds", "Time of one gateway attempt", ["queue"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-
+        self.gate_budget = Gauge("asyncproc_gate_budget", "Dispatch budget of a queue's gate, 0-1", ["queue"], registry=r)
+        self.gate_decisions = Counter(
+            "asyncproc_gate_decisions",
+            "Gate decisions (one per reading), by reason: open, throttled, closed, failed-open, failed-closed",
+            ["queue", "reason"], registry=r)
+        self.gate_errors = Counter("asyncproc_gate_source_errors", "Failed gate readings, by source",
+                                   ["source"], registry=r)
+        self.adaptive_limit = Gauge("asyncproc_adaptive_limit",
+                                    "Adaptive concurrency: requests that may be in flight now", registry=r)
+        self.held_back = Gauge(
+            "asyncproc_held_back",
+            "Requests waiting that dispatch holds back although worker threads are free, by reason:"
+            " gate, queue_limit, adaptive", ["queue", "reason"], registry=r)
 
     def of(self, metric, *labels: str):
         """The labelled child of `metric`, looked up once (labels() is costly per message)."""

@@ -12,6 +12,12 @@ status code or "drop" (the connection is closed without an answer). Every succes
 `x_sim` with the path, the objective header, the attempt number and the time it was seen.
 `GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
 serves thousands of connections, so a latency of seconds costs no thread per request.
+
+With `--capacity N` it models an inference server's limits: N requests are served at once,
+the rest wait in arrival order (so latency grows with the queue), and with `--queue-bound M`
+a request that finds M already waiting is shed at once (`--shed-status`, 429 by default).
+`/metrics` then reports running, waiting and KV-cache usage (running / capacity) as vLLM
+names them, and `sim_running_requests{objective}` per inference objective as a gateway would.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import asyncio
 import random
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from typing import Any, Dict, Optional
 
 import orjson
@@ -40,7 +46,13 @@ class Sim:
         self.by_path: Counter = Counter()
         self.objectives: Counter = Counter()
         self.requests = 0
-        self.running = 0
+        self.running = 0          # requests being served (holding one of the capacity's slots)
+        self.waiters: deque = deque()
+        self.peak_running = 0
+        self.peak_waiting = 0
+        self.shed = 0
+        self.busy: Counter = Counter()          # seconds of service, by objective
+        self.running_by: Counter = Counter()    # requests being served, by objective
         self.fault_rates = [(f, getattr(args, f"rate_{f}")) for f in FAULTS if getattr(args, f"rate_{f}")]
 
     def latency(self, scripted: Optional[float]) -> float:
@@ -61,6 +73,38 @@ class Sim:
                 if roll < edge:
                     return fault
         return None
+
+    # -- capacity ------------------------------------------------------------------------
+    async def acquire(self) -> bool:
+        """A slot to serve in, waiting in arrival order; False: shed (the queue is full)."""
+        capacity = self.args.capacity
+        if not capacity or (self.running < capacity and not self.waiters):
+            self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
+            return True
+        bound = self.args.queue_bound
+        if bound >= 0 and len(self.waiters) >= bound:
+            return False
+        slot = asyncio.get_running_loop().create_future()
+        self.waiters.append(slot)
+        self.peak_waiting = max(self.peak_waiting, len(self.waiters))
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self.release()  # handed a slot just as the client left
+            else:
+                self.waiters.remove(slot)
+            raise
+        return True
+
+    def release(self) -> None:
+        while self.waiters:
+            slot = self.waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot passes on: running stays the same
+                return
+        self.running -= 1
 
     # -- handlers ------------------------------------------------------------------------
     async def inference(self, request: web.Request) -> web.StreamResponse:
@@ -85,7 +129,16 @@ class Sim:
             attempt = self.attempts[key]
             self.attempts[key] += 1
         serial = self.requests
-        self.running += 1
+        arrived = time.time()
+        label = objective or ""
+        if not await self.acquire():
+            self.shed += 1
+            status = self.args.shed_status
+            self.by_status[status] += 1
+            headers = {"Retry-After": str(self.args.retry_after)} if self.args.retry_after is not None else None
+            return _json(status, {"error": {"message": "server at capacity", "code": status}}, headers)
+        self.running_by[label] += 1
+        started = time.monotonic()
         try:
             fate = self.fate(directive, attempt)
             delay = self.latency(directive.get("latency"))
@@ -103,7 +156,8 @@ class Sim:
                     retry_after = self.args.retry_after
                 headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
                 return _json(status, {"error": {"message": f"simulated {status}", "code": status}}, headers)
-            seen = {"path": path, "objective": objective, "attempt": attempt + 1, "key": key, "at": time.time()}
+            seen = {"path": path, "objective": objective, "attempt": attempt + 1, "key": key, "at": time.time(),
+                    "arrived": arrived}
             doc = completion(path, payload.get("model", "sim"), serial)
             if doc is None:
                 self.by_status[404] += 1
@@ -112,7 +166,9 @@ class Sim:
             self.by_status[200] += 1
             return _json(200, doc)
         finally:
-            self.running -= 1
+            self.busy[label] += time.monotonic() - started
+            self.running_by[label] -= 1
+            self.release()
 
     async def stats(self, _request: web.Request) -> web.Response:
         return _json(200, {
@@ -121,19 +177,43 @@ class Sim:
             "by_path": dict(self.by_path),
             "objectives": dict(self.objectives),
             "attempts": dict(self.attempts),
+            "capacity": self.args.capacity,
+            "running": self.running,
+            "running_by": {k: v for k, v in self.running_by.items() if v},
+            "waiting": len(self.waiters),
+            "peak_running": self.peak_running,
+            "peak_waiting": self.peak_waiting,
+            "shed": self.shed,
+            "busy_seconds": dict(self.busy),
+            "time": time.time(),
         })
 
     async def health(self, _request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
     async def metrics(self, _request: web.Request) -> web.Response:
-        text = (
-            "# TYPE vllm:num_requests_running gauge\n"
-            f'vllm:num_requests_running{{model_name="sim"}} {self.running}\n'
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            'vllm:num_requests_waiting{model_name="sim"} 0\n'
-        )
-        return web.Response(text=text, content_type="text/plain")
+        capacity = self.args.capacity
+        usage = min(self.running / capacity, 1.0) if capacity else 0.0
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="sim"}} {self.running}',
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f'vllm:num_requests_waiting{{model_name="sim"}} {len(self.waiters)}',
+            "# HELP vllm:gpu_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:gpu_cache_usage_perc gauge",
+            f'vllm:gpu_cache_usage_perc{{model_name="sim"}} {usage}',
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f'vllm:kv_cache_usage_perc{{model_name="sim"}} {usage}',
+            "# HELP sim_running_requests Requests being served, by inference objective ('' = none).",
+            "# TYPE sim_running_requests gauge",
+        ]
+        for objective, count in sorted(self.running_by.items()):
+            escaped = objective.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'sim_running_requests{{objective="{escaped}"}} {count}')
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -174,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     for fault in FAULTS:
         what = "close the connection without answering" if fault == "drop" else f"answer {fault}"
         p.add_argument(f"--rate-{fault}", type=float, default=0.0, help=f"fraction of requests to {what}")
+    p.add_argument("--capacity", type=int, default=0, help="requests served at once; 0 = unlimited")
+    p.add_argument("--queue-bound", type=int, default=-1,
+                   help="with --capacity: requests that may wait; one more is shed (-1 = unbounded)")
+    p.add_argument("--shed-status", type=int, default=429, choices=(429, 503), help="status of a shed request")
     p.add_argument("--retry-after", default=None, help="Retry-After value sent with 429/503")
     p.add_argument("--seed", type=int, default=None, help="random seed for latency and faults")
     return p

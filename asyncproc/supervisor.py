@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import gateway, merge, messages, metrics, notify, retry, worker
+from asyncproc import gate_sources, gates, gateway, merge, messages, metrics, notify, retry, worker
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
@@ -68,12 +68,30 @@ class Supervisor:
     def __init__(self, settings: Settings, transport: Optional[Transport] = None) -> None:
         self.settings = settings
         self.transport = transport or open_transport(settings)
-        self.ledger = Ledger()
+        self.ledger = Ledger(settings.dispatch_order)
         self.metrics = metrics.Metrics()
         self.health = metrics.Health()
         self.pool = Pool(settings.threads_per_worker(), self._worker_spec)
         self.rng = random.Random()
-        self.pick = merge.policy(settings.request_merge_policy)
+        queues = settings.request_queues
+        self.pick = merge.policy(settings.request_merge_policy, {q.name: q.weight for q in queues},
+                                 {q.name: q.priority for q in queues}, settings.priority_aging)
+        # Gates and limits: each queue's gate, its own in-flight limit, the budget decided last.
+        self.gates = {q.name: settings.gate_of(q) for q in queues}
+        self.queue_limits = {q.name: min(q.max_in_flight or settings.concurrency, settings.concurrency)
+                             for q in queues}
+        self.decisions: Dict[str, gates.Decision] = {}
+        intervals: Dict = {}
+        self.gate_reasons: Dict[str, str] = {}   # the last reason logged per queue
+        for name, gate in self.gates.items():
+            self.decisions[name] = gates.decide(gate, {})  # sources not read yet: closed, unless fail_open
+            self.metrics.of(self.metrics.gate_budget, name).set(self.decisions[name].budget)
+            for source, interval in gates.sources(gate).items():
+                intervals[source] = min(interval, intervals.get(source, interval))
+        self.sources = gate_sources.Sources(intervals, time.time) if intervals else None
+        self.held: Dict[tuple, int] = {}
+        self.aimd = settings.adaptive
+        self.aimd_state = gates.start(self.aimd) if self.aimd is not None else None
         self.routes: Dict[str, Route] = {q.name: Route(q, settings) for q in settings.request_queues}
         self.default_route = Route(QueueConfig(""), settings)
         self.capacity = settings.concurrency + settings.intake_buffer
@@ -136,6 +154,8 @@ class Supervisor:
             # Everything held was answered or put back: nothing a worker still does matters.
             self.pool.stop(timeout=1.0)
             self.transport.close()
+            if self.sources is not None:
+                self.sources.close()
             if server is not None:
                 server.shutdown()
             signal.set_wakeup_fd(-1)
@@ -181,6 +201,8 @@ class Supervisor:
             wake.append(self.stop_deadline)
         if self.notifier.watchdog_interval is not None:
             wake.append(self.watchdog_at)
+        if self.sources is not None and self.state is Lifecycle.RUNNING:
+            wake.append(self.sources.next_due())
         restart = self.pool.next_restart()
         if restart is not None:
             wake.append(now + max(restart - time.monotonic(), 0.0))
@@ -248,18 +270,25 @@ class Supervisor:
             self.stage_overflow(now)
 
     def dispatch(self) -> None:
-        """Fill free worker threads from the waiting requests; one pipe write per worker."""
+        """Fill free worker threads from the waiting requests, as far as gates and limits let
+        each queue; one pipe write per worker. What is held back stays waiting."""
         if self.state is not Lifecycle.RUNNING:
             return
         now = time.time()
+        self.refresh_gates(now)
         free = {h.index: h.threads - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
+        waiting = self.ledger.waiting_by_queue
+        room = {q: self._limit(q) - self.ledger.assigned_in(q) for q, w in waiting.items() if w}
+        view = {q: waiting[q] for q, r in room.items() if r > 0}
+        total_room = (self.aimd_state.in_flight - self.ledger.count(State.ASSIGNED)
+                      if self.aimd_state is not None else None)
         batches: Dict[int, List[Assignment]] = {}
-        while free:
+        while free and view and (total_room is None or total_room > 0):
             index = max(free, key=free.__getitem__)
             if free[index] <= 0:
                 break
-            queue = self.pick(self.ledger.waiting_by_queue, self.rng)
+            queue = self.pick(view, self.rng, now)
             if queue is None:
                 break
             request = self.ledger.take(queue)
@@ -273,9 +302,61 @@ class Supervisor:
             if request.attempts == 0 and request.last_error is None:
                 self.metrics.of(self.metrics.residence, request.queue).observe(max(now - request.received_at, 0.0))
             free[index] -= 1
+            room[queue] -= 1
+            if room[queue] <= 0 or not waiting[queue]:
+                del view[queue]
+            if total_room is not None:
+                total_room -= 1
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in batches.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
+        self._note_held(room, total_room, any(n > 0 for n in free.values()))
+
+    def _limit(self, queue: str) -> int:
+        """How many of `queue`'s requests may be in flight: its limit scaled by its gate's budget."""
+        limit = self.queue_limits.get(queue, self.settings.concurrency)
+        decision = self.decisions.get(queue)
+        return limit if decision is None else gates.allowed_in_flight(decision.budget, limit)
+
+    def _note_held(self, room: Dict[str, int], total_room: Optional[int], threads_free: bool) -> None:
+        """What waits although worker threads are free, and why (for the held-back gauge)."""
+        held: Dict[tuple, int] = {}
+        if threads_free:
+            for queue, waiting in self.ledger.waiting_by_queue.items():
+                if not waiting:
+                    continue
+                if room.get(queue, 1) <= 0:
+                    decision = self.decisions.get(queue)
+                    reason = "gate" if decision is not None and decision.budget < 1 else "queue_limit"
+                elif total_room is not None and total_room <= 0:
+                    reason = "adaptive"
+                else:
+                    continue
+                held[(queue, reason)] = len(waiting)
+        self.held = held
+
+    def refresh_gates(self, now: float) -> None:
+        """Take the readings that are due (short timeouts, see gate_sources) and decide again."""
+        if self.sources is None or now < self.sources.next_due():
+            return
+        errors_before = dict(self.sources.errors)
+        self.sources.refresh(now)
+        for source, count in self.sources.errors.items():
+            if count != errors_before.get(source, 0):
+                self.metrics.of(self.metrics.gate_errors, gate_sources.describe(source)).inc(
+                    count - errors_before.get(source, 0))
+        for queue, gate in self.gates.items():
+            decision = gates.decide(gate, self.sources.readings)
+            self.decisions[queue] = decision
+            self.metrics.of(self.metrics.gate_budget, queue).set(decision.budget)
+            self.metrics.of(self.metrics.gate_decisions, queue, decision.reason).inc()
+            if self.gate_reasons.get(queue) != decision.reason:
+                self.gate_reasons[queue] = decision.reason
+                if decision.reason.startswith("failed"):
+                    log.warning("gate of %s: reading failed (%s); %s", queue, decision.detail,
+                                "dispatching as if open" if decision.budget else "holding dispatch")
+                else:
+                    log.info("gate of %s: %s (budget %.2f)", queue, decision.reason, decision.budget)
 
     def flush(self) -> None:
         if not self.outbox or not self.redis_ok:
@@ -421,6 +502,9 @@ class Supervisor:
         if outcome.kind is Kind.SHED:
             self.metrics.of(self.metrics.shed, request.queue).inc()
         now = time.time()
+        if self.aimd_state is not None and outcome.kind is not Kind.EXPIRED:
+            self.aimd_state = gates.adapt(self.aimd_state, self.aimd, outcome.status, outcome.kind is Kind.OK,
+                                          outcome.elapsed, entry.dispatched_at, now)
         decision = retry.decide(outcome, request.attempts, request.deadline, now,
                                 self.settings.backoff, self.rng, self.settings.max_attempts,
                                 last_error=before.last_error)
@@ -580,6 +664,12 @@ class Supervisor:
         for queue in set(assigned) | set(self.routes):
             m.in_flight.labels(queue).set(assigned.get(queue, 0))
         m.waiting.set(self.ledger.count(State.WAITING))
+        if self.aimd_state is not None:
+            m.adaptive_limit.set(self.aimd_state.in_flight)
+        held = self.held
+        for queue in self.routes:
+            for reason in ("gate", "queue_limit", "adaptive"):
+                m.of(m.held_back, queue, reason).set(held.get((queue, reason), 0))
         m.workers_alive.set(alive)
         m.outbox.set(len(self.outbox))
         if self.redis_ok and now >= self.stats_at:

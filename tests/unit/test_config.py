@@ -4,7 +4,7 @@ import sys
 import orjson
 import pytest
 
-from asyncproc import config
+from asyncproc import config, gates
 from asyncproc.config import ConfigError
 
 
@@ -128,3 +128,70 @@ def test_cli_help_lists_every_option():
     assert proc.returncode == 0
     for opt in config.OPTIONS:
         assert opt.flag in proc.stdout
+
+
+@pytest.mark.parametrize("gate, problem", [
+    ({"type": "endpiont-scrape"}, "queues[0].gate: unknown gate type 'endpiont-scrape'"),
+    ({"type": "redis", "key": "b", "fail_opne": True}, "queues[0].gate: unknown parameter 'fail_opne'"),
+    ({"type": "endpoint-scrape", "url": "http://vllm:8000/metrics", "metric": "m", "capacity": -1},
+     "queues[0].gate.capacity"),
+])
+def test_bad_gate_in_queues_file(tmp_path, gate, problem):
+    path = tmp_path / "queues.json"
+    path.write_bytes(orjson.dumps({"queues": [{"name": "a", "gate": gate}]}))
+    with pytest.raises(ConfigError) as err:
+        load(["--queues-file", str(path)])
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_gates_limits_and_merge_options(tmp_path):
+    path = tmp_path / "queues.json"
+    path.write_bytes(orjson.dumps({"queues": [
+        {"name": "online-ish", "priority": 2, "max_in_flight": 3},
+        {"name": "bulk", "gate": {"type": "redis", "key": "bulk-budget", "fail_open": True}}]}))
+    s = load(["--queues-file", str(path), "--gate", '{"type": "constant", "budget": 0.5}', "--gate-interval", "2",
+              "--gate-timeout", "0.1", "--adaptive-concurrency", "true", "--adaptive-floor", "2",
+              "--request-merge-policy", "priority", "--priority-aging", "30", "--redis-url", "redis://r:1/0"])
+    online, bulk = s.request_queues
+    assert s.gate_of(online) == gates.Constant(0.5) and online.max_in_flight == 3
+    assert s.gate_of(bulk) == gates.RedisGate(2.0, True, gates.RedisKey("redis://r:1/0", "bulk-budget", 0.1))
+    assert s.adaptive == gates.Aimd(2, 8, 0.8, 0.0)
+    assert s.request_merge_policy == "priority" and s.priority_aging == 30
+    assert load().adaptive is None and load().default_gate == gates.OPEN
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--gate", "{not json"], "--gate: not valid JSON"),
+    (["--gate", '{"type": "reddis", "key": "x"}'], "--gate: unknown gate type 'reddis'"),
+    (["--gate", '{"type": "redis", "kye": "x"}'], "--gate: unknown parameter 'kye'"),
+    (["--adaptive-floor", "9", "--adaptive-concurrency", "true"], "--adaptive-floor"),
+    (["--adaptive-decrease", "1"], "--adaptive-decrease"),
+    (["--adaptive-concurrency", "maybe"], "--adaptive-concurrency"),
+    (["--request-merge-policy", "fifo"], "--request-merge-policy"),
+])
+def test_bad_gate_options(argv, problem):
+    with pytest.raises(ConfigError) as err:
+        load(argv)
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_misspelled_gate_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "queues.json"
+    path.write_bytes(orjson.dumps({"queues": [{"name": "a", "gate": {
+        "type": "endpoint-scrape", "url": "http://vllm:8000/metrics", "metirc": "vllm:num_requests_waiting"}}]}))
+    proc = run_cli("--queues-file", str(path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "queues[0].gate: unknown parameter 'metirc' for gate type endpoint-scrape" in lines[0]
+    proc = run_cli("--gate", '{"type": "prometheus"}')
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--gate: unknown gate type 'prometheus'" in proc.stderr
+
+
+def test_gate_from_config_file_and_env(tmp_path):
+    cfg = tmp_path / "asyncproc.conf"
+    cfg.write_text('gate = {"type": "redis", "key": "x", "interval": 2}\n')
+    assert load(["-c", str(cfg)]).default_gate == gates.RedisGate(
+        2.0, False, gates.RedisKey("redis://localhost:6379/0", "x", 0.25))
+    env = {"ASYNCPROC_GATE": '{"type": "constant", "budget": 0.3}'}
+    assert load(env=env).default_gate == gates.Constant(0.3)

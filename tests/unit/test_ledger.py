@@ -63,3 +63,47 @@ def test_unfinished_and_take_last():
     assert [x.request.id for x in ledger.unfinished([State.WAITING])] == [1]
     ledger.forget(req(1).key)
     assert ledger.count(State.WAITING) == 0
+
+
+def test_assigned_per_queue_follows_every_transition():
+    ledger = Ledger()
+    for i, queue in enumerate(["a", "a", "a", "b"]):
+        ledger.admit(req(i, queue))
+    keys = []
+    for queue, worker in (("a", 0), ("a", 1), ("a", 1), ("b", 1)):
+        request = ledger.take(queue)
+        ledger.assign(request.key, worker, 1.0)
+        keys.append(request.key)
+    assert (ledger.assigned_in("a"), ledger.assigned_in("b"), ledger.assigned_in("c")) == (3, 1, 0)
+    ledger.settle(keys[0])
+    assert ledger.assigned_in("a") == 2
+    ledger.forget(keys[0])                       # settled already: no second decrement
+    assert ledger.assigned_in("a") == 2
+    ledger.release_worker(1)                     # a worker died: its requests wait again
+    assert (ledger.assigned_in("a"), ledger.assigned_in("b")) == (0, 0)
+    request = ledger.take("b")
+    ledger.assign(request.key, 0, 2.0)
+    ledger.forget(request.key)                   # put back at drain while assigned
+    assert ledger.assigned_in("b") == 0
+
+
+def test_deadline_order_inside_a_queue():
+    ledger = Ledger("deadline")
+    for rid, deadline in (("late", 3e9), ("soon", 1e9), ("mid", 2e9), ("mid-too", 2e9), ("other", 0.5e9)):
+        ledger.admit(Request(rid, deadline, {}, "other" if rid == "other" else "q", 1.0))
+    assert len(ledger.waiting_by_queue["q"]) == 4
+    assert ledger.take_last("q").request.id == "late"          # staging takes the latest deadline
+    first = ledger.take("q")
+    assert first.id == "soon"
+    ledger.assign(first.key, 0, 1.0)
+    ledger.forget(ledger.take("q").key)                        # mid: ties go in arrival order
+    ledger.release_worker(0)                                   # soon comes back, in its place
+    assert [ledger.take("q").id for _ in range(2)] == ["soon", "mid-too"]
+    assert ledger.take("other").id == "other"
+
+
+def test_unknown_order():
+    import pytest
+
+    with pytest.raises(ValueError):
+        Ledger("random")

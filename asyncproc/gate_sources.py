@@ -1,0 +1,134 @@
+"""The mechanism behind gates: read a Redis key, scrape a Prometheus text endpoint, run a
+PromQL instant query; cache each reading for its interval; turn every failure into a
+`Failed` reading (the gate's `fail_open` decides what it means).
+
+Readings are taken in the supervisor loop, synchronously, but each source at most once per
+its interval and with a short timeout (`--gate-timeout`, 0.25 s by default): a healthy
+endpoint costs a few milliseconds a second, a dead one at most the timeout per interval.
+That keeps the loop one loop with one wait point, no thread behind it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import orjson
+import redis
+import urllib3
+from prometheus_client.parser import text_string_to_metric_families
+
+from asyncproc.gates import Failed, PromQuery, Reading, RedisKey, Sample, Scrape, Source
+
+log = logging.getLogger("asyncproc.gates")
+
+#: A scraped page larger than this is refused (a misconfigured URL, not a metrics page).
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+
+
+class Sources:
+    """The latest reading of every source some gate reads, refreshed when due."""
+
+    def __init__(self, intervals: Mapping[Source, float], clock: Callable[[], float]) -> None:
+        self.intervals = dict(intervals)
+        self.clock = clock
+        self.readings: Dict[Source, Reading] = {}
+        self.due: Dict[Source, float] = {s: 0.0 for s in intervals}
+        self.http = urllib3.PoolManager(num_pools=max(len(intervals), 1), maxsize=1, retries=False)
+        self.clients: Dict[Tuple[str, float], redis.Redis] = {}
+        self.errors: Dict[Source, int] = {}   # failed readings per source, for the metric
+
+    def next_due(self) -> Optional[float]:
+        return min(self.due.values()) if self.due else None
+
+    def refresh(self, now: float) -> List[Source]:
+        """Read what is due; the sources read (so gates that use them are decided again)."""
+        read = []
+        for source, due in self.due.items():
+            if now < due:
+                continue
+            reading = self.read(source)
+            self.due[source] = self.clock() + self.intervals[source]
+            before = self.readings.get(source)
+            if isinstance(reading, Failed):
+                self.errors[source] = self.errors.get(source, 0) + 1
+                if not isinstance(before, Failed) or before.reason != reading.reason:
+                    log.warning("gate source %s: %s", describe(source), reading.reason)
+            elif isinstance(before, Failed):
+                log.info("gate source %s answers again", describe(source))
+            self.readings[source] = reading
+            read.append(source)
+        return read
+
+    def read(self, source: Source) -> Reading:
+        try:
+            if isinstance(source, RedisKey):
+                return self._redis(source)
+            if isinstance(source, Scrape):
+                return self._scrape(source)
+            return self._query(source)
+        except (redis.RedisError, urllib3.exceptions.HTTPError, OSError) as exc:
+            return Failed(f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # a surprise costs a reading (logged, counted), not the loop
+            log.exception("gate source %s: unexpected error", describe(source))
+            return Failed(f"unexpected {type(exc).__name__}: {exc}"[:300])
+
+    def _redis(self, source: RedisKey) -> Reading:
+        client = self.clients.get((source.url, source.timeout))
+        if client is None:
+            client = self.clients[(source.url, source.timeout)] = redis.Redis.from_url(
+                source.url, socket_timeout=source.timeout, socket_connect_timeout=source.timeout)
+        raw = client.get(source.key)
+        if raw is None:
+            return Failed(f"key {source.key} is not set")
+        try:
+            return float(raw)
+        except ValueError:
+            return Failed(f"key {source.key} holds {raw[:40]!r}, not a number")
+
+    def _get(self, url: str, timeout: float, fields: Optional[Dict[str, str]] = None) -> bytes:
+        response = self.http.request("GET", url, fields=fields, timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                                     preload_content=False, redirect=False)
+        try:
+            body = response.read(MAX_PAGE_BYTES + 1)
+        finally:
+            response.release_conn()
+        if response.status != 200:
+            raise OSError(f"HTTP {response.status}")
+        if len(body) > MAX_PAGE_BYTES:
+            raise OSError("page too large")
+        return body
+
+    def _scrape(self, source: Scrape) -> Reading:
+        text = self._get(source.url, source.timeout).decode("utf-8", "replace")
+        try:
+            return tuple(Sample(s.name, tuple(sorted(s.labels.items())), float(s.value))
+                         for family in text_string_to_metric_families(text) for s in family.samples)
+        except (ValueError, TypeError, IndexError) as exc:
+            return Failed(f"not Prometheus text: {exc}"[:300])
+
+    def _query(self, source: PromQuery) -> Reading:
+        body = self._get(source.url + "/api/v1/query", source.timeout, {"query": source.query})
+        try:
+            doc = orjson.loads(body)
+            data = doc["data"]
+            if data["resultType"] == "scalar":
+                return float(data["result"][1])
+            result = data["result"]
+            if data["resultType"] != "vector" or len(result) != 1:
+                return Failed(f"query gave {len(result)} samples, expected exactly one")
+            return float(result[0]["value"][1])
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
+            return Failed(f"unexpected Prometheus answer: {type(exc).__name__} {exc}"[:300])
+
+    def close(self) -> None:
+        self.http.clear()
+        for client in self.clients.values():
+            client.close()
+
+
+def describe(source: Source) -> str:
+    if isinstance(source, RedisKey):
+        return f"redis key {source.key}"
+    if isinstance(source, Scrape):
+        return source.url
+    return f"{source.url} query {source.query}"

@@ -1,0 +1,403 @@
+"""Dispatch budget policy: gate values, how readings become a budget, how a budget and the
+adaptive limit bound in-flight work. Pure: the readings come from `gate_sources`.
+
+A gate gives each queue a budget in [0, 1]; the queue may have ceil(budget x its in-flight
+limit) requests in flight, so 0 stops new dispatch (waiting requests stay queued) and any
+open budget lets at least one through. Gates are parsed from JSON objects (the queues
+file's `gate`, or `--gate`); a misspelled type or parameter is an error, never "no gate".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+GATE_TYPES = ("constant", "redis", "endpoint-scrape", "prometheus-query", "min")
+AGGREGATES = ("sum", "max", "mean")
+COMMON = {"type", "interval", "timeout", "fail_open"}
+PARAMS = {
+    "constant": {"type", "budget"},
+    "redis": COMMON | {"key", "url"},
+    "endpoint-scrape": COMMON | {"url", "metric", "labels", "capacity", "pods", "reserved", "aggregate"},
+    "prometheus-query": COMMON | {"url", "query"},
+    "min": {"type", "gates"},
+}
+POD_PARAMS = {"url", "metric", "labels"}
+
+
+class GateError(ValueError):
+    """A gate object that does not parse; the message says where and why, in one line."""
+
+
+# -- sources: what a gate reads (the mechanism in gate_sources reads them) -----------------
+class RedisKey(NamedTuple):
+    url: str
+    key: str
+    timeout: float
+
+
+class Scrape(NamedTuple):
+    url: str
+    timeout: float
+
+
+class PromQuery(NamedTuple):
+    url: str
+    query: str
+    timeout: float
+
+
+Source = Union[RedisKey, Scrape, PromQuery]
+
+
+class Sample(NamedTuple):
+    """One sample of a scraped Prometheus text page."""
+
+    name: str
+    labels: Tuple[Tuple[str, str], ...]
+    value: float
+
+
+class Failed(NamedTuple):
+    reason: str
+
+
+#: A reading: a number (redis, prometheus-query), the samples of a page (scrape), or Failed.
+Reading = Union[float, Tuple[Sample, ...], Failed]
+
+
+# -- gate values ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Constant:
+    budget: float = 1.0
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """Common to gates that read a source: how often, and what a failed reading means."""
+
+    interval: float
+    fail_open: bool
+
+
+@dataclass(frozen=True)
+class RedisGate(Leaf):
+    source: RedisKey
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A metric on one or more pages, with label filters."""
+
+    pages: Tuple[Scrape, ...]
+    metric: str
+    labels: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ScrapeGate(Leaf):
+    selector: Selector
+    capacity: Optional[float] = None        # per pod; None: the value is already a saturation
+    pods: Union[float, Selector] = 1.0      # a count, or a metric giving the ready-pod count
+    reserved: float = 0.0
+    aggregate: str = "sum"
+
+
+@dataclass(frozen=True)
+class PromQueryGate(Leaf):
+    source: PromQuery
+
+
+@dataclass(frozen=True)
+class MinGate:
+    gates: Tuple[Any, ...]
+
+
+Gate = Union[Constant, RedisGate, ScrapeGate, PromQueryGate, MinGate]
+OPEN = Constant(1.0)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    redis_url: str
+    interval: float = 1.0
+    timeout: float = 0.25
+
+
+# -- parsing -----------------------------------------------------------------------------------
+def parse(doc: Any, defaults: Defaults, where: str = "gate") -> Gate:
+    """A gate from its JSON object; GateError names the first problem."""
+    if not isinstance(doc, dict):
+        raise GateError(f"{where}: must be an object with a \"type\"")
+    kind = doc.get("type")
+    if kind not in GATE_TYPES:
+        raise GateError(f"{where}: unknown gate type {kind!r} (known: {', '.join(GATE_TYPES)})")
+    unknown = sorted(set(doc) - PARAMS[kind])
+    if unknown:
+        raise GateError(f"{where}: unknown parameter {unknown[0]!r} for gate type {kind}"
+                        f" (known: {', '.join(sorted(PARAMS[kind]))})")
+    if kind == "constant":
+        return Constant(_fraction(doc.get("budget", 1.0), f"{where}.budget"))
+    if kind == "min":
+        gates = doc.get("gates")
+        if not isinstance(gates, list) or not gates:
+            raise GateError(f"{where}.gates: must be a non-empty list of gates")
+        return MinGate(tuple(parse(g, defaults, f"{where}.gates[{i}]") for i, g in enumerate(gates)))
+    interval = _positive(doc.get("interval", defaults.interval), f"{where}.interval")
+    timeout = _positive(doc.get("timeout", defaults.timeout), f"{where}.timeout")
+    fail_open = doc.get("fail_open", False)
+    if not isinstance(fail_open, bool):
+        raise GateError(f"{where}.fail_open: must be true or false")
+    if kind == "redis":
+        key = _string(doc.get("key"), f"{where}.key")
+        url = doc.get("url", defaults.redis_url)
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise GateError(f"{where}.url: must be a redis://, rediss:// or unix:// URL")
+        return RedisGate(interval, fail_open, RedisKey(url, key, timeout))
+    if kind == "prometheus-query":
+        url = _http(doc.get("url"), f"{where}.url")
+        return PromQueryGate(interval, fail_open, PromQuery(url.rstrip("/"), _string(doc.get("query"), f"{where}.query"),
+                                                            timeout))
+    selector = _selector(doc, timeout, where)
+    capacity = doc.get("capacity")
+    if capacity is not None:
+        capacity = _positive(capacity, f"{where}.capacity")
+    pods: Union[float, Selector] = 1.0
+    if "pods" in doc:
+        if isinstance(doc["pods"], dict):
+            extra = sorted(set(doc["pods"]) - POD_PARAMS)
+            if extra:
+                raise GateError(f"{where}.pods: unknown parameter {extra[0]!r} (known: {', '.join(sorted(POD_PARAMS))})")
+            pods = _selector(doc["pods"], timeout, f"{where}.pods")
+        else:
+            pods = _positive(doc["pods"], f"{where}.pods")
+        if capacity is None:
+            raise GateError(f"{where}.pods: needs a capacity (pods multiply the per-pod capacity)")
+    reserved = _fraction(doc.get("reserved", 0.0), f"{where}.reserved")
+    aggregate = doc.get("aggregate", "sum" if capacity is not None else "max")
+    if aggregate not in AGGREGATES:
+        raise GateError(f"{where}.aggregate: must be one of {', '.join(AGGREGATES)} (got {aggregate!r})")
+    return ScrapeGate(interval, fail_open, selector, capacity, pods, reserved, aggregate)
+
+
+def _selector(doc: Mapping[str, Any], timeout: float, where: str) -> Selector:
+    urls = doc.get("url")
+    urls = [urls] if isinstance(urls, str) else urls
+    if not isinstance(urls, list) or not urls:
+        raise GateError(f"{where}.url: must be an http(s) URL or a non-empty list of them")
+    pages = tuple(Scrape(_http(u, f"{where}.url"), timeout) for u in urls)
+    metric = _string(doc.get("metric"), f"{where}.metric")
+    labels = doc.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise GateError(f"{where}.labels: must be an object of strings")
+    return Selector(pages, metric, tuple(sorted(labels.items())))
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise GateError(f"{where}: must be a non-empty string")
+    return value
+
+
+def _http(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")) or len(value) < 10:
+        raise GateError(f"{where}: must be an http:// or https:// URL (got {value!r})")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GateError(f"{where}: must be a number (got {value!r})")
+    return float(value)
+
+
+def _positive(value: Any, where: str) -> float:
+    number = _number(value, where)
+    if number <= 0:
+        raise GateError(f"{where}: must be greater than 0 (got {number:g})")
+    return number
+
+
+def _fraction(value: Any, where: str) -> float:
+    number = _number(value, where)
+    if not 0 <= number <= 1:
+        raise GateError(f"{where}: must be between 0 and 1 (got {number:g})")
+    return number
+
+
+# -- what a gate reads and when ---------------------------------------------------------------
+def sources(gate: Gate) -> Dict[Source, float]:
+    """Every source the gate reads, with the shortest interval it wants it refreshed at."""
+    found: Dict[Source, float] = {}
+
+    def add(source: Source, interval: float) -> None:
+        found[source] = min(interval, found.get(source, interval))
+
+    if isinstance(gate, MinGate):
+        for child in gate.gates:
+            for source, interval in sources(child).items():
+                add(source, interval)
+    elif isinstance(gate, (RedisGate, PromQueryGate)):
+        add(gate.source, gate.interval)
+    elif isinstance(gate, ScrapeGate):
+        for page in gate.selector.pages:
+            add(page, gate.interval)
+        if isinstance(gate.pods, Selector):
+            for page in gate.pods.pages:
+                add(page, gate.interval)
+    return found
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+class Decision(NamedTuple):
+    budget: float
+    reason: str            # open | throttled | closed | failed-open | failed-closed
+    detail: str = ""       # why a reading failed, for the log
+
+
+def clamp(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
+def saturation_budget(value: float, capacity: Optional[float], pods: float, reserved: float) -> float:
+    """budget = 1 - saturation - reserved, clamped; saturation = value, or value / (capacity x pods)."""
+    if capacity is None:
+        saturation = value
+    else:
+        total = capacity * pods
+        saturation = value / total if total > 0 else 1.0
+    return clamp(1.0 - clamp(saturation) - reserved)
+
+
+def decide(gate: Gate, readings: Mapping[Source, Reading]) -> Decision:
+    """The gate's budget now, from the latest readings (a missing reading is a failure)."""
+    if isinstance(gate, Constant):
+        return _decision(gate.budget)
+    if isinstance(gate, MinGate):
+        return min((decide(child, readings) for child in gate.gates), key=lambda d: d.budget)
+    try:
+        if isinstance(gate, (RedisGate, PromQueryGate)):
+            value = _number_reading(readings.get(gate.source))
+            budget = clamp(value)
+        else:
+            value = select(gate.selector, readings, gate.aggregate)
+            pods = select(gate.pods, readings, "sum") if isinstance(gate.pods, Selector) else gate.pods
+            budget = saturation_budget(value, gate.capacity, pods, gate.reserved)
+    except ReadingError as exc:
+        if gate.fail_open:
+            return Decision(1.0, "failed-open", str(exc))
+        return Decision(0.0, "failed-closed", str(exc))
+    return _decision(budget)
+
+
+def _decision(budget: float) -> Decision:
+    if budget <= 0:
+        return Decision(0.0, "closed")
+    return Decision(budget, "open" if budget >= 1 else "throttled")
+
+
+class ReadingError(Exception):
+    pass
+
+
+def _number_reading(reading: Optional[Reading]) -> float:
+    if reading is None:
+        raise ReadingError("no reading yet")
+    if isinstance(reading, Failed):
+        raise ReadingError(reading.reason)
+    if not isinstance(reading, float):
+        raise ReadingError("not a number")
+    return reading
+
+
+def select(selector: Selector, readings: Mapping[Source, Reading], aggregate: str) -> float:
+    """The selector's metric over all its pages, samples aggregated; no sample is an error."""
+    values = []
+    for page in selector.pages:
+        reading = readings.get(page)
+        if reading is None:
+            raise ReadingError(f"{page.url}: no reading yet")
+        if isinstance(reading, Failed):
+            raise ReadingError(f"{page.url}: {reading.reason}")
+        wanted = selector.labels
+        matched = [s.value for s in reading if s.name == selector.metric
+                   and all(pair in s.labels for pair in wanted)]
+        if not matched:
+            raise ReadingError(f"{page.url}: no sample of {selector.metric}"
+                               + (f" with labels {dict(wanted)}" if wanted else ""))
+        values.extend(matched)
+    if any(math.isnan(v) for v in values):
+        raise ReadingError(f"{selector.metric} is NaN")
+    if aggregate == "max":
+        return max(values)
+    if aggregate == "mean":
+        return sum(values) / len(values)
+    return sum(values)
+
+
+def allowed_in_flight(budget: float, limit: int) -> int:
+    """How many of a queue's requests may be in flight under a budget: 0 when closed, at
+    least one when open at all."""
+    if budget <= 0 or limit <= 0:
+        return 0
+    return min(limit, max(1, math.ceil(budget * limit - 1e-9)))
+
+
+# -- adaptive concurrency (AIMD) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Aimd:
+    """Additive increase on successes, multiplicative decrease on a shed or a slow answer,
+    between `floor` and `ceiling`. Until the first decrease the limit grows by one per
+    success (slow start: doubling per round trip); after, by one per round trip, and
+    `probe` times slower within one request of where the gateway last shed (as CUBIC
+    lingers near its last maximum), so a steady gateway sheds rarely."""
+
+    floor: float
+    ceiling: float
+    decrease: float = 0.8
+    latency_target: float = 0.0     # seconds; 0: latency is not a signal
+    probe: float = 8.0
+
+
+@dataclass(frozen=True)
+class AimdState:
+    limit: float
+    slow_start: bool = True
+    decreased_at: float = field(default=float("-inf"))
+    shed_at: float = 0.0            # the limit when the gateway last said "too much"
+
+    @property
+    def in_flight(self) -> int:
+        return int(self.limit)
+
+
+SHED_STATUSES = (429, 503)
+
+
+def start(policy: Aimd) -> AimdState:
+    return AimdState(float(policy.floor))
+
+
+def adapt(state: AimdState, policy: Aimd, status: Optional[int], ok: bool, elapsed: float,
+          dispatched_at: float, now: float) -> AimdState:
+    """The limit after one outcome. A signal about a request dispatched before the last
+    decrease says nothing new (it was sent under the old limit), so it does not decrease again."""
+    shed = status in SHED_STATUSES
+    slow = ok and policy.latency_target > 0 and elapsed > policy.latency_target
+    if shed or slow:
+        if dispatched_at <= state.decreased_at:
+            return state
+        return AimdState(max(policy.floor, state.limit * policy.decrease), False, now, state.limit)
+    if not ok:
+        return state  # other failures say nothing about capacity
+    step = 1.0 if state.slow_start else 1.0 / max(state.limit, 1.0)
+    if not state.slow_start and abs(state.limit - state.shed_at) < 1.0:
+        step /= policy.probe
+    return replace(state, limit=min(policy.ceiling, state.limit + step))
+
+
+def limits(names: Sequence[str], queue_limits: Mapping[str, int], budgets: Mapping[str, float],
+           concurrency: int) -> Dict[str, int]:
+    """Per queue: how many may be in flight (its own limit or --concurrency, scaled by its budget)."""
+    return {name: allowed_in_flight(budgets.get(name, 1.0), min(queue_limits.get(name) or concurrency, concurrency))
+            for name in names}

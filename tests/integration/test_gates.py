@@ -1,0 +1,182 @@
+"""Capacity-aware dispatch on real parts: gates that read Redis and the sim's /metrics, and
+adaptive concurrency against a sim that sheds above its capacity."""
+import threading
+import time
+
+import orjson
+import requests
+
+from tests.harness import Sim, request, wait_until
+from tests.integration.test_pipeline import publish
+
+
+def batch(n, prefix="b"):
+    return [request(f"{prefix}{i}") for i in range(n)]
+
+
+def assert_each_once(results, count):
+    got = results.wait_for(count, timeout=90)
+    ids = [r["id"] for r in got]
+    assert len(ids) == len(set(ids)) == count          # no duplicates, none lost
+    assert all("payload" in r for r in got), [r for r in got if "payload" not in r][:3]
+    return got
+
+
+def test_redis_gate_holds_dispatch_at_zero_and_resumes(redis_server, sim, results, start_processor):
+    client = redis_server.client()
+    client.set("bulk-budget", "0")
+    gate = {"type": "redis", "key": "bulk-budget", "interval": 0.2}
+    proc = start_processor(sim.url, "--concurrency", "4", "--workers", "1", "--gate", orjson.dumps(gate).decode())
+    wait_until(lambda: proc.metric("asyncproc_gate_decisions_total", reason="closed") >= 1, what="a closed gate")
+    publish(client, batch(40))  # more than --concurrency + --intake-buffer: the rest is staged in Redis
+    wait_until(lambda: proc.metric("asyncproc_requests_received_total") == 40, what="40 received")
+    wait_until(lambda: proc.metric("asyncproc_held_back", reason="gate") > 0, what="held back by the gate")
+    assert sim.stats()["requests"] == 0 and results.items == []
+    assert proc.metric("asyncproc_gate_budget") == 0
+    client.set("bulk-budget", "0.5")   # half of --concurrency 4: two in flight at most
+    assert_each_once(results, 40)
+    assert sim.stats()["peak_running"] <= 2
+    assert proc.metric("asyncproc_gate_budget") == 0.5
+
+
+def test_redis_gate_fails_closed_or_open_when_the_key_is_missing(redis_server, sim, results, start_processor):
+    closed = start_processor(sim.url, "--concurrency", "2", "--gate", '{"type": "redis", "key": "nope", "interval": 0.2}')
+    wait_until(lambda: closed.metric("asyncproc_gate_decisions_total", reason="failed-closed") >= 1)
+    assert closed.metric("asyncproc_gate_source_errors_total") >= 1
+    closed.kill()
+    opened = start_processor(sim.url, "--concurrency", "2",
+                             "--gate", '{"type": "redis", "key": "nope", "interval": 0.2, "fail_open": true}')
+    publish(redis_server.client(), batch(5))
+    assert_each_once(results, 5)
+    assert opened.metric("asyncproc_gate_decisions_total", reason="failed-open") >= 1
+    assert "gate source redis key nope: key nope is not set" in opened.log.read_text()
+
+
+def test_scrape_gate_stops_dispatch_while_the_sim_is_saturated_and_resumes(redis_server, results, start_processor):
+    """Online traffic takes 6 of the sim's 8 slots for 4 s; with 25% reserved the gate closes
+    (1 - 6/8 - 0.25 = 0): no batch request reaches the sim from one scrape interval after the
+    saturation until the online requests end, though 2 slots stay free; then batch resumes."""
+    interval = 0.3
+    gateway = Sim("--capacity", "8", "--latency", "0.05")
+    try:
+        gate = {"type": "endpoint-scrape", "url": gateway.url + "/metrics", "metric": "vllm:num_requests_running",
+                "capacity": 8, "reserved": 0.25, "interval": interval}
+        proc = start_processor(gateway.url, "--concurrency", "4", "--workers", "1", "--inference-objective", "batch",
+                               "--gate", orjson.dumps(gate).decode())
+        publish(redis_server.client(), batch(200))
+        wait_until(lambda: len(results.items) >= 10, what="batch flowing")
+        online = []
+
+        def online_request():
+            r = requests.post(gateway.url + "/v1/completions", timeout=30,
+                              json={"prompt": "online", "x_sim": {"latency": 4.0}})
+            online.append(r.json()["x_sim"])
+
+        threads = [threading.Thread(target=online_request) for _ in range(6)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: gateway.stats()["running_by"].get("") == 6, what="online requests served")
+        saturated_at = time.time()
+        wait_until(lambda: proc.metric("asyncproc_gate_budget") == 0, timeout=interval + 5, what="the gate to close")
+        assert gateway.stats()["running_by"].get("") == 6   # still saturated...
+        assert len(results.items) < 200                    # ...and batch work still waiting
+        for t in threads:
+            t.join(30)
+        got = assert_each_once(results, 200)
+        online_end = min(o["at"] for o in online)
+        arrivals = sorted(r["payload"]["x_sim"]["arrived"] for r in got)
+        stopped = [a for a in arrivals if saturated_at + interval + 1.5 < a < online_end - 0.05]
+        assert stopped == []                                 # nothing dispatched while saturated
+        assert online_end - saturated_at > 1.5               # (the window was not empty by chance)
+        assert any(a > online_end for a in arrivals)         # and dispatch resumed after
+        assert proc.metric("asyncproc_gate_decisions_total", reason="closed") >= 1
+    finally:
+        gateway.stop()
+
+
+def test_adaptive_concurrency_settles_near_what_the_gateway_serves(redis_server, results, start_processor):
+    """The sim serves 6 at once and sheds the rest (429); asyncproc may have 32 in flight but
+    learns to keep about 6, with few sheds."""
+    n, capacity = 300, 6
+    gateway = Sim("--capacity", str(capacity), "--queue-bound", "0", "--latency", "0.1")
+    try:
+        proc = start_processor(gateway.url, "--concurrency", "32", "--workers", "1", "--adaptive-concurrency", "true",
+                               "--retry-base-delay", "0.05", "--retry-max-delay", "0.2")
+        assert proc.metric("asyncproc_adaptive_limit") == 1
+        publish(redis_server.client(), batch(n))
+        limits = []
+
+        def sample():
+            limits.append(proc.metric("asyncproc_adaptive_limit"))
+            return len(results.items) >= n
+
+        wait_until(sample, timeout=90, interval=0.1, what=f"{n} results")
+        assert_each_once(results, n)
+        stats = gateway.stats()
+        assert stats["peak_running"] <= capacity
+        later = limits[len(limits) // 3:]
+        mean = sum(later) / len(later)
+        assert 0.6 * capacity <= mean <= 1.4 * capacity, limits
+        assert stats["shed"] <= 0.1 * n, stats           # without adaptation most of 32 in flight would be shed
+        assert proc.metric("asyncproc_shed_total") == stats["shed"]
+    finally:
+        gateway.stop()
+
+
+def overlap(intervals):
+    """The most intervals open at once."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_priority_merge_and_a_per_queue_in_flight_limit(redis_server, sim, results, start_processor, tmp_path):
+    """Everything waits behind a closed gate first, so the order is the merge policy's alone:
+    urgent goes first; bulk never has more than its max_in_flight (1) at the gateway."""
+    client = redis_server.client()
+    client.set("go", "0")
+    queues = tmp_path / "queues.json"
+    queues.write_bytes(orjson.dumps({"queues": [
+        {"name": "urgent", "priority": 1}, {"name": "bulk", "priority": 0, "max_in_flight": 1}]}))
+    proc = start_processor(sim.url, "--concurrency", "4", "--workers", "1", "--queues-file", str(queues),
+                           "--request-merge-policy", "priority", "--intake-buffer", "100",
+                           "--gate", '{"type": "redis", "key": "go", "interval": 0.1}')
+    slow = {"x_sim": {"latency": 0.05}}
+    raws = []
+    for i in range(30):
+        raws.append(("bulk", request(f"b{i}", {"prompt": "b", **slow})))
+        raws.append(("urgent", request(f"u{i}", {"prompt": "u", **slow})))
+    pipe = client.pipeline(transaction=False)
+    for channel, raw in raws:
+        pipe.publish(channel, raw)
+    pipe.execute()
+    wait_until(lambda: proc.metric("asyncproc_requests_received_total") == 60, what="60 received")
+    assert sim.stats()["requests"] == 0
+    client.set("go", "1")
+    wait_until(lambda: proc.metric("asyncproc_held_back", queue="bulk", reason="queue_limit") > 0,
+               what="bulk held back by its own limit")
+    got = assert_each_once(results, 60)
+    spans = {r["id"]: (r["payload"]["x_sim"]["arrived"], r["payload"]["x_sim"]["at"]) for r in got}
+    bulk = [spans[f"b{i}"] for i in range(30)]
+    urgent = [spans[f"u{i}"] for i in range(30)]
+    assert overlap(bulk) == 1
+    assert overlap(urgent) <= 4
+    last_urgent = max(a for a, _ in urgent)
+    assert sum(1 for a, _ in bulk if a < last_urgent) <= 1
+
+
+def test_earliest_deadline_first_inside_a_queue(redis_server, sim, results, start_processor):
+    client = redis_server.client()
+    client.set("go", "0")
+    proc = start_processor(sim.url, "--concurrency", "1", "--workers", "1", "--dispatch-order", "deadline",
+                           "--intake-buffer", "20", "--gate", '{"type": "redis", "key": "go", "interval": 0.1}')
+    deadlines = {f"d{i}": 600 + (i * 7) % 20 * 10 for i in range(20)}   # shuffled deadlines
+    publish(client, [request(rid, deadline_in=d) for rid, d in deadlines.items()])
+    wait_until(lambda: proc.metric("asyncproc_requests_received_total") == 20, what="20 received")
+    client.set("go", "1")
+    got = assert_each_once(results, 20)
+    order = [r["id"] for r in sorted(got, key=lambda r: r["payload"]["x_sim"]["arrived"])]
+    assert order == sorted(deadlines, key=deadlines.get)

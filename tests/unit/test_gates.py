@@ -1,0 +1,191 @@
+"""Gate policy: parsing, readings to budgets, budgets to in-flight limits, AIMD. Pure, table-driven."""
+import math
+
+import pytest
+
+from asyncproc import gates
+from asyncproc.gates import Failed, Sample
+
+D = gates.Defaults("redis://localhost:6379/0", interval=1.0, timeout=0.25)
+VLLM = "http://pod-a:8000/metrics"
+
+
+def page(*samples):
+    return tuple(Sample(name, tuple(sorted(labels.items())), value) for name, labels, value in samples)
+
+
+def scrape(**extra):
+    doc = {"type": "endpoint-scrape", "url": VLLM, "metric": "vllm:num_requests_running"}
+    doc.update(extra)
+    return gates.parse(doc, D)
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"type": "endpiont-scrape"}, "unknown gate type 'endpiont-scrape'"),
+    ({}, "unknown gate type None"),
+    ("redis", "must be an object"),
+    ({"type": "redis", "key": "b", "intervall": 2}, "unknown parameter 'intervall' for gate type redis"),
+    ({"type": "redis"}, "gate.key: must be a non-empty string"),
+    ({"type": "redis", "key": "b", "url": "http://x"}, "gate.url"),
+    ({"type": "redis", "key": "b", "fail_open": "yes"}, "fail_open"),
+    ({"type": "redis", "key": "b", "interval": 0}, "interval: must be greater than 0"),
+    ({"type": "constant", "budget": 2}, "between 0 and 1"),
+    ({"type": "endpoint-scrape", "url": VLLM}, "metric"),
+    ({"type": "endpoint-scrape", "url": "pod:8000", "metric": "m"}, "url"),
+    ({"type": "endpoint-scrape", "url": VLLM, "metric": "m", "metirc": "m"}, "unknown parameter 'metirc'"),
+    ({"type": "endpoint-scrape", "url": VLLM, "metric": "m", "pods": 2}, "needs a capacity"),
+    ({"type": "endpoint-scrape", "url": VLLM, "metric": "m", "capacity": 8, "pods": {"url": VLLM, "metrc": "x"}},
+     "unknown parameter 'metrc'"),
+    ({"type": "endpoint-scrape", "url": VLLM, "metric": "m", "reserved": 1.5}, "reserved"),
+    ({"type": "endpoint-scrape", "url": VLLM, "metric": "m", "aggregate": "avg"}, "aggregate"),
+    ({"type": "prometheus-query", "url": "http://prom:9090"}, "query"),
+    ({"type": "min", "gates": []}, "non-empty list"),
+    ({"type": "min", "gates": [{"type": "constant"}, {"type": "nope"}]}, "gate.gates[1]: unknown gate type"),
+])
+def test_bad_gates_are_errors_naming_the_problem(doc, problem):
+    with pytest.raises(gates.GateError) as err:
+        gates.parse(doc, D)
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_defaults_and_sources():
+    gate = gates.parse({"type": "min", "gates": [
+        {"type": "redis", "key": "budget"},
+        {"type": "endpoint-scrape", "url": [VLLM, "http://pod-b:8000/metrics"], "metric": "m", "capacity": 4,
+         "interval": 0.5},
+        {"type": "prometheus-query", "url": "http://prom:9090/", "query": "x", "timeout": 2}]}, D)
+    found = gates.sources(gate)
+    assert found == {
+        gates.RedisKey("redis://localhost:6379/0", "budget", 0.25): 1.0,
+        gates.Scrape(VLLM, 0.25): 0.5,
+        gates.Scrape("http://pod-b:8000/metrics", 0.25): 0.5,
+        gates.PromQuery("http://prom:9090", "x", 2.0): 1.0,
+    }
+    assert gates.sources(gates.OPEN) == {}
+
+
+@pytest.mark.parametrize("value, capacity, pods, reserved, budget", [
+    (0.0, None, 1, 0.0, 1.0),
+    (0.25, None, 1, 0.0, 0.75),
+    (0.25, None, 1, 0.1, 0.65),
+    (1.7, None, 1, 0.0, 0.0),       # a saturation above 1 is clamped
+    (-0.5, None, 1, 0.0, 1.0),
+    (4, 8, 1, 0.0, 0.5),            # a count over a per-pod capacity
+    (4, 8, 2, 0.0, 0.75),           # ...times the ready pods
+    (12, 4, 2, 0.0, 0.0),
+    (6, 8, 1, 0.25, 0.0),
+    (3, 8, 0, 0.0, 0.0),            # no pod ready: saturated
+])
+def test_saturation_budget(value, capacity, pods, reserved, budget):
+    assert math.isclose(gates.saturation_budget(value, capacity, pods, reserved), budget, abs_tol=1e-9)
+
+
+def test_scrape_gate_selects_metric_and_labels_over_pages():
+    gate = scrape(capacity=4, labels={"model_name": "m1"}, url=[VLLM, "http://pod-b/metrics"])
+    readings = {
+        gates.Scrape(VLLM, 0.25): page(("vllm:num_requests_running", {"model_name": "m1"}, 1),
+                                       ("vllm:num_requests_running", {"model_name": "m2"}, 50),
+                                       ("vllm:num_requests_waiting", {"model_name": "m1"}, 9)),
+        gates.Scrape("http://pod-b/metrics", 0.25): page(("vllm:num_requests_running", {"model_name": "m1", "pod": "b"}, 2)),
+    }
+    assert gates.decide(gate, readings) == gates.Decision(0.25, "throttled")  # (1 + 2) / 4
+
+
+def test_scrape_gate_ready_pods_from_another_endpoint():
+    pods_url = "http://epp:9090/metrics"
+    gate = scrape(capacity=4, pods={"url": pods_url, "metric": "ready_pods"})
+    readings = {gates.Scrape(VLLM, 0.25): page(("vllm:num_requests_running", {}, 6)),
+                gates.Scrape(pods_url, 0.25): page(("ready_pods", {"pool": "a"}, 3))}
+    assert gates.decide(gate, readings).budget == 0.5
+
+
+@pytest.mark.parametrize("reading, fail_open, decision", [
+    (page(("vllm:kv_cache_usage_perc", {}, 0.3)), False, ("throttled", 0.7)),
+    (page(("vllm:kv_cache_usage_perc", {}, 1.0)), False, ("closed", 0.0)),
+    (page(("vllm:kv_cache_usage_perc", {}, 0.0)), False, ("open", 1.0)),
+    (page(("vllm:kv_cache_usage_perc", {}, float("nan"))), False, ("failed-closed", 0.0)),
+    (page(("other", {}, 0.0)), False, ("failed-closed", 0.0)),          # the metric is missing
+    (page(("other", {}, 0.0)), True, ("failed-open", 1.0)),
+    (Failed("connection refused"), False, ("failed-closed", 0.0)),
+    (Failed("connection refused"), True, ("failed-open", 1.0)),
+    (None, False, ("failed-closed", 0.0)),                               # not read yet
+])
+def test_scrape_gate_decisions(reading, fail_open, decision):
+    gate = scrape(metric="vllm:kv_cache_usage_perc", fail_open=fail_open)
+    readings = {} if reading is None else {gates.Scrape(VLLM, 0.25): reading}
+    got = gates.decide(gate, readings)
+    assert (got.reason, got.budget) == decision
+
+
+@pytest.mark.parametrize("value, decision", [
+    (0.0, ("closed", 0.0)), (1.0, ("open", 1.0)), (0.4, ("throttled", 0.4)), (7.0, ("open", 1.0)),
+    (-1.0, ("closed", 0.0)), (Failed("key budget is not set"), ("failed-closed", 0.0)),
+])
+def test_redis_gate(value, decision):
+    gate = gates.parse({"type": "redis", "key": "budget"}, D)
+    got = gates.decide(gate, {gate.source: value})
+    assert (got.reason, got.budget) == decision
+
+
+def test_min_gate_takes_the_smallest_budget():
+    gate = gates.parse({"type": "min", "gates": [
+        {"type": "redis", "key": "a"}, {"type": "redis", "key": "b", "fail_open": True}, {"type": "constant", "budget": 0.9}]}, D)
+    a, b = (g.source for g in gate.gates[:2])
+    assert gates.decide(gate, {a: 0.5, b: 0.7}).budget == 0.5
+    assert gates.decide(gate, {a: 1.0, b: Failed("down")}).budget == 0.9   # b fails open
+    assert gates.decide(gate, {b: 1.0}).reason == "failed-closed"            # a not read: closed
+
+
+@pytest.mark.parametrize("budget, limit, allowed", [
+    (0.0, 8, 0), (1.0, 8, 8), (0.5, 8, 4), (0.01, 8, 1), (0.3, 10, 3), (0.31, 10, 4), (1.0, 0, 0),
+])
+def test_allowed_in_flight(budget, limit, allowed):
+    assert gates.allowed_in_flight(budget, limit) == allowed
+
+
+def test_queue_limits():
+    assert gates.limits(["a", "b", "c"], {"a": 2, "b": 0}, {"b": 0.5, "c": 0.0}, 8) == {"a": 2, "b": 4, "c": 0}
+
+
+AIMD = gates.Aimd(floor=1, ceiling=32, decrease=0.5, latency_target=2.0)
+
+
+def test_aimd_slow_start_doubles_then_halves_once_per_round():
+    state = gates.start(AIMD)
+    for _ in range(7):
+        state = gates.adapt(state, AIMD, 200, True, 0.1, dispatched_at=1.0, now=2.0)
+    assert state.limit == 8 and state.slow_start
+    state = gates.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.0, now=4.0)
+    assert state.limit == 4 and not state.slow_start and state.decreased_at == 4.0 and state.shed_at == 8
+    # more sheds of requests sent before that decrease do not decrease again
+    assert gates.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.5, now=4.1) == state
+    assert gates.adapt(state, AIMD, 503, False, 0.0, dispatched_at=4.2, now=4.3).limit == 2
+
+
+@pytest.mark.parametrize("status, ok, elapsed, limit", [
+    (200, True, 0.1, 4.25),     # congestion avoidance: one per limit's worth of successes
+    (200, True, 3.0, 2.0),      # slower than the latency target
+    (500, False, 0.1, 4.0),     # other failures say nothing about capacity
+    (None, False, 0.1, 4.0),    # a connection error neither
+    (429, False, 0.0, 2.0),
+])
+def test_aimd_signals(status, ok, elapsed, limit):
+    state = gates.AimdState(4.0, slow_start=False)
+    assert gates.adapt(state, AIMD, status, ok, elapsed, 1.0, 2.0).limit == limit
+
+
+def test_aimd_probes_slowly_near_where_the_gateway_shed():
+    policy = gates.Aimd(floor=1, ceiling=32, decrease=0.5, probe=8)
+    far = gates.AimdState(4.0, slow_start=False, shed_at=8.0)
+    near = gates.AimdState(7.5, slow_start=False, shed_at=8.0)
+    assert gates.adapt(far, policy, 200, True, 0.1, 1, 2).limit == 4.25
+    assert gates.adapt(near, policy, 200, True, 0.1, 1, 2).limit == 7.5 + 1 / 7.5 / 8
+
+
+def test_aimd_bounds():
+    policy = gates.Aimd(floor=2, ceiling=3, decrease=0.5)
+    state = gates.AimdState(2.0, slow_start=False)
+    assert gates.adapt(state, policy, 429, False, 0, 1, 2).limit == 2
+    state = gates.AimdState(3.0)
+    assert gates.adapt(state, policy, 200, True, 0, 1, 2).limit == 3
+    assert gates.AimdState(2.9).in_flight == 2
