@@ -30,18 +30,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run_tool(name: str, argv: List[str]) -> int:
     if name == "sim":
-        from asyncproc import sim
+        from asyncproc.tools import sim
 
         return sim.main(argv)
     if name == "bench":
-        from asyncproc import bench
+        from asyncproc.tools import bench
 
         return bench.main(argv)
     if name in ("run-batch", "submit", "collect", "status", "cancel"):
-        from asyncproc import batch
+        from asyncproc.tools import batch
 
         return batch.main(name, argv)
-    from asyncproc import demo
+    from asyncproc.tools import demo
 
     return demo.main(argv)
 

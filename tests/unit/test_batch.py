@@ -4,8 +4,9 @@ import argparse
 import orjson
 import pytest
 
-from asyncproc import batch, messages
+from asyncproc import messages
 from asyncproc.ledger import Ledger
+from asyncproc.tools import batch
 
 NOW = 1_800_000_000.0
 

@@ -29,7 +29,7 @@ def test_every_batch_command_option_is_documented(capsys):
 
     import pytest
 
-    from asyncproc import batch
+    from asyncproc.tools import batch
 
     processor_flags = {o.flag for o in config.OPTIONS} | {"--config", "--help"}
     missing = []

@@ -1,4 +1,4 @@
-"""`asyncproc bench` (or `python -m asyncproc.bench`): throughput, latency and cost, measured.
+"""`asyncproc bench` (or `python -m asyncproc.tools.bench`): throughput, latency and cost, measured.
 
 Each scenario starts a private redis-server and the stand-in gateway, measures the
 gateway alone at the scenario's concurrency, then runs the real asyncproc process tree,
@@ -25,7 +25,7 @@ import orjson
 import psutil
 import redis
 
-from asyncproc.local import Processes, find_redis_server, free_port, redis_answers, wait_for
+from asyncproc.tools.local import Processes, find_redis_server, free_port, redis_answers, wait_for
 
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
 

@@ -21,7 +21,7 @@ from typing import Dict, List
 import orjson
 import redis
 
-from asyncproc.local import Processes, find_redis_server, free_port, redis_answers, wait_for
+from asyncproc.tools.local import Processes, find_redis_server, free_port, redis_answers, wait_for
 
 RESULT_CHANNEL = "batch-queue-result"
 REQUEST_CHANNEL = "batch-queue"
