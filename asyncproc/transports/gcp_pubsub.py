@@ -26,10 +26,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
 
+import orjson
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 from google.pubsub_v1 import PublisherClient, PubsubMessage, SubscriberClient
 
+from asyncproc import messages
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.redis_sortedset import shares
 
@@ -46,6 +48,8 @@ MAX_ACK_DEADLINE = 600        # the service's cap, seconds
 RETRY_STATE_MAX = 100_000     # retry states kept in memory (oldest dropped first)
 IDLE_MIN, IDLE_MAX = 0.1, 1.0  # pull back-off of a subscription that came back empty
 ATTRIBUTE_MAX = 1024          # bytes in an attribute value
+MAX_MESSAGE_BYTES = 9_900_000  # a message's data; the service refuses more than 10 MB
+STALE_RETRY_SECONDS = 2 * MAX_ACK_DEADLINE  # a retry not back this long after due went elsewhere
 
 
 def guarded(call: Callable[[], T]) -> T:
@@ -105,6 +109,7 @@ class GcpPubSub(Transport):
         self.dead_letter_topic = (resource_path(self.project, "topics", settings.gcp_dead_letter_topic)
                                   if settings.gcp_dead_letter_topic else None)
         self.ack_deadline = int(settings.gcp_ack_deadline)
+        self.result_format = settings.result_format
         self.keep_alive_interval = self.ack_deadline / 3
         self._publisher: Optional[PublisherClient] = None
         self._subscriber: Optional[SubscriberClient] = None
@@ -191,7 +196,7 @@ class GcpPubSub(Transport):
         """
         now = time.time()
         self._publish(self.result_topic, [
-            (("r", _mark(delivery, key)), raw, self._attributes(delivery))
+            (("r", _mark(delivery, key)), self._fit(key, raw, delivery), self._attributes(delivery))
             for key, raw, delivery in writes.results])
         if self.dead_letter_topic:
             self._publish(self.dead_letter_topic, [
@@ -217,6 +222,16 @@ class GcpPubSub(Transport):
                 self._held.pop(delivery.token, None)
         self._published.clear()
         self._settled.clear()
+
+    def _fit(self, key: str, raw: bytes, delivery: Optional[Delivery]) -> bytes:
+        """A result Pub/Sub would refuse (over 10 MB) would block every write after it: it
+        becomes an error result saying so."""
+        if len(raw) <= MAX_MESSAGE_BYTES:
+            return raw
+        log.warning("id=%s result of %d bytes is too large for Pub/Sub; publishing an error instead", key, len(raw))
+        return messages.encode_result(messages.Result(
+            orjson.loads(key), delivery.queue if delivery else "", False,
+            f"result too large for Pub/Sub ({len(raw)} bytes)"), self.result_format)
 
     def _attributes(self, delivery: Optional[Delivery]) -> Dict[str, str]:
         if delivery is None or delivery.token is None:
@@ -295,6 +310,9 @@ class GcpPubSub(Transport):
             self._modack(path, ack_ids, self.ack_deadline)
 
     def stats(self) -> Dict[str, Dict[str, float]]:
+        stale = time.time() - STALE_RETRY_SECONDS
+        for token in [t for t, (_, due) in self._waiting.items() if due < stale]:
+            del self._waiting[token]
         leased = {q: 0.0 for q in self.subscriptions}
         waiting = {q: 0.0 for q in self.subscriptions}
         for queue, _ in self._held:
