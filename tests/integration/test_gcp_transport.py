@@ -102,3 +102,22 @@ def test_a_result_too_large_for_pubsub_becomes_an_error_result(pubsub, transport
     transport.write(Writes(results=[item]))
     (result,) = pubsub.wait_results(1)
     assert result == {"id": "huge", "error": f"result too large for Pub/Sub ({len(item[1])} bytes)", "attempts": 0}
+
+
+def test_without_a_dead_letter_topic_a_bad_message_is_left_to_the_subscription(pubsub, monkeypatch):
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub.emulator.host)
+    args = pubsub.args("--gcp.dead-letter-topic", "")  # the last one given wins
+    transport = GcpPubSub(config.load_settings(args, {}, cpu_count=1))
+    transport.connect()
+    try:
+        pubsub.put([b"not json"])
+        (delivery,) = receive(transport, 1)
+        seen = []
+        original = transport._modack
+        transport._modack = lambda path, ack_ids, seconds: seen.append(seconds) or original(path, ack_ids, seconds)
+        transport.write(Writes(dead_letters=[(b'{"reason": "not valid JSON"}', delivery)]))
+        assert seen == [600] and transport._held == {}
+        assert pubsub.undelivered() == 0  # not acknowledged, not back before 600 s either
+        assert pubsub.dead_letters() == []
+    finally:
+        transport.close()
