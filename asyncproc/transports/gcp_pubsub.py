@@ -96,6 +96,7 @@ class Lease:
 
     subscription: str
     ack_id: str
+    touched: float = 0.0  # when it was pulled or last kept alive
 
 
 class GcpPubSub(Transport):
@@ -146,7 +147,14 @@ class GcpPubSub(Transport):
             if share <= 0 or now < skip_until:
                 continue
             path = self.subscriptions[queue]
-            reply = guarded(lambda p=path, n=share: pull(self._subscriber, p, min(n, MAX_PULL)))
+            try:
+                reply = guarded(lambda p=path, n=share: pull(self._subscriber, p, min(n, MAX_PULL)))
+            except TransportError as exc:
+                if not out:
+                    raise
+                # what was pulled already is held: hand it over; the next pull reports the error
+                log.warning("pulling from %s failed: %s", queue, exc)
+                break
             received = list(reply.received_messages)
             if not received:
                 backoff = min(max(self._idle.get(queue, (0.0, 0.0))[1] * 2, IDLE_MIN), IDLE_MAX)
@@ -172,7 +180,7 @@ class GcpPubSub(Transport):
                 later.setdefault(_seconds(waiting[1] - now), []).append(item.ack_id)
                 continue
             self._waiting.pop(key, None)
-            self._held[key] = Lease(path, item.ack_id)
+            self._held[key] = Lease(path, item.ack_id, now)
             leased.append(item.ack_id)
             out.append(Delivery(item.message.data, queue, token=key,
                                 state=waiting[0] if waiting is not None else None))
@@ -306,13 +314,24 @@ class GcpPubSub(Transport):
             self._waiting.popitem(last=False)  # its redelivery starts counting attempts again
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
+        now = time.time()
+        for delivery in deliveries:
+            lease = self._held.get(delivery.token)
+            if lease is not None:
+                lease.touched = now
         for path, ack_ids in self._ack_ids(deliveries).items():
             self._modack(path, ack_ids, self.ack_deadline)
 
     def stats(self) -> Dict[str, Dict[str, float]]:
-        stale = time.time() - STALE_RETRY_SECONDS
-        for token in [t for t, (_, due) in self._waiting.items() if due < stale]:
+        now = time.time()
+        for token in [t for t, (_, due) in self._waiting.items() if due < now - STALE_RETRY_SECONDS]:
             del self._waiting[token]
+        # A lease nobody has kept alive for two ack deadlines has run out at Pub/Sub: forget
+        # it, so that the redelivery is taken as new work (the supervisor holds every
+        # delivery it was given until it settles it; this is the belt to those braces).
+        for token in [t for t, lease in self._held.items() if lease.touched < now - 2 * self.ack_deadline]:
+            log.warning("forgetting message %s of %s: held but not kept alive", token[1], token[0])
+            del self._held[token]
         leased = {q: 0.0 for q in self.subscriptions}
         waiting = {q: 0.0 for q in self.subscriptions}
         for queue, _ in self._held:
