@@ -6,6 +6,7 @@ fast with one line naming the option (exit 2). Nothing reads the environment at 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import orjson
 from asyncproc import gates, ledger, merge, messages, retry
 
 ENV_PREFIX = "ASYNCPROC_"
-TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
+TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams", "gcp-pubsub")
+GCP_EXTRA = "pip install 'asyncproc[gcp]'"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -33,6 +35,10 @@ def _at_least(low: float) -> Callable[[Any], Optional[str]]:
 
 def _above(low: float) -> Callable[[Any], Optional[str]]:
     return lambda v: None if v > low else f"must be greater than {low:g} (got {v:g})"
+
+
+def _between(low: int, high: int) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high} (got {v})"
 
 
 def _port(v: int) -> Optional[str]:
@@ -91,7 +97,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--request-merge-policy", str, "random-robin",
            "how messages of several request queues are merged", choices=merge.POLICIES),
     Option("--message-queue-impl", str, "redis-pubsub",
-           "the queue transport: redis-pubsub (channels), redis-sortedset, redis-streams",
+           "the queue transport: redis-pubsub (channels), redis-sortedset, redis-streams, gcp-pubsub"
+           " (Google Cloud Pub/Sub; the gcp extra)",
            choices=TRANSPORTS),
     Option("--redis-url", str, "redis://localhost:6379/0",
            "Redis URL (redis://, rediss://, unix://); REDIS_URL is honoured too", _redis_url),
@@ -123,6 +130,19 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--redis.result-maxlen", int, 1000000,
            "redis-streams: the result stream is trimmed to about this many entries; 0 = never",
            _at_least(0)),
+    Option("--gcp.project", str, "",
+           "gcp-pubsub: Google Cloud project of the subscriptions and topics given by short name;"
+           " GOOGLE_CLOUD_PROJECT is honoured too"),
+    Option("--gcp.subscription", str, None,
+           "gcp-pubsub: request subscription (a name or projects/P/subscriptions/S); give it several"
+           " times to consume several (queues-file names are subscriptions too)",
+           _queue_names, append=True),
+    Option("--gcp.result-topic", str, "", "gcp-pubsub: topic results are published to (required)"),
+    Option("--gcp.dead-letter-topic", str, "",
+           "gcp-pubsub: topic for messages with no usable id; empty = leave them unacknowledged for"
+           " the subscription's dead-letter policy"),
+    Option("--gcp.ack-deadline", int, 60,
+           "gcp-pubsub: seconds of each lease asyncproc takes and keeps extending (10-600)", _between(10, 600)),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
            " priority)"),
@@ -217,6 +237,8 @@ def build_parser(environ: Mapping[str, str], prog: str = "asyncproc", descriptio
         default = opt.default
         if opt.flag == "--redis-url" and environ.get("REDIS_URL"):
             default = environ["REDIS_URL"]
+        if opt.flag == "--gcp.project" and environ.get("GOOGLE_CLOUD_PROJECT"):
+            default = environ["GOOGLE_CLOUD_PROJECT"]
         kwargs: Dict[str, Any] = dict(
             dest=dest(opt.flag), default=default, help=opt.help, env_var=env_var(opt.flag),
         )
@@ -264,6 +286,10 @@ class Settings:
     consumer_group: str
     max_deliveries: int
     result_maxlen: int
+    gcp_project: str
+    gcp_result_topic: str
+    gcp_dead_letter_topic: str
+    gcp_ack_deadline: int
     backoff: retry.Backoff
     max_attempts: int
     request_timeout: float
@@ -319,7 +345,8 @@ def parse_args(
             problem = opt.check(value)
             if problem:
                 raise ConfigError(f"{opt.flag}: {problem}")
-    flag_names = _dedupe(ns.redis_request_queue_name or [])
+    gcp = ns.message_queue_impl == "gcp-pubsub"
+    flag_names = _dedupe((ns.gcp_subscription if gcp else ns.redis_request_queue_name) or [])
     gate_defaults = gates.Defaults(ns.redis_url, ns.gate_interval, ns.gate_timeout)
     default_gate = gates.OPEN
     if ns.gate.strip():
@@ -333,8 +360,14 @@ def parse_args(
             raise ConfigError(str(exc)) from None
     if ns.queues_file:
         queues = load_queues_file(ns.queues_file, flag_names, gate_defaults)
+    elif gcp and not flag_names:
+        check_gcp(ns, [])
+        raise ConfigError("--gcp.subscription: required with --message-queue-impl gcp-pubsub"
+                          " (or name the subscriptions in --queues-file)")
     else:
         queues = tuple(QueueConfig(n) for n in flag_names or ["batch-queue"])
+    if gcp:
+        check_gcp(ns, [q.name for q in queues])
     concurrency = ns.concurrency
     workers = ns.workers or min(cpu_count or os.cpu_count() or 1, concurrency)
     if workers > concurrency:
@@ -363,6 +396,10 @@ def parse_args(
         consumer_group=ns.redis_consumer_group,
         max_deliveries=ns.max_deliveries,
         result_maxlen=ns.redis_result_maxlen,
+        gcp_project=ns.gcp_project,
+        gcp_result_topic=ns.gcp_result_topic,
+        gcp_dead_letter_topic=ns.gcp_dead_letter_topic,
+        gcp_ack_deadline=ns.gcp_ack_deadline,
         backoff=retry.Backoff(ns.retry_policy, ns.retry_base_delay, ns.retry_max_delay),
         max_attempts=ns.max_attempts,
         request_timeout=ns.request_timeout,
@@ -385,6 +422,22 @@ def parse_args(
         dispatch_order=ns.dispatch_order,
     )
     return settings, ns
+
+
+def check_gcp(ns, subscriptions: Sequence[str]) -> None:
+    """gcp-pubsub needs its library (the gcp extra), a result topic and a project."""
+    try:
+        found = importlib.util.find_spec("google.cloud.pubsub_v1") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"--message-queue-impl gcp-pubsub: google-cloud-pubsub is not installed ({GCP_EXTRA})")
+    if not ns.gcp_result_topic.strip():
+        raise ConfigError("--gcp.result-topic: required with --message-queue-impl gcp-pubsub")
+    names = [*subscriptions, ns.gcp_result_topic, ns.gcp_dead_letter_topic]
+    if not ns.gcp_project.strip() and any(n and not n.startswith("projects/") for n in names):
+        raise ConfigError("--gcp.project: required with --message-queue-impl gcp-pubsub unless every"
+                          " subscription and topic is a full projects/... path (or set GOOGLE_CLOUD_PROJECT)")
 
 
 def _dedupe(names: Sequence[str]) -> List[str]:

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.harness import Processor, RedisServer, Results, Sim
+from tests.harness import Processor, PubSubEmulator, PubSubQueues, RedisServer, Results, Sim, pubsub_emulator_missing
 
 
 def pytest_collection_modifyitems(items):
@@ -40,6 +40,42 @@ def start_processor(tmp_path, redis_server):
     def start(gateway, *args, wait_ready=True, env=None, command=None, cwd=None):
         proc = Processor(redis_server.url, gateway, *args, log=tmp_path / f"asyncproc-{len(started)}.log",
                          env=env, command=command, cwd=cwd)
+        started.append(proc)
+        if wait_ready:
+            proc.wait_ready()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory):
+    """One Pub/Sub emulator for the session; each test makes its own topics (PubSubQueues)."""
+    missing = pubsub_emulator_missing()
+    if missing:
+        pytest.skip(f"Pub/Sub emulator unavailable: {missing}")
+    emulator = PubSubEmulator(tmp_path_factory.mktemp("pubsub")).start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def pubsub(pubsub_emulator):
+    queues = PubSubQueues(pubsub_emulator)
+    yield queues
+    queues.close()
+
+
+@pytest.fixture
+def start_gcp_processor(tmp_path, pubsub):
+    """Start asyncproc on this test's Pub/Sub queues (no Redis); all killed at teardown."""
+    started = []
+
+    def start(gateway, *args, wait_ready=True):
+        proc = Processor("redis://127.0.0.1:1/0", gateway, *pubsub.args(*args), env=pubsub.env(),
+                         log=tmp_path / f"asyncproc-{len(started)}.log")
         started.append(proc)
         if wait_ready:
             proc.wait_ready()

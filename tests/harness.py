@@ -303,3 +303,187 @@ class Queue:
                 out["pending"] = group["pending"]
                 out["lag"] = group.get("lag") or 0
         return {k: v for k, v in out.items() if v}
+
+
+# -- Google Cloud Pub/Sub -----------------------------------------------------------------
+
+GCP_PROJECT = "asyncproc-test"
+
+
+def pubsub_emulator_missing() -> Optional[str]:
+    """Why the Pub/Sub emulator cannot run here (None: it can)."""
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        return "gcloud is not installed (the Pub/Sub emulator comes with it)"
+    if shutil.which("java") is None:
+        return "java is not installed (the Pub/Sub emulator needs it)"
+    sdk = Path(os.path.realpath(gcloud)).parents[1]
+    for root in (sdk, sdk / "lib" / "google-cloud-sdk", Path("/usr/lib/google-cloud-sdk")):
+        if (root / "platform" / "pubsub-emulator").is_dir():
+            return None
+    return "the Pub/Sub emulator is not installed (google-cloud-cli-pubsub-emulator)"
+
+
+class PubSubEmulator:
+    """Google's Pub/Sub emulator on a free port, in its own process group (gcloud + java)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "PubSubEmulator":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port={self.host}",
+             f"--data-dir={self.dir}", "--quiet"],
+            stdout=open(self.dir / "emulator.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_until(self._answers, 60, 0.1, what="the Pub/Sub emulator to answer")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"Pub/Sub emulator did not start: {self.log_text()[-2000:]}") from None
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"Pub/Sub emulator exited {self.proc.returncode}: {self.log_text()[-2000:]}")
+        try:
+            url = f"http://{self.host}/v1/projects/{GCP_PROJECT}/topics/readiness-probe"
+            return requests.put(url, timeout=1).status_code in (200, 409)
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc.wait(10)
+            self.proc = None
+
+    def log_text(self) -> str:
+        return (self.dir / "emulator.log").read_text(errors="replace")
+
+    def clients(self):
+        """Publisher and subscriber (plain RPC) clients bound to this emulator."""
+        from asyncproc.transports.gcp_pubsub import make_clients
+
+        return make_clients(self.host)
+
+
+def pull(subscriber, path: str, limit: int):
+    from asyncproc.transports.gcp_pubsub import pull as pull_now
+
+    return pull_now(subscriber, path, limit)
+
+
+class PubSubQueues:
+    """One test's topics and subscriptions, named uniquely, with a producer and readers.
+
+    Requests: topic `<p>-req-N` with subscription `<p>-sub-N` (what asyncproc reads); results:
+    topic `<p>-results` read through `<p>-results-sub`; dead letters likewise.
+    """
+
+    _counter = 0
+
+    def __init__(self, emulator: PubSubEmulator, requests_count: int = 1, ack_deadline: int = 10,
+                 exactly_once: bool = True) -> None:
+        PubSubQueues._counter += 1
+        self.prefix = f"t{os.getpid()}-{PubSubQueues._counter}"
+        self.emulator = emulator
+        self.publisher, self.subscriber = emulator.clients()
+        self.request_topics = [f"{self.prefix}-req-{i}" for i in range(requests_count)]
+        self.subscriptions = [f"{self.prefix}-sub-{i}" for i in range(requests_count)]
+        self.result_topic, self.dead_letter_topic = f"{self.prefix}-results", f"{self.prefix}-dead"
+        for topic, sub in zip(self.request_topics, self.subscriptions):
+            self._topic(topic)
+            self.subscriber.create_subscription(request={
+                "name": self._sub_path(sub), "topic": self._topic_path(topic), "ack_deadline_seconds": ack_deadline,
+                "enable_exactly_once_delivery": exactly_once})
+        for topic in (self.result_topic, self.dead_letter_topic):
+            self._topic(topic)
+            self.subscriber.create_subscription(request={
+                "name": self._sub_path(topic + "-sub"), "topic": self._topic_path(topic), "ack_deadline_seconds": 60})
+        self._results: List[dict] = []
+        self._result_attrs: List[dict] = []
+        self._letters: List[dict] = []
+        self._seen: set = set()  # Pub/Sub message ids read: a reader's own redeliveries are not results
+
+    def _topic_path(self, name: str) -> str:
+        return f"projects/{GCP_PROJECT}/topics/{name}"
+
+    def _sub_path(self, name: str) -> str:
+        return f"projects/{GCP_PROJECT}/subscriptions/{name}"
+
+    def _topic(self, name: str) -> None:
+        self.publisher.create_topic(name=self._topic_path(name))
+
+    def args(self, *extra: str) -> List[str]:
+        """asyncproc's options for these queues."""
+        out = ["--message-queue-impl", "gcp-pubsub", "--gcp.project", GCP_PROJECT,
+               "--gcp.result-topic", self.result_topic, "--gcp.dead-letter-topic", self.dead_letter_topic]
+        for sub in self.subscriptions:
+            out += ["--gcp.subscription", sub]
+        return out + list(extra)
+
+    def env(self) -> Dict[str, str]:
+        return {"PUBSUB_EMULATOR_HOST": self.emulator.host}
+
+    def put(self, raws: List[bytes], queue: int = 0) -> None:
+        from google.pubsub_v1 import PubsubMessage
+
+        topic = self._topic_path(self.request_topics[queue])
+        for start in range(0, len(raws), 500):
+            self.publisher.publish(topic=topic, messages=[PubsubMessage(data=r) for r in raws[start:start + 500]],
+                                       timeout=30)
+
+    def _drain(self, name: str, into: List[dict], attrs: Optional[List[dict]] = None) -> None:
+        path = self._sub_path(name)
+        while True:
+            reply = pull(self.subscriber, path, 1000)
+            if not reply.received_messages:
+                return
+            for item in reply.received_messages:
+                if item.message.message_id not in self._seen:
+                    self._seen.add(item.message.message_id)
+                    into.append(orjson.loads(item.message.data))
+                    if attrs is not None:
+                        attrs.append(dict(item.message.attributes))
+            self.subscriber.acknowledge(request={"subscription": path,
+                                                 "ack_ids": [i.ack_id for i in reply.received_messages]})
+
+    def results(self) -> List[dict]:
+        self._drain(self.result_topic + "-sub", self._results, self._result_attrs)
+        return list(self._results)
+
+    def result_attributes(self) -> List[dict]:
+        self.results()
+        return list(self._result_attrs)
+
+    def wait_results(self, count: int, timeout: float = 60.0) -> List[dict]:
+        wait_until(lambda: len(self.results()) >= count, timeout, 0.1,
+                   what=f"{count} results on {self.result_topic} (have {len(self._results)})")
+        return self.results()
+
+    def dead_letters(self) -> List[dict]:
+        self._drain(self.dead_letter_topic + "-sub", self._letters)
+        return list(self._letters)
+
+    def undelivered(self, queue: int = 0) -> int:
+        """Requests still available on a request subscription (taken, counted, given back)."""
+        path = self._sub_path(self.subscriptions[queue])
+        reply = pull(self.subscriber, path, 1000)
+        ack_ids = [i.ack_id for i in reply.received_messages]
+        if ack_ids:
+            self.subscriber.modify_ack_deadline(request={"subscription": path, "ack_ids": ack_ids,
+                                                         "ack_deadline_seconds": 0})
+        return len(ack_ids)
+
+    def close(self) -> None:
+        self.subscriber.transport.close()
+        self.publisher.transport.close()

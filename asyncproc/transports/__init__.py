@@ -18,6 +18,10 @@ def open_transport(settings) -> Transport:
         from asyncproc.transports.redis_streams import RedisStreams
 
         return RedisStreams(settings)
+    if settings.message_queue_impl == "gcp-pubsub":
+        from asyncproc.transports.gcp_pubsub import GcpPubSub
+
+        return GcpPubSub(settings)
     raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
 
 

@@ -128,6 +128,7 @@ def test_keda_on_sorted_sets_scales_on_the_depth_metric():
 
 @pytest.mark.parametrize("values, message", [
     ({"keda": {"enabled": True}}, "pub/sub keeps no queue"),
+    ({"keda": {"enabled": True}, "config": {"message-queue-impl": "gcp-pubsub"}}, "not for gcp-pubsub"),
     ({"terminationGracePeriodSeconds": 10}, "must be larger than config.shutdown-grace-period"),
     ({"config": {"redis-url": "redis://x"}}, "config.redis-url"),
 ])
