@@ -47,12 +47,20 @@ class Client:
         self.impl = settings.message_queue_impl
         self.queue = queue or settings.queue_names[0]
         self.prefix = settings.key_prefix
+        self.errors: tuple = (redis.RedisError, OSError)
+        self.gcp = None
+        if self.impl == "gcp-pubsub":
+            from asyncproc import client_gcp
+
+            self.errors += client_gcp.ERRORS
+            self.gcp = self._run(lambda: client_gcp.GcpQueues(settings, self.queue))
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=SOCKET_TIMEOUT,
                                           socket_connect_timeout=SOCKET_TIMEOUT)
 
     @property
     def persisted(self) -> bool:
-        """Results wait in Redis (a list or a stream) instead of being published once."""
+        """Results wait (a Redis list or stream; on Pub/Sub the batch's own subscription)
+        instead of being published once to whoever listens."""
         return self.impl != "redis-pubsub"
 
     # -- submit --------------------------------------------------------------------------
@@ -63,12 +71,12 @@ class Client:
         `status`. `forget` clears the per-id markers of earlier runs (claims, "result
         published") so ids asked again are answered again: for a resumed run whose results
         never arrived."""
+        if self.gcp is not None:
+            return self._submit_gcp(requests, batch)
         count = 0
         chunk: List[dict] = []
         for request in requests:
-            if batch is not None:
-                request = dict(request, metadata={**(request.get("metadata") or {}), messages.BATCH_KEY: batch})
-            chunk.append(request)
+            chunk.append(self._tag(request, batch))
             if len(chunk) >= CHUNK:
                 count += self._send(chunk, forget)
                 chunk = []
@@ -77,6 +85,19 @@ class Client:
         if batch is not None:
             self._record_batch(batch, count)
         return count
+
+    def _submit_gcp(self, requests: Iterable[dict], batch: Optional[str]) -> int:
+        tagged = [self._tag(r, batch) for r in requests]
+        if batch is not None:  # its results subscription first: no result can be missed
+            self._run(lambda: self.gcp.open_batch(batch, len(tagged)))
+        self._run(lambda: self.gcp.publish([orjson.dumps(r) for r in tagged]))
+        return len(tagged)
+
+    @staticmethod
+    def _tag(request: dict, batch: Optional[str]) -> dict:
+        if batch is None:
+            return request
+        return dict(request, metadata={**(request.get("metadata") or {}), messages.BATCH_KEY: batch})
 
     def _send(self, chunk: List[dict], forget: bool) -> int:
         pipe = self.redis.pipeline(transaction=False)
@@ -108,10 +129,16 @@ class Client:
         self._run(pipe.execute)
 
     # -- results -------------------------------------------------------------------------
-    def results(self, from_start: bool = True) -> "Results":
+    def results(self, from_start: bool = True, batch: Optional[str] = None, total: int = 0) -> "Results":
         """A reader of results. Pub/sub: subscribed on return, so submit after this.
         Persisted transports: reads the result list or stream without removing anything,
-        from its start (or from now with from_start=False)."""
+        from its start (or from now with from_start=False). gcp-pubsub: the results of
+        `batch` (required), from its own subscription, acknowledged once read."""
+        if self.gcp is not None:
+            if batch is None:
+                raise ClientError("gcp-pubsub keeps results per batch: give a batch")
+            self._run(lambda: self.gcp.open_batch(batch, total))
+            return GcpResults(self, batch)
         if self.impl == "redis-pubsub":
             return PubSubResults(self)
         if self.impl == "redis-sortedset":
@@ -129,6 +156,9 @@ class Client:
             members[f"batch:{batch}"] = until
         if not members:
             raise ClientError("nothing to cancel: give --batch or --id")
+        if self.gcp is not None:
+            raise ClientError("cancel needs a Redis transport: with gcp-pubsub asyncproc has no shared store to"
+                              " read cancellations from")
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(cancel_key(self.prefix), members)
         pipe.zremrangebyscore(cancel_key(self.prefix), "-inf", now)
@@ -137,15 +167,31 @@ class Client:
         self._run(pipe.execute)
         return len(members)
 
+    @property
+    def counts_results(self) -> bool:
+        """Results can be read without taking them (for status)."""
+        return self.impl in ("redis-sortedset", "redis-streams")
+
+    def finish_batch(self, batch: str) -> None:
+        """Every result of `batch` is out of the queues: drop what only served to read them."""
+        if self.gcp is not None:
+            self._run(lambda: self.gcp.close_batch(batch))
+
     def batch(self, batch: str) -> Dict[str, str]:
+        if self.gcp is not None:
+            return self._run(lambda: self.gcp.batch(batch))
         record = self._run(lambda: self.redis.hgetall(batch_key(self.prefix, batch)))
         return {k.decode(): v.decode() for k, v in record.items()}
 
     def batch_ids(self) -> List[str]:
+        if self.gcp is not None:
+            return self._run(self.gcp.batch_ids)
         return [b.decode() for b in self._run(lambda: self.redis.zrange(batches_key(self.prefix), 0, -1))]
 
     def queue_stats(self) -> Dict[str, Dict[str, float]]:
         """The processor's own queue gauges (depth, leased, retry set) plus dead letters."""
+        if self.gcp is not None:
+            return {}  # held by the service: see Cloud Monitoring (README, gcp-pubsub)
         transport = open_transport(self.settings)
         try:
             stats = transport.stats()
@@ -162,8 +208,9 @@ class Client:
     def _run(self, call):
         try:
             return call()
-        except (redis.RedisError, OSError) as exc:
-            raise ClientError(f"redis at {self.settings.redis_url}: {exc}") from None
+        except self.errors as exc:
+            where = "pubsub" if self.gcp is not None else f"redis at {self.settings.redis_url}"
+            raise ClientError(f"{where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
     def close(self) -> None:
         self.redis.close()
@@ -276,6 +323,21 @@ class StreamResults(Results):
                 if result is not None:
                     out.append(result)
         return out
+
+
+class GcpResults(Results):
+    def __init__(self, client: Client, batch: str) -> None:
+        from asyncproc.client_gcp import GcpResults as Pulls
+
+        super().__init__(client)
+        self.pulls = Pulls(client.gcp, batch)
+
+    def poll(self, timeout: float) -> List[dict]:
+        raws = self.client._run(lambda: self.pulls.poll(timeout))
+        return [r for r in map(self.decode, raws) if r is not None]
+
+    def close(self) -> None:
+        self.client._run(self.pulls.close)
 
 
 def result_batch(result: dict) -> Optional[str]:

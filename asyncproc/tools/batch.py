@@ -292,7 +292,7 @@ def run_batch(argv: List[str]) -> int:
         bar.set_postfix_str(f"ok {output.ok}, failed {output.failed}, in flight {in_flight}", refresh=False)
 
     try:
-        with client.results() as results:
+        with client.results(batch=batch, total=len(found.requests)) as results:
             if client.persisted and to_submit:  # what an interrupted run left in Redis counts
                 while (found_now := results.poll(0)):
                     take(found_now)
@@ -307,6 +307,7 @@ def run_batch(argv: List[str]) -> int:
                           file=sys.stderr)
                     return 1
                 take(results.poll(0.5))
+        client.finish_batch(batch)
     except ClientError as exc:
         bar.close()
         print(f"asyncproc: {exc}", file=sys.stderr)
@@ -381,7 +382,11 @@ def collect(argv: List[str]) -> int:
 
         bar = _progress(total or None, 0, ns.no_progress)
         end = None if ns.timeout is None else time.monotonic() + ns.timeout
-        with client.results() as results:
+        if client.gcp is not None and not ns.batch:
+            print("asyncproc: --batch: required with gcp-pubsub (each batch has its own results subscription)",
+                  file=sys.stderr)
+            return 2
+        with client.results(batch=ns.batch) as results:
             while True:
                 batch_results = results.poll(0.5 if ns.wait else 0)
                 counted = [r for r in batch_results if wanted(r)]
@@ -410,7 +415,7 @@ def batch_progress(client: Client, batches: List[str]) -> Dict[str, Dict[str, in
     """Per batch: ok and failed results found in the result list or stream (one pass)."""
     counts = {b: {"ok": 0, "failed": 0} for b in batches}
     seen: Set[Tuple[str, str]] = set()
-    if not client.persisted:
+    if not client.counts_results:
         return counts
     with client.results() as results:
         while (found := results.poll(0)):
@@ -449,8 +454,8 @@ def status(argv: List[str]) -> int:
                                                                   "complete" if done["ok"] + done["failed"] >= total
                                                                   else "in progress"),
                "created": float(record.get("created", 0))}
-        if not client.persisted:
-            row.update(ok=None, failed=None, pending=None)
+        if not client.counts_results:
+            row.update(ok=None, failed=None, pending=None, state="unknown" if not record else "submitted")
         rows.append(row)
     if ns.json:
         print(orjson.dumps({"transport": settings.message_queue_impl, "queues": stats, "batches": rows}).decode())
@@ -466,8 +471,9 @@ def status(argv: List[str]) -> int:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"])) if row["created"] else "-"
             print(f"{row['batch']:<28} {row['state']:<12} {cells[0]:>8} {cells[1]:>8} {cells[2]:>8} {cells[3]:>8}"
                   f"  {created}")
-    if not client.persisted:
-        print("(redis-pubsub keeps no results, so per-batch progress is unknown here)")
+    if not client.counts_results:
+        print(f"({settings.message_queue_impl}: results cannot be counted without taking them, so per-batch"
+              " progress is unknown here)")
     return 0
 
 
@@ -496,6 +502,9 @@ def main(name: str, argv: List[str]) -> int:
                "cancel": cancel}[name]
     try:
         return command(argv)
+    except ClientError as exc:
+        print(f"asyncproc {name}: {exc}", file=sys.stderr)
+        return 1
     except config.ConfigError as exc:
         config.print_error(str(exc), prog=f"asyncproc {name}")
         return 2
