@@ -64,11 +64,13 @@ class Client:
         return self.impl != "redis-pubsub"
 
     # -- submit --------------------------------------------------------------------------
-    def submit(self, requests: Iterable[dict], batch: Optional[str] = None, forget: bool = False) -> int:
+    def submit(self, requests: Iterable[dict], batch: Optional[str] = None, forget: bool = False,
+               batch_total: Optional[int] = None) -> int:
         """Put request messages on the request queue; returns how many.
 
         `batch` tags each request (metadata "asyncproc.batch") and records the batch for
-        `status`. `forget` clears the per-id markers of earlier runs (claims, "result
+        `status`: its total grows by what is submitted, or is `batch_total` (a resumed run
+        submits only part of its batch again). `forget` clears the per-id markers of earlier runs (claims, "result
         published") so ids asked again are answered again: for a resumed run whose results
         never arrived."""
         if self.gcp is not None:
@@ -83,7 +85,7 @@ class Client:
         if chunk:
             count += self._send(chunk, forget)
         if batch is not None:
-            self._record_batch(batch, count)
+            self._record_batch(batch, count, batch_total)
         return count
 
     def _submit_gcp(self, requests: Iterable[dict], batch: Optional[str]) -> int:
@@ -120,11 +122,14 @@ class Client:
             return [pubsub_marker(self.prefix, result_queue, kind, key) for kind in ("claim", "done")]
         return [aux_key(self.prefix, result_queue, f"done:{key}")]
 
-    def _record_batch(self, batch: str, count: int) -> None:
+    def _record_batch(self, batch: str, count: int, total: Optional[int]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hsetnx(batch_key(self.prefix, batch), "created", time.time())
         pipe.hset(batch_key(self.prefix, batch), mapping={"queue": self.queue, "transport": self.impl})
-        pipe.hincrby(batch_key(self.prefix, batch), "total", count)
+        if total is None:
+            pipe.hincrby(batch_key(self.prefix, batch), "total", count)
+        else:
+            pipe.hset(batch_key(self.prefix, batch), "total", total)
         pipe.zadd(batches_key(self.prefix), {batch: time.time()}, nx=True)
         self._run(pipe.execute)
 

@@ -297,7 +297,7 @@ def run_batch(argv: List[str]) -> int:
                 while (found_now := results.poll(0)):
                     take(found_now)
                 to_submit = [r for r in to_submit if messages.id_key(r["id"]) not in output.done]
-            client.submit(to_submit, batch=batch, forget=True)
+            client.submit(to_submit, batch=batch, forget=True, batch_total=len(found.requests))
             end = None if ns.timeout is None else time.monotonic() + ns.timeout
             while output.ok + output.failed < len(awaiting):
                 if end is not None and time.monotonic() >= end:

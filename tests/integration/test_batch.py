@@ -78,6 +78,12 @@ def test_interrupted_run_resumes_with_one_result_each(tmp_path, redis_server, st
         assert Counter(r["id"] for r in results) == Counter(f"q{i}" for i in range(800))
         assert all(r["payload"]["choices"][0]["text"] for r in results)
         assert all("metadata" not in r for r in results)  # the batch tag is taken out
+        batch_id = second.stderr.split("batch ", 1)[1].split(":", 1)[0]
+        status = tool(redis_server, "status", "--batch", batch_id, "--json", impl=impl)
+        row = orjson.loads(status.stdout)["batches"][0]
+        assert row["total"] == 800  # a resumed run does not count its batch twice
+        if impl != "redis-pubsub":
+            assert (row["ok"], row["pending"], row["state"]) == (800, 0, "complete")
     finally:
         slow.stop()
 
