@@ -20,6 +20,7 @@ from typing import Dict, List
 
 import orjson
 import redis
+from tqdm import tqdm
 
 from asyncproc.tools.local import Processes, find_redis_server, free_port, redis_answers, wait_for
 
@@ -127,39 +128,27 @@ def run(args, redis_server: str, low: float, high: float, stack: Stack) -> int:
     pipe.execute()
 
     results: Dict[str, dict] = {}
-    duplicates = 0
-    last_shown = 0.0
+    duplicates = failed = 0
     deadline = started + args.timeout
+    bar = tqdm(total=args.requests, unit="req", file=sys.stderr, mininterval=0.25 if sys.stderr.isatty() else 2.0)
     while len(results) < args.requests:
         if time.monotonic() > deadline:
+            bar.close()
             raise RuntimeError(f"only {len(results)} of {args.requests} results after {args.timeout:.0f}s")
         message = pubsub.get_message(timeout=0.2)
         if message is not None:
             result = orjson.loads(message["data"])
             duplicates += result["id"] in results
+            if result["id"] not in results:
+                failed += "error" in result
+                bar.update(1)
+                bar.set_postfix_str(f"failed {failed}", refresh=False)
             results[result["id"]] = result
-        if time.monotonic() - last_shown > (0.25 if sys.stderr.isatty() else 2.0):
-            last_shown = time.monotonic()
-            _progress(results, args.requests, started)
-    _progress(results, args.requests, started)
+    bar.close()
     elapsed = time.monotonic() - started
-    print(file=sys.stderr)
     _summary(results, elapsed, duplicates, client.llen("batch-queue-dead-letter"))
     pubsub.close()
     return 0 if duplicates == 0 else 1
-
-
-def _progress(results: Dict[str, dict], total: int, started: float) -> None:
-    done = len(results)
-    failed = sum(1 for r in results.values() if "error" in r)
-    rate = done / max(time.monotonic() - started, 1e-6)
-    eta = (total - done) / rate if rate > 0 else float("inf")
-    width = 30
-    filled = int(width * done / total) if total else width
-    bar = "#" * filled + "." * (width - filled)
-    end = "" if sys.stderr.isatty() else "\n"
-    sys.stderr.write(f"\r[{bar}] {done}/{total} done, {failed} failed, {rate:6.1f}/s, ETA {eta:4.0f}s {end}")
-    sys.stderr.flush()
 
 
 def _summary(results: Dict[str, dict], elapsed: float, duplicates: int, dead_letters: int) -> None:
