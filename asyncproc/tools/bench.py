@@ -164,15 +164,21 @@ class Collector(threading.Thread):
                         self.record(fields[b"message"])
 
 
+def start_redis(procs: Processes, redis_server: str, workdir: str) -> tuple:
+    """A private, unpersisted redis-server on a free port: (port, client), once it answers."""
+    port = free_port()
+    procs.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=30)
+    wait_for(lambda: redis_answers(client), 10, "redis-server")
+    return port, client
+
+
 def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_server: str,
             capacity_seconds: float) -> Row:
     procs = Processes()
     try:
-        port = free_port()
-        procs.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                     "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=port, socket_timeout=30)
-        wait_for(lambda: redis_answers(client), 10, "redis-server")
+        port, client = start_redis(procs, redis_server, workdir)
         sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", *sim_args(s)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
@@ -316,11 +322,7 @@ def run_online(o: Online, redis_server: str, workdir: str, workers: int) -> List
     procs = Processes()
     rows = []
     try:
-        port = free_port()
-        procs.start([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                     "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=port, socket_timeout=30)
-        wait_for(lambda: redis_answers(client), 10, "redis-server")
+        port, client = start_redis(procs, redis_server, workdir)
         low, high = o.latency.split("-")
         sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", "--capacity", str(o.capacity),
                            "--latency-min", low, "--latency-max", high], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
