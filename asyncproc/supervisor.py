@@ -97,6 +97,7 @@ class Supervisor:
         self.capacity = settings.concurrency + settings.intake_buffer
         self.state = Lifecycle.STARTING
         self.signals: List[int] = []
+        self.readable: set = set()           # what the last wait found ready
         self.outbox = Writes()
         self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
         self.redis_ok = False
@@ -184,7 +185,7 @@ class Supervisor:
         fileno = self.transport.fileno() if self.redis_ok and self.state is Lifecycle.RUNNING else None
         if fileno is not None:
             objects.append(fileno)
-        wait(objects, timeout=self._timeout())
+        self.readable = set(wait(objects, timeout=self._timeout()))
 
     def _timeout(self) -> float:
         if self.signals or self.more_to_read:
@@ -237,6 +238,8 @@ class Supervisor:
 
     def collect(self) -> None:
         for handle in self.pool.handles:
+            if handle.conn not in self.readable:
+                continue
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
                     for key, outcome in message[1]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import threading
 from dataclasses import dataclass
@@ -95,10 +96,13 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     for thread in threads:
         thread.start()
     out.send((READY, os.getpid()))
-    poll_interval = min(spec.heartbeat, 0.5)
+    poll_ms = int(min(spec.heartbeat, 0.5) * 1000)
+    # One poll object for the pipe: Connection.poll() builds a selector on every call.
+    pipe_ready = select.poll()
+    pipe_ready.register(conn.fileno(), select.POLLIN)
     while not stopping.is_set():
         try:
-            if conn.poll(poll_interval):
+            if pipe_ready.poll(poll_ms):
                 message = conn.recv()
                 if message[0] == JOBS:
                     for job in message[1]:
