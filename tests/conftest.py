@@ -33,12 +33,13 @@ def results(redis_server):
 
 
 @pytest.fixture
-def start_processor(tmp_path, redis_server):
-    """Start asyncproc against this test's Redis; every one started is killed at teardown."""
+def processors(tmp_path):
+    """Starts asyncproc process trees (logs in the test's temp dir); every one started is
+    killed at teardown."""
     started = []
 
-    def start(gateway, *args, wait_ready=True, env=None, command=None, cwd=None):
-        proc = Processor(redis_server.url, gateway, *args, log=tmp_path / f"asyncproc-{len(started)}.log",
+    def start(redis_url, gateway, *args, wait_ready=True, env=None, command=None, cwd=None):
+        proc = Processor(redis_url, gateway, *args, log=tmp_path / f"asyncproc-{len(started)}.log",
                          env=env, command=command, cwd=cwd)
         started.append(proc)
         if wait_ready:
@@ -48,6 +49,12 @@ def start_processor(tmp_path, redis_server):
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def start_processor(processors, redis_server):
+    """Start asyncproc against this test's Redis."""
+    return lambda gateway, *args, **kwargs: processors(redis_server.url, gateway, *args, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -69,18 +76,7 @@ def pubsub(pubsub_emulator):
 
 
 @pytest.fixture
-def start_gcp_processor(tmp_path, pubsub):
-    """Start asyncproc on this test's Pub/Sub queues (no Redis); all killed at teardown."""
-    started = []
-
-    def start(gateway, *args, wait_ready=True):
-        proc = Processor("redis://127.0.0.1:1/0", gateway, *pubsub.args(*args), env=pubsub.env(),
-                         log=tmp_path / f"asyncproc-{len(started)}.log")
-        started.append(proc)
-        if wait_ready:
-            proc.wait_ready()
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
+def start_gcp_processor(processors, pubsub):
+    """Start asyncproc on this test's Pub/Sub queues (no Redis)."""
+    return lambda gateway, *args, **kwargs: processors("redis://127.0.0.1:1/0", gateway, *pubsub.args(*args),
+                                                       env=pubsub.env(), **kwargs)

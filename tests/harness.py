@@ -61,7 +61,30 @@ def redis_server_binary() -> str:
         raise RuntimeError("redis-server not found: apt-get install redis-server") from None
 
 
-class RedisServer:
+class ServerProcess:
+    """A server a test starts in its own process group, with a log file in its own dir."""
+
+    log_name = "server.log"
+    dir: Path
+    proc: Optional[subprocess.Popen] = None
+
+    def stop(self) -> None:
+        """SIGKILL to the whole group: what a crash or an OOM kill does."""
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc.wait(10)
+            self.proc = None
+
+    def log_text(self) -> str:
+        return (self.dir / self.log_name).read_text(errors="replace")
+
+
+class RedisServer(ServerProcess):
+    """redis-server on a free port in the test's own dir. Fault tests that restart it
+    pass `--appendonly yes --appendfsync always`, so a SIGKILL loses nothing."""
+
+    log_name = "redis.log"
+
     def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
         self.dir = workdir
         self.port = port or free_port()
@@ -95,15 +118,6 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=10)
 
-    def stop(self) -> None:
-        """SIGKILL: what a crash or an OOM kill does; with appendfsync always nothing is lost."""
-        if self.proc is not None:
-            kill_group(self.proc)
-            self.proc.wait(10)
-            self.proc = None
-
-    def log_text(self) -> str:
-        return (self.dir / "redis.log").read_text(errors="replace")
 
 
 class Sim:
@@ -324,8 +338,10 @@ def pubsub_emulator_missing() -> Optional[str]:
     return "the Pub/Sub emulator is not installed (google-cloud-cli-pubsub-emulator)"
 
 
-class PubSubEmulator:
+class PubSubEmulator(ServerProcess):
     """Google's Pub/Sub emulator on a free port, in its own process group (gcloud + java)."""
+
+    log_name = "emulator.log"
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
@@ -360,14 +376,6 @@ class PubSubEmulator:
         except requests.RequestException:
             return False
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc)
-            self.proc.wait(10)
-            self.proc = None
-
-    def log_text(self) -> str:
-        return (self.dir / "emulator.log").read_text(errors="replace")
 
     def clients(self):
         """Publisher and subscriber (plain RPC) clients bound to this emulator."""
