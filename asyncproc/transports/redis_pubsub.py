@@ -15,20 +15,12 @@ import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.keys import pubsub_marker
-from asyncproc.transports.redisbase import guarded, read_cancellations
+from asyncproc.transports.redisbase import SOCKET_TIMEOUT, guarded, make_client, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
 
-SOCKET_TIMEOUT = 5.0
 REPLY_COMPLETION = 1.0  # seconds the rest of a partly arrived reply may take
-
-
-def make_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-        socket_keepalive=True,
-    )
 
 
 class RedisPubSub(Transport):
