@@ -58,6 +58,14 @@ def _redis_url(v: str) -> Optional[str]:
     return None
 
 
+def _endpoints(v: str) -> Optional[str]:
+    try:
+        messages.Endpoints.parse(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _queue_names(v: Sequence[str]) -> Optional[str]:
     bad = [name for name in v if not name.strip()]
     return "queue names must not be empty" if bad else None
@@ -182,7 +190,17 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
            _above(0)),
     Option("--max-message-bytes", int, 1048576,
-           "larger request messages get an error result", _at_least(64)),
+           "larger request messages are not parsed: an error result when the id opens the message,"
+           " else a dead letter", _at_least(64)),
+    Option("--max-deadline-horizon", float, messages.DEFAULT_HORIZON,
+           "seconds: a deadline further ahead than this gets an error result (default 31 days)",
+           _above(0)),
+    Option("--allowed-endpoints", str, ",".join(messages.DEFAULT_ENDPOINTS),
+           "comma-separated paths a message's endpoint may name (a path ending in /* allows what is"
+           " below it); anything else gets the error result 'endpoint not allowed'", _endpoints),
+    Option("--max-result-bytes", int, 16 * 1048576,
+           "an encoded result larger than this is replaced by an error result naming its size",
+           _at_least(1024)),
     Option("--result-format", str, "seed",
            "result shape: seed ({id, payload|error}) or llm-d-async", choices=messages.RESULT_FORMATS),
     Option("--intake-buffer", int, 0,
@@ -263,6 +281,7 @@ class QueueConfig:
     priority: int = 0
     gate: Optional[Any] = None          # a gates.Gate; None: the default gate (--gate)
     max_in_flight: int = 0              # 0: no limit of its own (--concurrency)
+    allowed_endpoints: Optional[messages.Endpoints] = None  # None: --allowed-endpoints
 
 
 @dataclass(frozen=True)
@@ -295,6 +314,9 @@ class Settings:
     request_timeout: float
     connect_timeout: float
     max_message_bytes: int
+    max_deadline_horizon: float
+    allowed_endpoints: messages.Endpoints
+    max_result_bytes: int
     result_format: str
     intake_buffer: int
     metrics_port: int
@@ -309,6 +331,12 @@ class Settings:
     adaptive: Optional[gates.Aimd] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
+
+    def message_limits(self) -> messages.Limits:
+        """What every request message is checked against (README: Bad input)."""
+        return messages.Limits(
+            self.max_message_bytes, self.max_deadline_horizon, self.allowed_endpoints,
+            {q.name: q.allowed_endpoints for q in self.request_queues if q.allowed_endpoints is not None})
 
     def gate_of(self, queue: QueueConfig) -> Any:
         return queue.gate if queue.gate is not None else self.default_gate
@@ -405,6 +433,9 @@ def parse_args(
         request_timeout=ns.request_timeout,
         connect_timeout=ns.connect_timeout,
         max_message_bytes=ns.max_message_bytes,
+        max_deadline_horizon=ns.max_deadline_horizon,
+        allowed_endpoints=messages.Endpoints.parse(ns.allowed_endpoints),
+        max_result_bytes=ns.max_result_bytes,
         result_format=ns.result_format,
         intake_buffer=ns.intake_buffer or concurrency,
         metrics_port=ns.metrics_port,
@@ -449,7 +480,8 @@ def _dedupe(names: Sequence[str]) -> List[str]:
     return seen
 
 
-QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority", "gate", "max_in_flight"}
+QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority", "gate", "max_in_flight",
+              "allowed_endpoints"}
 
 
 def load_queues_file(path: str, flag_names: Sequence[str] = (),
@@ -505,8 +537,17 @@ def load_queues_file(path: str, flag_names: Sequence[str] = (),
         max_in_flight = entry.get("max_in_flight", 0)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 0:
             raise ConfigError(f"{at}: max_in_flight must be a whole number, 0 = no limit of its own")
+        endpoints = None
+        if "allowed_endpoints" in entry:
+            listed = entry["allowed_endpoints"]
+            if not isinstance(listed, list):
+                raise ConfigError(f"{at}: allowed_endpoints must be a list of paths")
+            try:
+                endpoints = messages.Endpoints.parse(listed)
+            except ValueError as exc:
+                raise ConfigError(f"{at}: allowed_endpoints: {exc}") from None
         queues.append(QueueConfig(name.strip(), gateway, path_, objective, labels, float(weight), priority,
-                                  gate, max_in_flight))
+                                  gate, max_in_flight, endpoints))
     known = {q.name for q in queues}
     queues.extend(QueueConfig(n) for n in flag_names if n not in known)
     if len({q.name for q in queues}) != len(queues):

@@ -108,6 +108,9 @@ class Ledger:
     def holds(self, key: str) -> bool:
         return key in self._entries
 
+    def entry(self, key: str) -> Optional[Entry]:
+        return self._entries.get(key)
+
     # -- dispatch ------------------------------------------------------------------
     @property
     def waiting_by_queue(self) -> Dict[str, Union[Deque[str], ByDeadline]]:

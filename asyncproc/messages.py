@@ -7,9 +7,10 @@ Pure: no I/O, the clock is passed in. Everything a queue hands us ends as exactl
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional, Union
+from typing import Any, FrozenSet, Mapping, Optional, Union
 
 import orjson
 
@@ -26,10 +27,78 @@ FALLBACK_PATH = "/v1/completions"
 
 RESULT_FORMATS = ("seed", "llm-d-async")
 
+#: Bounds on what a producer may send; every field that crosses the boundary is checked.
+MAX_ID_CHARS = 512
+MIN_INT_ID, MAX_INT_ID = -(2 ** 63), 2 ** 63 - 1
+MAX_RETRY_COUNT = 1_000_000
+DEFAULT_HORIZON = 31 * 86400.0
+#: The OpenAI-compatible paths asyncproc is for; a message may name only these (README: Bad input).
+DEFAULT_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses",
+                     "/v1/rerank", "/v1/score")
+#: An oversized message is not parsed; its id is read only from its head, as producers write it.
+_HEAD_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,%d}"|-?[0-9]{1,19})\s*[,}]'
+                      % MAX_ID_CHARS)
+
 #: The metadata key `asyncproc submit` tags each request with; results echo metadata, so
 #: a batch's results can be told apart, and `asyncproc cancel --batch` can name them.
 BATCH_KEY = "asyncproc.batch"
 CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Which paths a message's `endpoint` may name: exact paths, and `<prefix>/*` for any
+    path below a prefix. Never `..`, `.`, empty segments, a query, a fragment or an escape."""
+
+    exact: FrozenSet[str] = frozenset(DEFAULT_ENDPOINTS)
+    prefixes: FrozenSet[str] = frozenset()
+
+    @classmethod
+    def parse(cls, entries) -> "Endpoints":
+        """From a list (or comma-separated string) of paths; ValueError names a bad entry."""
+        if isinstance(entries, str):
+            entries = [e.strip() for e in entries.split(",") if e.strip()]
+        exact, prefixes = set(), set()
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise ValueError(f"not a path: {entry!r}")
+            if entry.endswith("/*"):
+                if not _safe_path(entry[:-2] + "/x"):
+                    raise ValueError(f"not a clean path prefix: {entry!r}")
+                prefixes.add(entry[:-1])
+            elif _safe_path(entry):
+                exact.add(entry)
+            else:
+                raise ValueError(f"not a clean path: {entry!r}")
+        return cls(frozenset(exact), frozenset(prefixes))
+
+    def allows(self, path: str) -> bool:
+        if path in self.exact:
+            return True
+        return bool(self.prefixes) and _safe_path(path) and any(path.startswith(p) for p in self.prefixes)
+
+
+def _safe_path(path: str) -> bool:
+    if not path.startswith("/") or len(path) > 1024 or not path.isprintable():
+        return False
+    if any(c in path for c in " ?#%\\"):
+        return False
+    segments = path[1:].split("/")
+    return all(seg not in ("", ".", "..") for seg in segments)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What parse_request enforces: size, how far ahead a deadline may be, which endpoints
+    (by queue; a queue without its own list gets `endpoints`)."""
+
+    max_bytes: int = 1 << 20
+    max_horizon: float = DEFAULT_HORIZON
+    endpoints: Endpoints = Endpoints()
+    by_queue: Mapping[str, Endpoints] = field(default_factory=dict)
+
+    def endpoints_of(self, queue: str) -> Endpoints:
+        return self.by_queue.get(queue, self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -124,11 +193,12 @@ def id_key(id_value: Union[str, int]) -> str:
 
 
 def usable_id(value: Any) -> bool:
+    """A non-empty string of at most MAX_ID_CHARS, or a 64-bit signed integer."""
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return True
-    return isinstance(value, str) and value != ""
+        return MIN_INT_ID <= value <= MAX_INT_ID
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS
 
 
 def parse_deadline(value: Any) -> Optional[float]:
@@ -147,23 +217,48 @@ def parse_deadline(value: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def unwrap_envelope(obj: dict) -> tuple[dict, int]:
+def unwrap_envelope(obj: dict) -> tuple[dict, Optional[int]]:
     """Accept llm-d-async's `{"request_kind", "data": {...}}` envelope beside the bare form.
 
-    Returns the request object and the attempts already made (`internal.retry_count`).
+    Returns the request object and the attempts already made (`internal.retry_count`);
+    None when the count is there but not an integer within 0..MAX_RETRY_COUNT.
     """
     if "request_kind" in obj and isinstance(obj.get("data"), dict):
         internal = obj.get("internal")
-        retries = internal.get("retry_count") if isinstance(internal, dict) else None
-        attempts = retries if isinstance(retries, int) and not isinstance(retries, bool) else 0
-        return obj["data"], max(attempts, 0)
+        if internal is None:
+            return obj["data"], 0
+        if not isinstance(internal, dict):
+            return obj["data"], None
+        retries = internal.get("retry_count", 0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRY_COUNT:
+            return obj["data"], None
+        return obj["data"], retries
     return obj, 0
 
 
+def _oversized(raw: bytes, queue: str, now: float, limit: int) -> Union[Rejected, DeadLetter]:
+    """Too large to parse: an error result if the id opens the message, else a dead letter."""
+    reason = f"message too large: {len(raw)} bytes, limit {limit}"
+    match = _HEAD_ID.match(raw[:MAX_ID_CHARS * 6 + 64])
+    if match:
+        try:
+            id_value = orjson.loads(match.group(1))
+        except orjson.JSONDecodeError:
+            id_value = None
+        if usable_id(id_value):
+            return Rejected(id_value, queue, reason)
+    return DeadLetter(raw[:RAW_EXCERPT_BYTES], reason, queue, now)
+
+
 def parse_request(
-    raw: bytes, queue: str, now: float, max_bytes: int
+    raw: bytes, queue: str, now: float, limits: Limits = Limits()
 ) -> Union[Request, Rejected, DeadLetter]:
-    """Validate one raw message (SPEC §3.1, §3.3)."""
+    """Validate one raw message (README: Message formats, Bad input). Never raises."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = str(raw).encode("utf-8", "replace")
+    max_bytes = limits.max_bytes
+    if len(raw) > max_bytes:
+        return _oversized(bytes(raw), queue, now, max_bytes)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -176,17 +271,19 @@ def parse_request(
     id_value = obj["id"]
     if not usable_id(id_value):
         return DeadLetter(
-            raw[:RAW_EXCERPT_BYTES], "id must be a non-empty string or an integer", queue, now
+            raw[:RAW_EXCERPT_BYTES],
+            f"id must be a non-empty string (at most {MAX_ID_CHARS} characters) or a 64-bit integer",
+            queue, now,
         )
 
     metadata = obj.get("metadata")
     good_metadata = metadata if _is_metadata(metadata) else None
 
     def reject(reason: str) -> Rejected:
-        return Rejected(id_value, queue, reason, good_metadata, attempts)
+        return Rejected(id_value, queue, reason, good_metadata, attempts or 0)
 
-    if len(raw) > max_bytes:
-        return reject(f"message too large: {len(raw)} bytes, limit {max_bytes}")
+    if attempts is None:
+        return reject(f"internal.retry_count must be an integer from 0 to {MAX_RETRY_COUNT}")
     if "deadline" not in obj:
         return reject("deadline missing")
     deadline = parse_deadline(obj["deadline"])
@@ -202,12 +299,17 @@ def parse_request(
     endpoint = obj.get("endpoint")
     if endpoint is not None and not (isinstance(endpoint, str) and endpoint.startswith("/")):
         return reject("endpoint must be a path starting with '/'")
+    if endpoint is not None and not limits.endpoints_of(queue).allows(endpoint):
+        return reject("endpoint not allowed (see --allowed-endpoints)")
     created = obj.get("created")
     created_at = parse_deadline(created) if created is not None else None
     if created is not None and created_at is None:
         return reject("created must be Unix seconds")
     if deadline <= now:
         return reject("deadline exceeded")
+    if deadline > now + limits.max_horizon:
+        return reject(f"deadline too far ahead: more than {limits.max_horizon:g} s from now"
+                      " (--max-deadline-horizon)")
     return Request(
         id=id_value,
         deadline=deadline,
@@ -223,6 +325,15 @@ def parse_request(
 
 def _is_metadata(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _optional_number(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    number = parse_deadline(value)
+    if number is None:
+        raise ValueError("not a number")
+    return number
 
 
 def request_path(request: Request, queue_path: Optional[str], gateway_path: Optional[str]) -> str:
@@ -257,34 +368,59 @@ def encode_state(request: Request) -> bytes:
 
 
 def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
-    """Read back a retry-set entry; anything unreadable becomes a dead letter, not a crash."""
+    """Read back a retry-set entry; anything unreadable or out of range becomes a dead
+    letter, not a crash (the retry set is in Redis: trust it no more than a message)."""
     try:
         obj = orjson.loads(raw)
+        attempts = obj.get("attempts", 0)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 0 <= attempts <= MAX_RETRY_COUNT:
+            raise ValueError("attempts")
+        for name in ("queue", "endpoint", "last_error"):
+            if obj.get(name) is not None and not isinstance(obj[name], str):
+                raise ValueError(name)
+        metadata = obj.get("metadata")
+        if metadata is not None and not _is_metadata(metadata):
+            raise ValueError("metadata")
+        deadline, received_at = parse_deadline(obj["deadline"]), parse_deadline(obj["received_at"])
+        if deadline is None or received_at is None:
+            raise ValueError("times")
         request = Request(
             id=obj["id"],
-            deadline=float(obj["deadline"]),
+            deadline=deadline,
             payload=obj["payload"],
             queue=obj.get("queue") or queue,
-            received_at=float(obj["received_at"]),
+            received_at=received_at,
             endpoint=obj.get("endpoint"),
-            metadata=obj.get("metadata"),
-            created=obj.get("created"),
-            attempts=int(obj.get("attempts", 0)),
+            metadata=metadata,
+            created=_optional_number(obj.get("created")),
+            attempts=attempts,
             last_error=obj.get("last_error"),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "unreadable retry-set entry", queue)
+        return DeadLetter(bytes(raw[:RAW_EXCERPT_BYTES]), "unreadable retry-set entry", queue)
     if not usable_id(request.id) or not isinstance(request.payload, dict):
-        return DeadLetter(raw[:RAW_EXCERPT_BYTES], "unreadable retry-set entry", queue)
+        return DeadLetter(bytes(raw[:RAW_EXCERPT_BYTES]), "unreadable retry-set entry", queue)
     return request
 
 
 # -- results --------------------------------------------------------------------------
 
 def encode_result(result: Result, fmt: str = "seed") -> bytes:
-    """The seed's shape (default) or llm-d-async's (SPEC §3.2, §3.2a)."""
-    if fmt == "llm-d-async":
-        return _encode_llmd_result(result)
+    """The seed's shape (default) or llm-d-async's (README: Message formats). Never raises:
+    a result that cannot be encoded becomes an error result saying so."""
+    try:
+        if fmt == "llm-d-async":
+            return _encode_llmd_result(result)
+        return _encode_seed_result(result)
+    except (TypeError, ValueError, orjson.JSONEncodeError) as exc:
+        fallback = Result(result.id if usable_id(result.id) else str(result.id)[:MAX_ID_CHARS], result.queue,
+                          False, f"internal error: result not encodable ({type(exc).__name__})")
+        if fmt == "llm-d-async":
+            return _encode_llmd_result(fallback)
+        return _encode_seed_result(fallback)
+
+
+def _encode_seed_result(result: Result) -> bytes:
     out: dict[str, Any] = {"id": result.id}
     if result.ok:
         out["payload"] = _body_value(result.body)

@@ -59,6 +59,18 @@ class Metrics:
         }
         self.outbox = Gauge("asyncproc_outbox", "Writes waiting for the queue system", registry=r)
         self.transport_errors = Counter("asyncproc_transport_errors", "Queue-system errors", registry=r)
+        self.internal_errors = Counter(
+            "asyncproc_internal_errors",
+            "Unexpected errors while handling one message, by stage; the message got an error result"
+            " or a dead letter and the loop went on", ["queue", "stage"], registry=r)
+        self.writes_refused = Counter(
+            "asyncproc_writes_refused",
+            "Items the queue system refused on their own (too large, ...), by kind; each was replaced"
+            " by an error result or dead-lettered", ["kind"], registry=r)
+        self.subscriber_dropped = Counter(
+            "asyncproc_subscriber_dropped",
+            "Times Redis closed the pub/sub subscription (output buffer limit); what it held is lost",
+            registry=r)
         self.gateway_latency = Histogram(
             "asyncproc_gateway_latency_seconds", "Time of one gateway attempt", ["queue"],
             buckets=LATENCY_BUCKETS, registry=r,

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import gate_sources, gates, gateway, merge, messages, metrics, notify, retry, worker
+from asyncproc import gate_sources, gates, gateway, merge, messages, metrics, notify, outbox, retry, worker
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
@@ -100,7 +100,10 @@ class Supervisor:
         self.readable: set = set()           # what the last wait found ready
         self.outbox = Writes()
         self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
+        self.limits = settings.message_limits()
         self.redis_ok = False
+        self.outage = False                  # logged as unreachable, no write has succeeded since
+        self.subscriber_drops = 0            # the transport's count, last seen
         self.reconnect_at = 0.0
         self.reconnect_delay = RECONNECT_MIN
         self.next_retry_poll = 0.0
@@ -243,7 +246,7 @@ class Supervisor:
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
                     for key, outcome in message[1]:
-                        self.settle(key, outcome)
+                        self.isolated("settle", key, None, self.settle, key, outcome)
 
     def intake(self) -> None:
         """New messages and due retries, as far as there is room (pub/sub: drain it all)."""
@@ -260,7 +263,7 @@ class Supervisor:
             if room > 0 and now >= self.next_retry_poll:
                 claimed = self.transport.claim_due(now, room)
                 for delivery in claimed:
-                    self.accept_retry(delivery, now)
+                    self.isolated("retry", None, delivery, self.accept_retry, delivery, now)
                 room -= len(claimed)
                 if room > 0 and not self.transport.must_drain:
                     deliveries = self.transport.receive(room)
@@ -269,6 +272,10 @@ class Supervisor:
                 self.next_retry_poll = now if room <= 0 else now + RETRY_POLL_SECONDS
         except TransportError as exc:
             self.transport_down(exc)
+        drops = self.transport.subscriber_drops
+        if drops != self.subscriber_drops:
+            self.metrics.subscriber_dropped.inc(drops - self.subscriber_drops)
+            self.subscriber_drops = drops
         if self.transport.must_drain:
             self.stage_overflow(now)
 
@@ -295,13 +302,16 @@ class Supervisor:
             if queue is None:
                 break
             request = self.ledger.take(queue)
-            route = self.routes.get(request.queue, self.default_route)
-            batches.setdefault(index, []).append(Assignment(
-                request.key, route.origin, route.path(request), orjson.dumps(request.payload),
-                route.headers, request.deadline, self.settings.connect_timeout,
-                self.settings.request_timeout,
-            ))
             self.ledger.assign(request.key, index, now)
+            try:
+                route = self.routes.get(request.queue, self.default_route)
+                batches.setdefault(index, []).append(Assignment(
+                    request.key, route.origin, route.path(request), orjson.dumps(request.payload),
+                    route.headers, request.deadline, self.settings.connect_timeout,
+                    self.settings.request_timeout,
+                ))
+            except Exception as exc:  # one request's bug costs that request, not the loop
+                self.internal_error("dispatch", exc, request, None)
             if request.attempts == 0 and request.last_error is None:
                 self.metrics.of(self.metrics.residence, request.queue).observe(max(now - request.received_at, 0.0))
             free[index] -= 1
@@ -362,16 +372,59 @@ class Supervisor:
                     log.info("gate of %s: %s (budget %.2f)", queue, decision.reason, decision.budget)
 
     def flush(self) -> None:
-        if not self.outbox or not self.redis_ok:
+        if not self.redis_ok:
             return
+        if self.outbox:
+            try:
+                self.transport.write(self.outbox)
+            except TransportError as exc:
+                if not self.write_one_by_one(exc):
+                    return
+            for key in self.outbox_keys:
+                self.ledger.forget(key)
+            self.outbox, self.outbox_keys = Writes(), []
+        if self.outage:  # only a write (or nothing left to write) shows the outage is over
+            log.info("queue system reachable again")
+            self.outage = False
+        self.reconnect_delay = RECONNECT_MIN
+
+    def write_one_by_one(self, failure: TransportError) -> bool:
+        """A write failed. If the queue system still answers, one item may be what it refuses
+        (over proto-max-bulk-len, ...): write the items one at a time and replace each one
+        refused on its own by an error result (a dead letter: dropped, logged). True when
+        everything is written; False when even a small write fails (an outage)."""
         try:
-            self.transport.write(self.outbox)
-        except TransportError as exc:
-            self.transport_down(exc)
-            return
-        for key in self.outbox_keys:
-            self.ledger.forget(key)
-        self.outbox, self.outbox_keys = Writes(), []
+            self.transport.ping()
+        except TransportError:
+            self.transport_down(failure)
+            return False
+        fixed = Writes()
+        items = outbox.singles(self.outbox)
+        for n, single in enumerate(items):
+            try:
+                try:
+                    self.transport.write(single)
+                except TransportError:
+                    self.transport.write(single)  # once more: a passing fault is not the item's
+            except TransportError as exc:
+                replacement = outbox.replacement(single, exc, self.settings.result_format)
+                try:
+                    self.transport.write(replacement)
+                except TransportError:
+                    # the queue system refuses even a small write: not this item's fault
+                    for rest in items[n:]:
+                        outbox.extend(fixed, rest)
+                    self.outbox = fixed
+                    self.transport_down(failure)
+                    return False
+                kind = outbox.kind_of(single)
+                self.metrics.of(self.metrics.writes_refused, kind).inc()
+                log.error("the queue system refused a %s on its own (%s); %s instead", kind,
+                          str(exc)[:200], "an error result was written" if kind != "dead letter"
+                          else "it was dropped")
+                single = replacement
+            outbox.extend(fixed, single)
+        return True
 
     def housekeep(self) -> None:
         now = time.time()
@@ -406,7 +459,7 @@ class Supervisor:
         fresh = []
         for delivery in deliveries:
             if delivery.state is not None:  # a due retry handed over with new work
-                self.accept_retry(delivery, now)
+                self.isolated("retry", None, delivery, self.accept_retry, delivery, now)
             else:
                 fresh.append(delivery)
         if not fresh:
@@ -415,8 +468,7 @@ class Supervisor:
         parsed = []
         for delivery in deliveries:
             self.metrics.of(self.metrics.received, delivery.queue).inc()
-            parsed.append(messages.parse_request(delivery.raw, delivery.queue, now,
-                                                 self.settings.max_message_bytes))
+            parsed.append(self.parse(delivery, now))
         with_id = [p for p in parsed if not isinstance(p, DeadLetter)]
         try:
             ours = iter(self.transport.claim([p.key for p in with_id]))
@@ -426,19 +478,76 @@ class Supervisor:
             ours = iter([True] * len(with_id))
         for item, delivery in zip(parsed, deliveries):
             if isinstance(item, DeadLetter) or next(ours):
-                self.accept(item, delivery)
+                self.isolated("accept", item, delivery, self.accept, item, delivery)
             else:
                 self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
                 log.debug("id=%s is claimed by another replica or already answered", item.key,
                           extra={"id": item.id})
+
+    def parse(self, delivery: Delivery, now: float):
+        try:
+            return messages.parse_request(delivery.raw, delivery.queue, now, self.limits)
+        except Exception as exc:  # parse_request never raises; if it does, one message pays
+            self.metrics.of(self.metrics.internal_errors, delivery.queue, "parse").inc()
+            log.error("internal error while parsing a message from %s (%s); dead-lettering it",
+                      delivery.queue, type(exc).__name__)
+            return DeadLetter(bytes(delivery.raw[:messages.RAW_EXCERPT_BYTES]), "internal error while parsing",
+                              delivery.queue, now)
+
+    def isolated(self, stage: str, item, delivery: Optional[Delivery], call, *args) -> None:
+        """One message's step. An unexpected error costs that message an error result (or a
+        dead letter), a count and one log line; never the loop, never another message."""
+        try:
+            call(*args)
+        except Exception as exc:
+            if isinstance(item, str):  # an id key (an outcome's): the ledger knows the request
+                entry = self.ledger.entry(item)
+                item = entry.request if entry is not None else None
+            if item is None and delivery is not None and delivery.state is not None:
+                decoded = messages.decode_state(delivery.state, delivery.queue)
+                item = decoded if isinstance(decoded, Request) else None
+            self.internal_error(stage, exc, item, delivery)
+
+    def internal_error(self, stage: str, exc: Exception, item, delivery: Optional[Delivery]) -> None:
+        queue = getattr(item, "queue", None) or (delivery.queue if delivery is not None else "")
+        self.metrics.of(self.metrics.internal_errors, queue, stage).inc()
+        reason = f"internal error while {stage} ({type(exc).__name__})"
+        if isinstance(item, (Request, Rejected)) and messages.usable_id(item.id):
+            key = item.key
+            log.error("id=%s: %s; answering it with an error result", key, reason, extra={"id": item.id})
+            if self.ledger.holds(key):
+                entry = self.ledger.withdraw(key) or self.ledger.settle(key) or self.ledger.entry(key)
+                delivery = delivery or entry.delivery
+                self.outbox_keys.append(key)
+            self.queue_result(Result(item.id, queue, False, reason, attempts=item.attempts,
+                                     metadata=item.metadata), delivery)
+            return
+        raw = delivery.raw if delivery is not None else b""
+        log.error("%s on a message from %s; dead-lettering it", reason, queue or "the retry set")
+        self.outbox.dead_letters.append((messages.encode_dead_letter(
+            DeadLetter(bytes(raw[:messages.RAW_EXCERPT_BYTES]), reason, queue, time.time())), delivery))
+
+    def queue_result(self, result: Result, delivery: Optional[Delivery]) -> None:
+        """Encode a result into the outbox; one larger than --max-result-bytes becomes an
+        error result naming its size (on every transport: Redis and its subscribers have
+        limits of their own)."""
+        raw = messages.encode_result(result, self.settings.result_format)
+        limit = self.settings.max_result_bytes
+        if len(raw) > limit:
+            log.warning("id=%s: result of %d bytes is over --max-result-bytes (%d); writing an error"
+                        " result instead", result.key, len(raw), limit, extra={"id": result.id})
+            raw = messages.encode_result(Result(
+                result.id, result.queue, False, f"result too large: {len(raw)} bytes, limit {limit}",
+                status_code=result.status_code, attempts=result.attempts, metadata=result.metadata),
+                self.settings.result_format)
+        self.outbox.results.append((result.key, raw, delivery))
 
     def accept_retry(self, delivery: Delivery, now: float) -> None:
         """A due retry, a put-back request, or work abandoned by a holder that died."""
         if delivery.state is not None:
             parsed = messages.decode_state(delivery.state, delivery.queue)
         else:
-            parsed = messages.parse_request(delivery.raw, delivery.queue, now,
-                                            self.settings.max_message_bytes)
+            parsed = self.parse(delivery, now)
         if isinstance(parsed, Request) and parsed.deadline <= now:
             if not self.ledger.holds(parsed.key):
                 self.finish(parsed, Result(parsed.id, parsed.queue, False,
@@ -463,9 +572,7 @@ class Supervisor:
                 return
             self.metrics.of(self.metrics.bad_messages, parsed.queue, "error-result").inc()
             log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
-            result = messages.rejected_result(parsed)
-            self.outbox.results.append(
-                (parsed.key, messages.encode_result(result, self.settings.result_format), delivery))
+            self.queue_result(messages.rejected_result(parsed), delivery)
             late = parsed.reason == "deadline exceeded"
             self.metrics.of(self.metrics.results, parsed.queue, retry.DEADLINE if late else "invalid").inc()
         elif self.cancelled.covers(parsed) and not self.ledger.holds(parsed.key):
@@ -530,8 +637,7 @@ class Supervisor:
         self.finish(request, result, entry.delivery, decision.code)
 
     def finish(self, request: Request, result: Result, delivery: Optional[Delivery], code: str) -> None:
-        self.outbox.results.append(
-            (result.key, messages.encode_result(result, self.settings.result_format), delivery))
+        self.queue_result(result, delivery)
         self.metrics.of(self.metrics.results, request.queue, code).inc()
         self.metrics.of(self.metrics.end_to_end, request.queue).observe(
             max(time.time() - (request.created or request.received_at), 0.0))
@@ -585,9 +691,12 @@ class Supervisor:
             log.info("putting back %d unfinished requests", len(entries))
 
     def transport_down(self, exc: TransportError) -> None:
+        """Stop using the queue system until the next reconnect. The back-off grows until a
+        write succeeds again: a successful connect alone does not reset it."""
         self.metrics.transport_errors.inc()
-        if self.redis_ok:
+        if not self.outage:
             log.error("queue system unreachable: %s; reconnecting", exc)
+            self.outage = True
         self.redis_ok = False
         self.reconnect_at = time.time() + self.reconnect_delay
         self.reconnect_delay = min(self.reconnect_delay * 2, RECONNECT_MAX)
@@ -598,10 +707,7 @@ class Supervisor:
         except TransportError as exc:
             self.transport_down(exc)
             return
-        if self.reconnect_delay > RECONNECT_MIN:
-            log.info("queue system reachable again")
         self.redis_ok = True
-        self.reconnect_delay = RECONNECT_MIN
         self.next_retry_poll = 0.0
 
     def keep_alive(self, now: float) -> None:

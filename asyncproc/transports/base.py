@@ -55,6 +55,8 @@ class Transport(abc.ABC):
     must_drain: bool = False
     #: How often held deliveries need keep_alive(), in seconds (None: never).
     keep_alive_interval: Optional[float] = None
+    #: Times the queue system closed our subscription on its own (pub/sub's buffer limit).
+    subscriber_drops: int = 0
 
     @abc.abstractmethod
     def connect(self) -> None:

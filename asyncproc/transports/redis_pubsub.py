@@ -78,12 +78,39 @@ class RedisPubSub(Transport):
                 channel = message["channel"]
                 out.append(Delivery(message["data"], channel.decode() if isinstance(channel, bytes) else channel))
         except (redis.RedisError, OSError) as exc:
-            log.warning("subscription read failed: %s: %s", type(exc).__name__, exc)
             self._close_pubsub()
-            if out:
-                return out
-            raise TransportError(f"redis subscription lost: {exc}") from None
+            if not self._dropped_by_redis(exc):
+                log.warning("subscription read failed: %s: %s", type(exc).__name__, exc)
+                if out:
+                    return out
+                raise TransportError(f"redis subscription lost: {exc}") from None
+            try:
+                self.connect()  # at once: every moment unsubscribed loses what is published
+            except TransportError:
+                if not out:
+                    raise
         return out
+
+    def _dropped_by_redis(self, exc: Exception) -> bool:
+        """The subscription broke but Redis answers: Redis closed it, almost always for its
+        pub/sub output buffer limit (a huge message, or a backlog we did not read fast
+        enough). What Redis held for us is gone; say so once, at ERROR, and count it."""
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError):
+            return False
+        self.subscriber_drops += 1
+        try:
+            limit = self._client.config_get("client-output-buffer-limit").get("client-output-buffer-limit", "")
+            pubsub_limit = " ".join(limit.split("pubsub", 1)[1].split()[:3]) if "pubsub" in limit else "?"
+        except (redis.RedisError, OSError):
+            pubsub_limit = "?"  # CONFIG may be disabled (managed Redis)
+        log.error("Redis closed the subscription to %s (%s: %s) while it still answers commands: most"
+                  " likely its pub/sub output buffer limit (client-output-buffer-limit pubsub %s) was"
+                  " passed by a message too large or a backlog; what Redis held for us is lost;"
+                  " subscribing again", ",".join(self.channels), type(exc).__name__, str(exc)[:200],
+                  pubsub_limit)
+        return True
 
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         try:

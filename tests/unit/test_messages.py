@@ -10,7 +10,7 @@ FUTURE = NOW + 3600
 
 def parse(obj, max_bytes=1 << 20):
     raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    return messages.parse_request(raw, "q1", NOW, max_bytes)
+    return messages.parse_request(raw, "q1", NOW, messages.Limits(max_bytes=max_bytes))
 
 
 @pytest.mark.parametrize("deadline, expected", [
@@ -77,6 +77,60 @@ def test_oversize_message_is_rejected_with_its_id():
     rejected = parse({"id": 9, "deadline": FUTURE, "payload": {"prompt": "x" * 500}}, max_bytes=100)
     assert isinstance(rejected, Rejected) and rejected.id == 9
     assert "too large" in rejected.reason
+
+
+def test_oversize_message_without_its_id_first_is_a_dead_letter_unparsed():
+    raw = orjson.dumps({"payload": {"prompt": "x" * 500}, "id": 9, "deadline": FUTURE})
+    letter = parse(raw, max_bytes=100)
+    assert isinstance(letter, DeadLetter) and "too large" in letter.reason
+
+
+@pytest.mark.parametrize("obj, reason", [
+    ({"id": "a", "deadline": FUTURE + 40 * 86400, "payload": {}}, "deadline too far ahead"),
+    ({"id": "a", "deadline": 1e308, "payload": {}}, "deadline too far ahead"),
+    ({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": "/v1/../admin/reset"}, "endpoint not allowed"),
+    ({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": "/../../admin/reset"}, "endpoint not allowed"),
+    ({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": "/v1/load_lora_adapter"}, "endpoint not allowed"),
+    ({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": "/v1/completions?x=1"}, "endpoint not allowed"),
+    ({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": "/v1/completions/"}, "endpoint not allowed"),
+    ({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": "/v1/%2e%2e/x"}, "endpoint not allowed"),
+    ({"request_kind": "x", "internal": {"retry_count": 18446744073709551615},
+      "data": {"id": "a", "deadline": FUTURE, "payload": {}}}, "retry_count"),
+    ({"request_kind": "x", "internal": {"retry_count": -1}, "data": {"id": "a", "deadline": FUTURE, "payload": {}}},
+     "retry_count"),
+    ({"request_kind": "x", "internal": {"retry_count": "3"}, "data": {"id": "a", "deadline": FUTURE, "payload": {}}},
+     "retry_count"),
+    ({"request_kind": "x", "internal": [], "data": {"id": "a", "deadline": FUTURE, "payload": {}}}, "retry_count"),
+])
+def test_out_of_range_fields_are_rejected(obj, reason):
+    rejected = parse(obj)
+    assert isinstance(rejected, Rejected) and rejected.id == "a", rejected
+    assert reason in rejected.reason
+    assert orjson.loads(messages.encode_result(messages.rejected_result(rejected)))["id"] == "a"
+
+
+@pytest.mark.parametrize("id_text", [b"9223372036854775808", b"-9223372036854775809", b"18446744073709551615",
+                                     b"1e400", b'"' + b"x" * 513 + b'"'])
+def test_ids_out_of_range_are_dead_letters(id_text):
+    assert isinstance(parse(b'{"id": %s, "deadline": 1800000000, "payload": {}}' % id_text), DeadLetter)
+
+
+def test_endpoint_allowlist_per_queue_and_prefixes():
+    limits = messages.Limits(endpoints=messages.Endpoints.parse("/v1/completions,/custom/*"),
+                             by_queue={"q1": messages.Endpoints.parse(["/only"])})
+    def check(queue, endpoint):
+        raw = orjson.dumps({"id": "a", "deadline": FUTURE, "payload": {}, "endpoint": endpoint})
+        return isinstance(messages.parse_request(raw, queue, NOW, limits), Request)
+    assert check("q1", "/only") and not check("q1", "/v1/completions")
+    assert check("q2", "/v1/completions") and check("q2", "/custom/a/b")
+    assert not check("q2", "/custom/../x") and not check("q2", "/custom/") and not check("q2", "/customx")
+    assert not check("q2", "/v1/chat/completions")
+
+
+@pytest.mark.parametrize("bad", ["v1/x", "/a/../b", "/a?x", "/a/", "../*", "/a b"])
+def test_bad_allowlist_entries_are_refused(bad):
+    with pytest.raises(ValueError):
+        messages.Endpoints.parse([bad])
 
 
 def test_optional_fields_are_kept():

@@ -1,0 +1,106 @@
+"""Property tests of everything that turns outside bytes into values and back: whatever a
+producer, the retry set or a gateway hands over, these functions return a value and never
+raise. Seeds of failures found are kept as regular tests in test_messages.py."""
+import math
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncproc import messages
+from asyncproc.messages import DeadLetter, Rejected, Request, Result
+
+NOW = 1_700_000_000.0
+LIMITS = messages.Limits(max_bytes=4096)
+
+json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 63), max_value=2 ** 64 - 1)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+ids = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1) | st.text(min_size=1, max_size=40)
+deadlines = (st.floats(min_value=NOW - 10, max_value=NOW + 40 * 86400)
+             | st.text(max_size=12) | st.integers() | st.none() | st.booleans())
+messages_like = st.fixed_dictionaries(
+    {},
+    optional={"id": ids | json_values, "deadline": deadlines, "payload": json_values,
+              "metadata": st.dictionaries(st.text(max_size=5), json_scalars, max_size=3),
+              "endpoint": st.sampled_from(["/v1/completions", "/x/../y", "v1", "/v1/embeddings?x"]) | json_scalars,
+              "created": deadlines})
+envelopes = st.fixed_dictionaries({"request_kind": st.text(max_size=5), "data": messages_like},
+                                  optional={"internal": st.dictionaries(st.just("retry_count"), json_scalars)
+                                            | json_values})
+
+
+def check_parsed(parsed, queue="q"):
+    assert isinstance(parsed, (Request, Rejected, DeadLetter))
+    if isinstance(parsed, DeadLetter):
+        assert isinstance(parsed.raw, bytes) and len(parsed.raw) <= messages.RAW_EXCERPT_BYTES
+        messages.encode_dead_letter(parsed)
+        return
+    assert messages.usable_id(parsed.id) and orjson.loads(parsed.key) == parsed.id
+    assert 0 <= parsed.attempts <= messages.MAX_RETRY_COUNT
+    if isinstance(parsed, Rejected):
+        for fmt in messages.RESULT_FORMATS:
+            assert orjson.loads(messages.encode_result(messages.rejected_result(parsed), fmt))["id"] == parsed.id
+        return
+    assert NOW < parsed.deadline <= NOW + LIMITS.max_horizon
+    orjson.dumps(parsed.payload)  # every accepted request can be sent
+    assert messages.decode_state(messages.encode_state(parsed), queue) == parsed
+    attempted = parsed.after_attempt("HTTP 503")
+    assert messages.decode_state(messages.encode_state(attempted), queue) == attempted
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_to_a_value(raw):
+    check_parsed(messages.parse_request(raw, "q", NOW, LIMITS))
+
+
+@given(messages_like | envelopes)
+@settings(max_examples=300)
+def test_any_json_object_parses_to_a_value(obj):
+    raw = orjson.dumps(obj)
+    check_parsed(messages.parse_request(raw, "q", NOW, LIMITS))
+
+
+@given(messages_like, st.binary(max_size=20))
+def test_truncated_or_padded_messages_parse_to_a_value(obj, tail):
+    raw = orjson.dumps(obj)
+    check_parsed(messages.parse_request(raw[: len(raw) // 2] + tail, "q", NOW, LIMITS))
+    check_parsed(messages.parse_request(raw + b" " * 5000, "q", NOW, LIMITS))
+
+
+@given(st.binary(max_size=200) | json_values.map(orjson.dumps))
+def test_any_retry_set_entry_decodes_to_a_value(raw):
+    parsed = messages.decode_state(raw, "q")
+    assert isinstance(parsed, (Request, DeadLetter))
+    if isinstance(parsed, Request):
+        assert messages.decode_state(messages.encode_state(parsed), "q") == parsed
+
+
+@given(st.dictionaries(st.sampled_from(["id", "deadline", "payload", "queue", "received_at", "attempts",
+                                        "metadata", "endpoint", "created", "last_error"]), json_values))
+def test_any_state_shaped_entry_decodes_to_a_value(obj):
+    parsed = messages.decode_state(orjson.dumps(obj), "q")
+    assert isinstance(parsed, (Request, DeadLetter))
+    if isinstance(parsed, Request):
+        assert messages.decode_state(messages.encode_state(parsed), "q") == parsed
+        assert math.isfinite(parsed.deadline)
+
+
+@given(ids, st.booleans(), st.one_of(st.none(), st.text(max_size=30)), st.one_of(st.none(), st.integers(100, 599)),
+       st.one_of(st.none(), st.binary(max_size=100), json_values.map(orjson.dumps)),
+       st.integers(min_value=0, max_value=2 ** 70),
+       st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)))
+def test_every_result_encodes_in_both_formats(id_value, ok, error, status, body, attempts, metadata):
+    result = Result(id_value, "q", ok, error, status, body, attempts, metadata)
+    seed = orjson.loads(messages.encode_result(result, "seed"))
+    assert seed["id"] == id_value
+    if ok and attempts < 2 ** 63:
+        assert seed["attempts"] == attempts and seed.get("metadata") == metadata
+        assert ("payload" in seed) and "error" not in seed
+    llmd = orjson.loads(messages.encode_result(result, "llm-d-async"))
+    assert llmd["id"] == id_value
+    if ok:
+        assert llmd["error_code"] == "" and llmd["payload"] == (body or b"").decode("utf-8", "replace")
+    else:
+        assert llmd["error_code"]
