@@ -73,8 +73,14 @@ def make_clients(emulator_host: Optional[str] = None) -> Tuple[PublisherClient, 
     from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-    return (PublisherClient(transport=PublisherGrpcTransport(channel=grpc.insecure_channel(emulator_host))),
-            SubscriberClient(transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(emulator_host))))
+    # As the real service's client: no cap on a reply. gRPC's default (4 MB) is less than one
+    # valid message (up to 10 MB), and a pull that would return one failed for as long as it
+    # was redelivered, jamming the subscription.
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    return (PublisherClient(transport=PublisherGrpcTransport(
+                channel=grpc.insecure_channel(emulator_host, options=options))),
+            SubscriberClient(transport=SubscriberGrpcTransport(
+                channel=grpc.insecure_channel(emulator_host, options=options))))
 
 
 def pull(subscriber: SubscriberClient, path: str, limit: int, timeout: float = RPC_TIMEOUT):

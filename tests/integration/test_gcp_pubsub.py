@@ -104,3 +104,21 @@ def test_llm_d_async_envelope_and_result_format(pubsub, sim, start_gcp_processor
     (result,) = pubsub.wait_results(1)
     assert result["id"] == "wrapped" and result["status_code"] == 200 and result["error_code"] == ""
     assert orjson.loads(result["payload"])["object"] == "text_completion"
+
+
+def test_messages_at_pubsubs_own_size_limit_do_not_jam_the_subscription(pubsub, sim, start_gcp_processor):
+    """Valid 9.8 MB messages (Pub/Sub's limit is 10 MB) among small ones: every pull that
+    returned one used to fail (gRPC's 4 MB default cap on a reply); now each is answered."""
+    good = [f"g{i}" for i in range(100)]
+    pubsub.put([request(i) for i in good[:50]])
+    big = [f"big{i}" for i in range(5)]
+    for rid in big:
+        pubsub.put([request(rid, {"prompt": "x" * 9_800_000})])
+    pubsub.put([request(i) for i in good[50:]])
+    proc = start_gcp_processor(sim.url, "--concurrency", "16", *FAST_RETRIES)
+    results = pubsub.wait_results(len(good) + len(big), timeout=90)
+    assert_exactly_once(results, good + big)
+    by_id = {r["id"]: r for r in results}
+    assert all(by_id[b]["error"].startswith("message too large") for b in big)
+    assert all("payload" in by_id[g] for g in good)
+    assert proc.proc.poll() is None
