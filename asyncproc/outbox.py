@@ -9,7 +9,7 @@ import orjson
 
 from asyncproc import messages
 from asyncproc.messages import Request, Result
-from asyncproc.transports.base import TransportError, Writes
+from asyncproc.transports.base import Writes
 
 REASON_CHARS = 200
 
@@ -39,7 +39,7 @@ def kind_of(single: Writes) -> str:
     return "acknowledgement"
 
 
-def replacement(single: Writes, exc: TransportError, fmt: str) -> Writes:
+def replacement(single: Writes, exc: Exception, fmt: str) -> Writes:
     """What to write instead of an item refused on its own: a small error result for its
     id (a result or a retry), nothing but the settling for a dead letter. An acknowledgement
     has no replacement: it is itself (a refusal there is not about the item)."""

@@ -377,7 +377,7 @@ class Supervisor:
         if self.outbox:
             try:
                 self.transport.write(self.outbox)
-            except TransportError as exc:
+            except Exception as exc:  # TransportError, or a transport's bug on one item
                 if not self.write_one_by_one(exc):
                     return
             for key in self.outbox_keys:
@@ -388,7 +388,7 @@ class Supervisor:
             self.outage = False
         self.reconnect_delay = RECONNECT_MIN
 
-    def write_one_by_one(self, failure: TransportError) -> bool:
+    def write_one_by_one(self, failure: Exception) -> bool:
         """A write failed. If the queue system still answers, one item may be what it refuses
         (over proto-max-bulk-len, ...): write the items one at a time and replace each one
         refused on its own by an error result (a dead letter: dropped, logged). True when
@@ -404,13 +404,13 @@ class Supervisor:
             try:
                 try:
                     self.transport.write(single)
-                except TransportError:
+                except Exception:
                     self.transport.write(single)  # once more: a passing fault is not the item's
-            except TransportError as exc:
+            except Exception as exc:
                 replacement = outbox.replacement(single, exc, self.settings.result_format)
                 try:
                     self.transport.write(replacement)
-                except TransportError:
+                except Exception:
                     # the queue system refuses even a small write: not this item's fault
                     for rest in items[n:]:
                         outbox.extend(fixed, rest)
@@ -475,6 +475,11 @@ class Supervisor:
         except TransportError as exc:
             # What was read must not be lost: process it; results stay deduplicated.
             self.transport_down(exc)
+            ours = iter([True] * len(with_id))
+        except Exception as exc:  # a bug on this batch's ids: process them all, as above
+            self.metrics.of(self.metrics.internal_errors, deliveries[0].queue, "claim").inc()
+            log.error("internal error while claiming %d ids (%s); processing them unclaimed",
+                      len(with_id), type(exc).__name__)
             ours = iter([True] * len(with_id))
         for item, delivery in zip(parsed, deliveries):
             if isinstance(item, DeadLetter) or next(ours):
@@ -690,7 +695,7 @@ class Supervisor:
         if entries:
             log.info("putting back %d unfinished requests", len(entries))
 
-    def transport_down(self, exc: TransportError) -> None:
+    def transport_down(self, exc: Exception) -> None:
         """Stop using the queue system until the next reconnect. The back-off grows until a
         write succeeds again: a successful connect alone does not reset it."""
         self.metrics.transport_errors.inc()
