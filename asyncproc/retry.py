@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -52,18 +53,18 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
     """Seconds to wait from a `Retry-After` header (delta seconds or an HTTP date)."""
     if not value:
         return None
-    value = value.strip()
+    value = value.strip()[:100]  # a gateway's header: anything may come
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            seconds = when.timestamp() - now if when is not None else None
+        except (TypeError, ValueError, IndexError, OverflowError, OSError):
+            return None
+    if seconds is None or not math.isfinite(seconds):
         return None
-    if when is None:
-        return None
-    return max(when.timestamp() - now, 0.0)
+    return max(seconds, 0.0)
 
 
 def decide(

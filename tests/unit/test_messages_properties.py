@@ -19,7 +19,8 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 ids = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1) | st.text(min_size=1, max_size=40)
 deadlines = (st.floats(min_value=NOW - 10, max_value=NOW + 40 * 86400)
-             | st.text(max_size=12) | st.integers() | st.none() | st.booleans())
+             | st.text(max_size=12) | st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1) | st.none()
+             | st.booleans())
 messages_like = st.fixed_dictionaries(
     {},
     optional={"id": ids | json_values, "deadline": deadlines, "payload": json_values,
@@ -104,3 +105,19 @@ def test_every_result_encodes_in_both_formats(id_value, ok, error, status, body,
         assert llmd["error_code"] == "" and llmd["payload"] == (body or b"").decode("utf-8", "replace")
     else:
         assert llmd["error_code"]
+
+
+@given(st.text(max_size=60) | st.sampled_from(["nan", "inf", "-inf", "1e400", "Wed, 21 Oct 99999 07:28:00 GMT"]))
+def test_any_retry_after_header_is_a_finite_delay_or_none(value):
+    from asyncproc import retry
+
+    seconds = retry.parse_retry_after(value, NOW)
+    assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
+
+
+@given(st.integers(min_value=0, max_value=999), st.binary(max_size=300), st.one_of(st.none(), st.text(max_size=30)))
+def test_any_gateway_answer_classifies(status, body, retry_after):
+    from asyncproc import outcomes
+
+    outcome = outcomes.from_response(status, body, retry_after, 0.1)
+    assert outcome.kind in outcomes.Kind and isinstance(outcome.describe(), str)
