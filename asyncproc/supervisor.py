@@ -104,6 +104,7 @@ class Supervisor:
         self.redis_ok = False
         self.outage = False                  # logged as unreachable, no write has succeeded since
         self.subscriber_drops = 0            # the transport's count, last seen
+        self.unclaimed: List[tuple] = []     # (parsed, delivery) read while the claim failed
         self.reconnect_at = 0.0
         self.reconnect_delay = RECONNECT_MIN
         self.next_retry_poll = 0.0
@@ -254,6 +255,10 @@ class Supervisor:
         if self.state is not Lifecycle.RUNNING or not self.redis_ok:
             return
         now = time.time()
+        if self.unclaimed:
+            self.claim_and_accept([])
+            if not self.redis_ok:
+                return
         try:
             if self.transport.must_drain:
                 deliveries = self.transport.receive(RECEIVE_BATCH)
@@ -464,25 +469,37 @@ class Supervisor:
                 fresh.append(delivery)
         if not fresh:
             return
-        deliveries = fresh
-        parsed = []
-        for delivery in deliveries:
+        pairs = []
+        for delivery in fresh:
             self.metrics.of(self.metrics.received, delivery.queue).inc()
-            parsed.append(self.parse(delivery, now))
-        with_id = [p for p in parsed if not isinstance(p, DeadLetter)]
+            item = self.parse(delivery, now)
+            if isinstance(item, DeadLetter):
+                self.isolated("accept", item, delivery, self.accept, item, delivery)
+            else:
+                pairs.append((item, delivery))
+        self.claim_and_accept(pairs)
+
+    def claim_and_accept(self, pairs: List[tuple]) -> None:
+        """Claim the ids (one replica processes each; pub/sub also records each message in
+        Redis), then accept what is ours. If the claim fails, they wait unclaimed for the
+        reconnect: nothing read is processed before Redis has it."""
+        pairs = self.unclaimed + pairs
+        self.unclaimed = []
+        if not pairs:
+            return
         try:
-            ours = iter(self.transport.claim([p.key for p in with_id]))
+            ours = self.transport.claim([item.key for item, _ in pairs], [d for _, d in pairs])
         except TransportError as exc:
-            # What was read must not be lost: process it; results stay deduplicated.
             self.transport_down(exc)
-            ours = iter([True] * len(with_id))
-        except Exception as exc:  # a bug on this batch's ids: process them all, as above
-            self.metrics.of(self.metrics.internal_errors, deliveries[0].queue, "claim").inc()
+            self.unclaimed = pairs
+            return
+        except Exception as exc:  # a bug on this batch's ids: process them unclaimed
+            self.metrics.of(self.metrics.internal_errors, pairs[0][1].queue, "claim").inc()
             log.error("internal error while claiming %d ids (%s); processing them unclaimed",
-                      len(with_id), type(exc).__name__)
-            ours = iter([True] * len(with_id))
-        for item, delivery in zip(parsed, deliveries):
-            if isinstance(item, DeadLetter) or next(ours):
+                      len(pairs), type(exc).__name__)
+            ours = [True] * len(pairs)
+        for (item, delivery), mine in zip(pairs, ours):
+            if mine:
                 self.isolated("accept", item, delivery, self.accept, item, delivery)
             else:
                 self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
@@ -675,6 +692,9 @@ class Supervisor:
         self.notifier.send("STOPPING=1", "STATUS=draining")
         self.set_state(Lifecycle.DRAINING)
         self.drain_deadline = time.time() + self.settings.shutdown_grace_period
+        for item, delivery in self.unclaimed:  # read but never claimed: put back with the rest
+            self.isolated("accept", item, delivery, self.accept, item, delivery)
+        self.unclaimed = []
         self.put_back(self.ledger.unfinished([State.WAITING]))
 
     def begin_stop(self) -> None:

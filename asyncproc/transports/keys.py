@@ -25,6 +25,11 @@ def cancel_key(prefix: str) -> str:
     return f"{prefix}:cancelled"
 
 
+def pubsub_key(prefix: str, result_queue: str, name: str) -> str:
+    """redis-pubsub's own keys, all in one slot with its markers: `held`, `held-messages`."""
+    return f"{prefix}:{{{result_queue}}}:{name}"
+
+
 def pubsub_marker(prefix: str, result_queue: str, kind: str, id_key: str) -> str:
     """redis-pubsub's per-id markers: `claim` (a replica took it) and `done` (answered)."""
-    return f"{prefix}:{{{result_queue}}}:{kind}:{id_key}"
+    return pubsub_key(prefix, result_queue, f"{kind}:{id_key}")

@@ -3,24 +3,56 @@
 Pub/sub keeps nothing for an absent subscriber, so this transport drains its subscription
 every tick (Redis drops a subscriber whose output buffer grows too large) and the
 supervisor stages what it cannot dispatch soon in the retry set.
+
+Once a message has reached us, Redis has it again before we depend on our memory: the
+claim of its id at intake also records it under a lease (`held`, in the result queue's
+slot), kept alive while we hold it, dropped when its result is published or its retry
+written. Retries are taken from the retry set by lease too. A holder that dies (kill -9),
+or a reply lost with the connection, leaves records whose leases run out; the next
+claim_due (this process restarted, or another replica) takes them up and finishes them.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import time
 from typing import List, Optional
 
 import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
-from asyncproc.transports.keys import pubsub_marker
+from asyncproc.transports.keys import pubsub_key, pubsub_marker
 from asyncproc.transports.redisbase import SOCKET_TIMEOUT, guarded, make_client, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
 
 REPLY_COMPLETION = 1.0  # seconds the rest of a partly arrived reply may take
+
+
+class Held:
+    """The token of a message taken from a channel: its id key once claim() recorded it
+    (None: not ours, nothing to settle)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Optional[str] = None) -> None:
+        self.key = key
+
+
+def encode_record(queue: str, raw: bytes) -> bytes:
+    """The held message as Redis keeps it: `<len(queue)>:<queue><message>`."""
+    name = queue.encode()
+    return b"%d:%s%s" % (len(name), name, raw)
+
+
+def decode_record(record: bytes) -> tuple:
+    """(queue, message) of a held record; ("", record) if it is not one of ours."""
+    size, sep, rest = record.partition(b":")
+    if not sep or not size.isdigit() or int(size) > len(rest):
+        return "", record
+    return rest[:int(size)].decode("utf-8", "replace"), rest[int(size):]
 
 
 class RedisPubSub(Transport):
@@ -31,7 +63,11 @@ class RedisPubSub(Transport):
         self.result_channel = settings.result_queue
         self.dead_letter_key = settings.dead_letter_queue
         self._client = make_client(settings.redis_url)
-        self._retries = RetrySet(self._client, settings.retry_queue)
+        self._retries = RetrySet(self._client, settings.retry_queue, settings.key_prefix)
+        self.lease_seconds = settings.lease_seconds
+        self.keep_alive_interval = settings.lease_seconds / 3
+        self._held = pubsub_key(settings.key_prefix, settings.result_queue, "held")
+        self._held_messages = pubsub_key(settings.key_prefix, settings.result_queue, "held-messages")
         self._pubsub: Optional[redis.client.PubSub] = None
         self._prefix = settings.key_prefix
         self._result_queue = settings.result_queue
@@ -41,12 +77,13 @@ class RedisPubSub(Transport):
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._claim_script = self._client.register_script(load_script("claim_ids.lua"))
         self._publish_script = self._client.register_script(load_script("publish_results.lua"))
+        self._reclaim_script = self._client.register_script(load_script("lease_claim.lua"))
 
     def connect(self) -> None:
         self._close_pubsub()
         try:
             self._client.ping()
-            preload(self._client, self._publish_script)
+            preload(self._client, self._publish_script, self._claim_script)
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(*self.channels)
             # Read the subscribe confirmations so the subscription is live when we return.
@@ -76,7 +113,8 @@ class RedisPubSub(Transport):
                 if message is None or message.get("type") != "message":
                     continue
                 channel = message["channel"]
-                out.append(Delivery(message["data"], channel.decode() if isinstance(channel, bytes) else channel))
+                out.append(Delivery(message["data"], channel.decode() if isinstance(channel, bytes) else channel,
+                                    token=Held()))
         except (redis.RedisError, OSError) as exc:
             self._close_pubsub()
             if not self._dropped_by_redis(exc):
@@ -113,41 +151,90 @@ class RedisPubSub(Transport):
         return True
 
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
+        """Held messages whose holder let the lease run out (it died), then due retries;
+        each taken under a new lease."""
+        until = now + self.lease_seconds
         try:
-            members = self._retries.claim_due(now, limit)
+            flat = self._reclaim_script(keys=[self._held, self._held, self._held_messages],
+                                        args=[repr(now), repr(until), limit, "0"]) if limit > 0 else []
+            out = []
+            for i in range(0, len(flat), 2):
+                queue, raw = decode_record(flat[i + 1] or b"")
+                out.append(Delivery(raw, queue, token=Held(flat[i].decode())))
+            members = self._retries.claim_due(now, until, limit - len(out))
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
-        return [Delivery(m, "", state=m) for m in members]
+        if out:
+            log.warning("taking up %d messages whose holder let their lease run out", len(out))
+        return out + [Delivery(m, "", token=("retry", m), state=m) for m in members]
 
-    def claim(self, keys: List[str]) -> List[bool]:
-        if not self._claims or not keys:
-            return [True] * len(keys)
-        redis_keys = []
-        for key in keys:
+    def claim(self, keys: List[str], deliveries: Optional[List[Delivery]] = None) -> List[bool]:
+        """Claim each id (one replica processes it) and record its message under a lease."""
+        if not keys:
+            return []
+        deliveries = deliveries or [Delivery(b"", "")] * len(keys)
+        redis_keys = [self._held, self._held_messages]
+        args = [self._owner, self._claim_ttl, repr(time.time() + self.lease_seconds), "1" if self._claims else "0"]
+        for key, delivery in zip(keys, deliveries):
             redis_keys += [self._marker("claim", key), self._marker("done", key)]
+            args += [key, encode_record(delivery.queue, delivery.raw)]
         try:
-            flags = self._claim_script(keys=redis_keys, args=[self._owner, self._claim_ttl])
+            flags = self._claim_script(keys=redis_keys, args=args)
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
+        for flag, key, delivery in zip(flags, keys, deliveries):
+            if flag and isinstance(delivery.token, Held):
+                delivery.token.key = key
         return [bool(flag) for flag in flags]
 
     def write(self, writes: Writes) -> None:
-        if not (writes.results or writes.retries or writes.dead_letters):
-            return  # pub/sub deliveries need no ack
+        held: List[str] = []      # intake records to drop: what replaces them is written
+        taken: List[bytes] = []   # retry-set leases to drop
+        for delivery in ([d for _, _, d in writes.retries] + [d for _, d in writes.dead_letters]
+                         + [d for _, _, d in writes.results] + writes.drops):
+            token = delivery.token if delivery is not None else None
+            if isinstance(token, tuple):
+                taken.append(token[1])
+            elif isinstance(token, Held) and token.key is not None:
+                held.append(token.key)
+        for delivery in writes.drops:  # a duplicate of an id held here: its record stays
+            if delivery is not None and isinstance(delivery.token, Held) and delivery.token.key in held:
+                held.remove(delivery.token.key)
+        if not (writes.results or writes.retries or writes.dead_letters or held or taken):
+            return
         try:
             # Not MULTI: the keys live in different slots on a cluster, and every part is
-            # safe to repeat (results are deduplicated, ZADD is idempotent).
+            # safe to repeat (results are deduplicated, ZADD and ZREM are idempotent). The
+            # records go last, after what replaces them, on the same connection.
             pipe = self._client.pipeline(transaction=False)
             if writes.results:
+                args = [self._window, self.result_channel]
+                for key, raw, _ in writes.results:
+                    args += [key, raw]
                 in_pipeline(self._publish_script, pipe,
-                            [self._marker("done", key) for key, _, _ in writes.results],
-                            [self._window, self.result_channel, *(raw for _, raw, _ in writes.results)])
+                            [self._held, self._held_messages,
+                             *(self._marker("done", key) for key, _, _ in writes.results)], args)
             self._retries.add(pipe, [(state, due) for state, due, _ in writes.retries])
             if writes.dead_letters:
                 pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
+            if held:
+                pipe.zrem(self._held, *held)
+                pipe.hdel(self._held_messages, *held)
+            self._retries.settle(pipe, taken)
             pipe.execute()
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
+
+    def keep_alive(self, deliveries: List[Delivery]) -> None:
+        until = time.time() + self.lease_seconds
+        held = [d.token.key for d in deliveries if isinstance(d.token, Held) and d.token.key is not None]
+        taken = [d.token[1] for d in deliveries if isinstance(d.token, tuple)]
+        pipe = self._client.pipeline(transaction=False)
+        if held:
+            pipe.zadd(self._held, {key: until for key in held}, xx=True, gt=True)
+        self._retries.extend(pipe, taken, until)
+        if held or taken:
+            guarded(pipe.execute)
 
     def _marker(self, kind: str, key: str) -> str:
         # claim and done markers of one result queue share a hash tag (one Redis Cluster slot)
@@ -158,9 +245,11 @@ class RedisPubSub(Transport):
 
     def stats(self):
         try:
-            return {"retry_set": {self._retries.key: self._retries.size()}}
+            waiting, taken = self._retries.sizes()
+            held = self._client.zcard(self._held)
         except redis.RedisError as exc:
             raise TransportError(f"redis: {exc}") from None
+        return {"retry_set": {self._retries.key: waiting}, "leased": {self.result_channel: held + taken}}
 
     def ping(self) -> None:
         try:

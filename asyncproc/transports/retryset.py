@@ -1,10 +1,12 @@
-"""The Redis sorted-set retry store the Redis transports share (score = due time)."""
+"""The Redis sorted-set retry store of redis-pubsub (score = due time), taken by lease."""
 from __future__ import annotations
 
 from importlib import resources
-from typing import List
+from typing import Iterable, List
 
 import redis
+
+from asyncproc.transports.keys import aux_key
 
 
 def load_script(name: str) -> str:
@@ -24,20 +26,40 @@ def preload(client, *scripts) -> None:
 
 
 class RetrySet:
-    def __init__(self, client: redis.Redis, key: str) -> None:
+    """Members are whole request states. Taking one moves it to a lease set in the same
+    slot; it leaves that only when what replaces it (a result, a new retry) is written, and
+    comes back by itself if its holder dies or the reply to the taking is lost."""
+
+    def __init__(self, client: redis.Redis, key: str, prefix: str) -> None:
         self.key = key
+        self.leases = aux_key(prefix, key, "leases")
         self._claim = client.register_script(load_script("claim_due.lua"))
         self._client = client
 
-    def claim_due(self, now: float, limit: int) -> List[bytes]:
+    def claim_due(self, now: float, lease_until: float, limit: int) -> List[bytes]:
         if limit <= 0:
             return []
-        return self._claim(keys=[self.key], args=[repr(now), limit])
+        return self._claim(keys=[self.key, self.leases], args=[repr(now), repr(lease_until), limit])
 
     def add(self, pipe, entries) -> None:
         """Queue ZADDs on `pipe` for (member, due) pairs."""
         if entries:
             pipe.zadd(self.key, {member: due for member, due in entries})
 
-    def size(self) -> int:
-        return self._client.zcard(self.key)
+    def settle(self, pipe, members: Iterable[bytes]) -> None:
+        members = list(members)
+        if members:
+            pipe.zrem(self.leases, *members)
+
+    def extend(self, pipe, members: Iterable[bytes], until: float) -> None:
+        members = list(members)
+        if members:
+            pipe.zadd(self.leases, {m: until for m in members}, xx=True, gt=True)
+
+    def sizes(self) -> tuple:
+        """(entries waiting, entries taken under a lease)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zcard(self.key)
+        pipe.zcard(self.leases)
+        waiting, leased = pipe.execute()
+        return waiting, leased

@@ -51,10 +51,11 @@ def test_a_result_redis_refuses_costs_only_that_result(redis_server, sim, result
     # the sim echoes the model name: this result is about 2 MB; answers come after 1 s
     client.publish("batch-queue", request("big", {"model": "m" * (2 << 20), "prompt": "x",
                                                  "x_sim": {"latency": 1.0}}))
-    client.config_set("proto-max-bulk-len", str(1 << 20))
+    wait_until(lambda: sim.stats()["requests"] == 1, what="the big request at the gateway")
+    client.config_set("proto-max-bulk-len", str(1 << 20))  # its result is over this
     good = [f"g{i}" for i in range(30)]
     for i in good:
-        client.publish("batch-queue", request(i, {"prompt": "x", "x_sim": {"latency": 1.0}}))
+        client.publish("batch-queue", request(i, {"prompt": "x", "x_sim": {"latency": 0.5}}))
     results.wait_for(len(good) + 1)
     counts = Counter(results.ids())
     assert set(counts) == {"big", *good} and max(counts.values()) == 1
