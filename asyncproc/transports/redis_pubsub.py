@@ -30,7 +30,7 @@ class RedisPubSub(Transport):
         self.channels = settings.queue_names
         self.result_channel = settings.result_queue
         self.dead_letter_key = settings.dead_letter_queue
-        self._client = make_client(settings.redis_url)
+        self._client = make_client(settings.redis_url, settings.redis_auth)
         self._retries = RetrySet(self._client, settings.retry_queue)
         self._pubsub: Optional[redis.client.PubSub] = None
         self._prefix = settings.key_prefix
