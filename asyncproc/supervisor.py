@@ -639,7 +639,9 @@ class Supervisor:
         if self.redis_ok:
             log.error("queue system unreachable: %s; reconnecting", exc)
         elif not self.transport_failure_logged:  # at start-up: say why, once
-            log.error("cannot connect to the queue system (%s): %s; retrying", redact.cause(str(exc)), exc)
+            text = str(exc)
+            why = redact.cause(text)
+            log.error("cannot connect to the queue system: %s; retrying", text if why in text else f"{why}: {text}")
         self.transport_failure_logged = True
         self.redis_ok = False
         self.reconnect_at = time.time() + self.reconnect_delay

@@ -15,7 +15,7 @@ import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.keys import pubsub_marker
-from asyncproc.transports.redisbase import SOCKET_TIMEOUT, guarded, make_client, read_cancellations
+from asyncproc.transports.redisbase import SOCKET_TIMEOUT, describe, guarded, make_client, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
@@ -59,7 +59,7 @@ class RedisPubSub(Transport):
                     confirmed += 1
             self._pubsub = pubsub
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def receive(self, limit: int) -> List[Delivery]:
         """Every message already arriving on the socket, up to `limit`, without waiting for
@@ -82,14 +82,14 @@ class RedisPubSub(Transport):
             self._close_pubsub()
             if out:
                 return out
-            raise TransportError(f"redis subscription lost: {exc}") from None
+            raise TransportError(f"subscription lost: {describe(exc)}") from None
         return out
 
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         try:
             members = self._retries.claim_due(now, limit)
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
         return [Delivery(m, "", state=m) for m in members]
 
     def claim(self, keys: List[str]) -> List[bool]:
@@ -101,7 +101,7 @@ class RedisPubSub(Transport):
         try:
             flags = self._claim_script(keys=redis_keys, args=[self._owner, self._claim_ttl])
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
         return [bool(flag) for flag in flags]
 
     def write(self, writes: Writes) -> None:
@@ -120,7 +120,7 @@ class RedisPubSub(Transport):
                 pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
             pipe.execute()
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def _marker(self, kind: str, key: str) -> str:
         # claim and done markers of one result queue share a hash tag (one Redis Cluster slot)
@@ -133,13 +133,13 @@ class RedisPubSub(Transport):
         try:
             return {"retry_set": {self._retries.key: self._retries.size()}}
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def ping(self) -> None:
         try:
             self._client.ping()
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def fileno(self) -> Optional[int]:
         conn = self._pubsub.connection if self._pubsub is not None else None

@@ -65,7 +65,13 @@ def guarded(call: Callable[[], T]) -> T:
     try:
         return call()
     except (redis.RedisError, OSError) as exc:
-        raise TransportError(f"redis: {redact.escape(redact.scrub(str(exc)))}") from None
+        raise TransportError(describe(exc)) from None
+
+
+def describe(exc: BaseException) -> str:
+    """`redis: <cause>: <what redis-py said>`: why first, no secret, one line."""
+    text = redact.escape(redact.scrub(str(exc) or type(exc).__name__))
+    return f"redis: {redact.cause(f'{type(exc).__name__} {text}')}: {text}"
 
 
 class ResultWriter:

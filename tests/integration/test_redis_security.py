@@ -116,6 +116,6 @@ def test_a_wrong_password_at_start_is_logged_once_with_its_cause(tls_redis, pki,
                what="three failed connects")
     lines = [line for line in proc.log.read_text().splitlines() if "ERROR" in line]
     assert len(lines) == 1, lines
-    assert "cannot connect to the queue system (authentication failed)" in lines[0]
+    assert "cannot connect to the queue system: redis: authentication failed" in lines[0]
     assert "wrong-password-42" not in proc.log.read_text()
     assert proc.get("/readyz").status_code == 503
