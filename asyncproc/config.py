@@ -599,7 +599,7 @@ def check_gateway_auth(where: str, url: str, headers: Sequence[Tuple[str, str]],
 
 def register_secrets(ns, queues: Sequence[QueueConfig], default_gate, headers) -> None:
     """Everything secret asyncproc was given, so logs scrub it wherever it shows up."""
-    redact.register(ns.gateway_token, ns.redis_password, *(v for _, v in headers))
+    redact.register(ns.gateway_token.strip(), ns.redis_password, *(v for _, v in headers))
     for url in (ns.redis_url, ns.inference_gateway):
         redact.register_url(url)
     gate_list = [default_gate]

@@ -8,7 +8,7 @@ library's error text). Pure: no I/O, no imports beyond the standard library.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Set
+from typing import Optional, Set
 from urllib.parse import unquote, urlsplit
 
 REDACTED = "***"
@@ -126,8 +126,3 @@ def cause(text: str) -> str:
     if "name or service not known" in low or "nodename nor servname" in low or "name resolution" in low:
         return "host not found"
     return "unreachable"
-
-
-def every(values: Iterable[str]) -> str:
-    """URLs joined for a log line, each redacted."""
-    return ",".join(url(v) for v in values)

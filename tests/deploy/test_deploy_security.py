@@ -24,5 +24,5 @@ def test_image_pins_its_base_tag_and_dependency_versions():
     from setuptools.config.setupcfg import read_configuration
 
     requires = read_configuration(str(ROOT / "setup.cfg"))["options"]["install_requires"]
-    names = {re.split(r"[<>=!~; \[]", r, 1)[0].lower().replace("_", "-") for r in requires}
+    names = {re.split(r"[<>=!~; \[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requires}
     assert names <= pinned, names - pinned
