@@ -94,7 +94,9 @@ def test_processor_over_tls_with_an_acl_user(tls_redis, pki, processors, sim, tm
     password.write_text(APP_PASSWORD)
     admin = tls_redis.client()
     queue, results = f"tls-{time.time_ns()}", f"tls-results-{time.time_ns()}"
-    proc = processors(tls_redis.url, sim.url, "--message-queue-impl", "redis-streams",
+    admin.set(f"{queue}-budget", "0.5")
+    gate = orjson.dumps({"type": "redis", "key": f"{queue}-budget", "interval": 0.1}).decode()
+    proc = processors(tls_redis.url, sim.url, "--message-queue-impl", "redis-streams", "--gate", gate,
                       "--redis.request-queue-name", queue, "--redis.result-queue-name", results,
                       "--redis-ca-file", str(pki.ca), "--redis-client-cert", str(pki.client_cert),
                       "--redis-client-key", str(pki.client_key), "--redis-username", APP_USER,
@@ -105,6 +107,9 @@ def test_processor_over_tls_with_an_acl_user(tls_redis, pki, processors, sim, tm
     got = [orjson.loads(f[b"message"]) for _, f in admin.xrange(results)]
     assert sorted(r["id"] for r in got) == [f"r{i}" for i in range(5)]
     assert proc.metric("asyncproc_transport_errors_total") == 0
+    # the redis gate reads the same server with the same credentials and TLS files
+    assert proc.metric("asyncproc_gate_budget", queue=queue) == 0.5
+    assert proc.metric("asyncproc_gate_source_errors_total") == 0
 
 
 def test_a_wrong_password_at_start_is_logged_once_with_its_cause(tls_redis, pki, processors, sim):

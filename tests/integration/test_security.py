@@ -157,3 +157,19 @@ def test_an_untrusted_gateway_certificate_is_logged_once_with_its_cause(tmp_path
         assert gateway.requests() == []
     finally:
         gateway.stop()
+
+
+def test_verification_turned_off_works_and_is_a_warning(tmp_path, redis_server, start_processor):
+    pki = make_pki(tmp_path / "pki")
+    gateway = SecureGateway(pki)
+    try:
+        proc = start_processor(gateway.url, "--message-queue-impl", "redis-streams", "--gateway-tls-verify", "false")
+        client = redis_server.client()
+        client.xadd("batch-queue", {"message": request("v1")})
+        wait_until(lambda: client.xlen("batch-queue-result") >= 1, 30, 0.05, what="a result")
+        (_, fields), = client.xrange("batch-queue-result")
+        assert orjson.loads(fields[b"message"]).get("error") is None
+        warnings = [line for line in proc.log.read_text().splitlines() if "WARNING" in line]
+        assert len(warnings) == 1 and "--gateway-tls-verify false" in warnings[0], warnings
+    finally:
+        gateway.stop()
