@@ -18,10 +18,11 @@ from typing import Dict, Iterable, Iterator, List, Optional
 import orjson
 import redis
 
-from asyncproc import messages
+from asyncproc import messages, redact
 from asyncproc.config import Settings
 from asyncproc.transports import TransportError, open_transport
 from asyncproc.transports.keys import aux_key, cancel_key, pubsub_marker
+from asyncproc.transports.redisbase import make_client
 
 CHUNK = 500                          # messages per pipeline round trip
 CANCEL_RETENTION = 7 * 24 * 3600.0   # seconds a cancellation stays in force
@@ -54,8 +55,8 @@ class Client:
 
             self.errors += client_gcp.ERRORS
             self.gcp = self._run(lambda: client_gcp.GcpQueues(settings, self.queue))
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=SOCKET_TIMEOUT,
-                                          socket_connect_timeout=SOCKET_TIMEOUT)
+        self.redis = make_client(settings.redis_url, settings.redis_auth, timeout=SOCKET_TIMEOUT,
+                                 keepalive=False)
 
     @property
     def persisted(self) -> bool:
@@ -214,8 +215,9 @@ class Client:
         try:
             return call()
         except self.errors as exc:
-            where = "pubsub" if self.gcp is not None else f"redis at {self.settings.redis_url}"
-            raise ClientError(f"{where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            where = "pubsub" if self.gcp is not None else f"redis at {redact.url(self.settings.redis_url)}"
+            text = redact.scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise ClientError(f"{where}: {redact.cause(text)}: {text}") from None
 
     def close(self) -> None:
         self.redis.close()
@@ -262,7 +264,7 @@ class PubSubResults(Results):
         # the subscription is live once Redis confirms it: only then is submitting safe
         reply = client._run(lambda: self.pubsub.parse_response(block=True, timeout=SOCKET_TIMEOUT))
         if not reply:
-            raise ClientError(f"redis at {client.settings.redis_url}: no reply to SUBSCRIBE")
+            raise ClientError(f"redis at {redact.url(client.settings.redis_url)}: no reply to SUBSCRIBE")
 
     def poll(self, timeout: float) -> List[dict]:
         return self.client._run(lambda: self._read(timeout))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import ssl
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -16,7 +18,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import gates, ledger, merge, messages, retry
+from asyncproc import gates, ledger, merge, messages, redact, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams", "gcp-pubsub")
@@ -46,15 +48,51 @@ def _port(v: int) -> Optional[str]:
 
 
 def _http_url(v: str) -> Optional[str]:
-    parts = urlsplit(v)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"must be an http:// or https:// URL (got {v!r})"
-    return None
+    try:
+        parts = urlsplit(v)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - a malformed port raises
+    except ValueError:
+        ok = False
+    return None if ok else f"must be an http:// or https:// URL (got {redact.url(v)!r})"
 
 
 def _redis_url(v: str) -> Optional[str]:
-    if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
-        return f"must be a redis://, rediss:// or unix:// URL (got {v!r})"
+    try:
+        ok = urlsplit(v).scheme in ("redis", "rediss", "unix")
+    except ValueError:
+        ok = False
+    return None if ok else f"must be a redis://, rediss:// or unix:// URL (got {redact.url(v)!r})"
+
+
+def _readable_file(v: str) -> Optional[str]:
+    if v and not os.access(v, os.R_OK):
+        return f"cannot read {v}" + ("" if os.path.exists(v) else " (no such file)")
+    return None
+
+
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_header(text: str) -> Tuple[str, str]:
+    """NAME=VALUE (or NAME: VALUE) → (name, value); the error never shows the value."""
+    name, sep, value = text.partition("=")
+    if not sep or ":" in name:
+        name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not HEADER_NAME.match(name):
+        raise ValueError("must be NAME=VALUE with a valid header name")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{name}: the value must not hold line breaks")
+    return name, value
+
+
+def _headers(v: Sequence[str]) -> Optional[str]:
+    for text in v:
+        try:
+            parse_header(text)
+        except ValueError as exc:
+            return str(exc)
     return None
 
 
@@ -102,6 +140,34 @@ OPTIONS: Tuple[Option, ...] = (
            _http_url),
     Option("--inference-objective", str, "",
            "sent as the x-gateway-inference-objective header when not empty"),
+    # -- security: gateway authentication and TLS, Redis TLS and ACLs ------------------------
+    Option("--gateway-header", str, None,
+           "NAME=VALUE header sent with every gateway request; give it several times", _headers,
+           append=True),
+    Option("--gateway-token", str, "",
+           "bearer token sent as Authorization: Bearer ... (prefer the environment variable or"
+           " --gateway-token-file: a flag shows in ps)"),
+    Option("--gateway-token-file", str, "",
+           "file holding the bearer token; read again whenever it changes (projected service-account"
+           " tokens, rotated Secrets)", _readable_file),
+    Option("--gateway-ca-file", str, "",
+           "PEM file of the CAs trusted for an https:// gateway, instead of the system's", _readable_file),
+    Option("--gateway-client-cert", str, "",
+           "PEM client certificate presented to an https:// gateway (mutual TLS); may hold the key too",
+           _readable_file),
+    Option("--gateway-client-key", str, "", "PEM private key of --gateway-client-cert", _readable_file),
+    Option("--gateway-tls-verify", parse_bool, True,
+           "verify the gateway's certificate and host name; false is logged as a warning (true|false)"),
+    Option("--redis-username", str, "", "Redis ACL user name (instead of the URL's)"),
+    Option("--redis-password", str, "",
+           "Redis password (instead of the URL's; prefer the environment variable or --redis-password-file)"),
+    Option("--redis-password-file", str, "",
+           "file holding the Redis password, read at each new connection (a rotated Secret is picked up)",
+           _readable_file),
+    Option("--redis-ca-file", str, "", "rediss://: PEM file of the CAs trusted for Redis", _readable_file),
+    Option("--redis-client-cert", str, "", "rediss://: PEM client certificate presented to Redis",
+           _readable_file),
+    Option("--redis-client-key", str, "", "rediss://: PEM private key of --redis-client-cert", _readable_file),
     Option("--request-merge-policy", str, "random-robin",
            "how messages of several request queues are merged", choices=merge.POLICIES),
     Option("--message-queue-impl", str, "redis-pubsub",
@@ -235,7 +301,11 @@ class _Parser(configargparse.ArgumentParser):
     """argparse prints usage and the error; an operator wants the one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message.splitlines()[0] if message else "bad configuration")
+        line = message.splitlines()[0] if message else "bad configuration"
+        if line.startswith("unrecognized arguments:"):  # name the flags, never echo values (secrets)
+            flags = [a.split("=", 1)[0] for a in line.split(":", 1)[1].split() if a.startswith("-")]
+            line = "unrecognized arguments: " + (" ".join(flags) or "(values without a flag)")
+        raise ConfigError(line)
 
 
 DESCRIPTION = ("Pull LLM requests from queues, dispatch them to an inference gateway,"
@@ -270,10 +340,36 @@ def build_parser(environ: Mapping[str, str], prog: str = "asyncproc", descriptio
     return parser
 
 
+class TlsFiles(NamedTuple):
+    """CA bundle, client certificate and key (paths; empty: none) and whether to verify."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    verify: bool = True
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ca_file or self.cert_file or self.key_file or not self.verify)
+
+
+class RedisAuth(NamedTuple):
+    """Redis ACL credentials and TLS files, beside (and over) what the URL says."""
+
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    tls: TlsFiles = TlsFiles()
+
+    def __repr__(self) -> str:
+        return f"RedisAuth(username={self.username!r}, password={'***' if self.password else ''!r}," \
+               f" password_file={self.password_file!r}, tls={self.tls!r})"
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     name: str
-    gateway: Optional[str] = None
+    gateway: Optional[str] = field(default=None, repr=False)
     path: Optional[str] = None
     objective: Optional[str] = None
     labels: Dict[str, str] = field(default_factory=dict)
@@ -282,17 +378,20 @@ class QueueConfig:
     gate: Optional[Any] = None          # a gates.Gate; None: the default gate (--gate)
     max_in_flight: int = 0              # 0: no limit of its own (--concurrency)
     allowed_endpoints: Optional[messages.Endpoints] = None  # None: --allowed-endpoints
+    headers: Dict[str, str] = field(default_factory=dict, repr=False)  # over --gateway-header
+    token: Optional[str] = field(default=None, repr=False)             # over --gateway-token
+    token_file: Optional[str] = None                                   # over --gateway-token-file
 
 
 @dataclass(frozen=True)
 class Settings:
     concurrency: int
     workers: int
-    inference_gateway: str
+    inference_gateway: str = field(repr=False)
     inference_objective: str
     request_merge_policy: str
     message_queue_impl: str
-    redis_url: str
+    redis_url: str = field(repr=False)
     request_queues: Tuple[QueueConfig, ...]
     retry_queue: str
     result_queue: str
@@ -331,6 +430,11 @@ class Settings:
     adaptive: Optional[gates.Aimd] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
+    gateway_headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
+    gateway_token: str = field(default="", repr=False)
+    gateway_token_file: str = ""
+    gateway_tls: TlsFiles = TlsFiles()
+    redis_auth: RedisAuth = RedisAuth()
 
     def message_limits(self) -> messages.Limits:
         """What every request message is checked against (README: Bad input)."""
@@ -404,6 +508,26 @@ def parse_args(
         raise ConfigError(f"--adaptive-floor: must be at most --concurrency ({concurrency}), got {ns.adaptive_floor}")
     if ns.retry_max_delay < ns.retry_base_delay:
         raise ConfigError("--retry-max-delay: must not be below --retry-base-delay")
+    gateway_headers = tuple(parse_header(h) for h in ns.gateway_header or [])
+    gateway_tls = TlsFiles(ns.gateway_ca_file, ns.gateway_client_cert, ns.gateway_client_key,
+                           ns.gateway_tls_verify)
+    check_tls(gateway_tls, "--gateway")
+    redis_auth = RedisAuth(ns.redis_username, ns.redis_password, ns.redis_password_file,
+                           TlsFiles(ns.redis_ca_file, ns.redis_client_cert, ns.redis_client_key))
+    check_tls(redis_auth.tls, "--redis")
+    if redis_auth.tls.configured and not ns.redis_url.startswith("rediss://"):
+        raise ConfigError("--redis-ca-file/--redis-client-cert: need a rediss:// --redis-url")
+    token_file = ns.gateway_token_file
+    check_token_file(token_file, "--gateway-token-file")
+    check_gateway_auth("--inference-gateway", ns.inference_gateway, gateway_headers, ns.gateway_token, token_file)
+    for q in queues:
+        if q.gateway or q.headers or q.token or q.token_file:
+            check_token_file(q.token_file, f"--queues-file: queue {q.name} token_file")
+            merged = dict(gateway_headers, **q.headers)
+            token = q.token if q.token is not None else ns.gateway_token
+            check_gateway_auth(f"--queues-file: queue {q.name} gateway", q.gateway or ns.inference_gateway,
+                               tuple(merged.items()), token, q.token_file or token_file)
+    register_secrets(ns, queues, default_gate, gateway_headers)
     settings = Settings(
         concurrency=concurrency,
         workers=workers,
@@ -451,8 +575,73 @@ def parse_args(
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
         dispatch_order=ns.dispatch_order,
+        gateway_headers=gateway_headers,
+        gateway_token=ns.gateway_token.strip(),
+        gateway_token_file=token_file,
+        gateway_tls=gateway_tls,
+        redis_auth=redis_auth,
     )
     return settings, ns
+
+
+def check_tls(tls: TlsFiles, prefix: str) -> None:
+    """Load what was given the way the connection will, so a bad file is a config error."""
+    if tls.key_file and not tls.cert_file:
+        raise ConfigError(f"{prefix}-client-key: needs {prefix}-client-cert")
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{prefix}-ca-file: {tls.ca_file} holds no usable PEM certificate"
+                          f" ({getattr(exc, 'reason', None) or exc})") from None
+    if tls.cert_file:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file or None, password=b"")
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{prefix}-client-cert: cannot load the certificate and its key"
+                              f" ({getattr(exc, 'reason', None) or exc}; an encrypted key is not supported)") from None
+
+
+def check_token_file(path: Optional[str], where: str) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "rb") as handle:
+            empty = not handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path} ({exc.strerror})") from None
+    if empty:
+        raise ConfigError(f"{where}: {path} is empty")
+
+
+def check_gateway_auth(where: str, url: str, headers: Sequence[Tuple[str, str]], token: str,
+                       token_file: Optional[str]) -> None:
+    """URL credentials are sent as Basic auth; two sources of Authorization are refused."""
+    sources = []
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        sources.append("credentials in the URL (sent as Basic auth)")
+    if token or token_file:
+        sources.append("a bearer token (--gateway-token or --gateway-token-file)")
+    if any(name.lower() == "authorization" for name, _ in headers):
+        sources.append("an Authorization header (--gateway-header)")
+    if len(sources) > 1:
+        raise ConfigError(f"{where}: {' and '.join(sources)} both set Authorization; keep one")
+
+
+def register_secrets(ns, queues: Sequence[QueueConfig], default_gate, headers) -> None:
+    """Everything secret asyncproc was given, so logs scrub it wherever it shows up."""
+    redact.register(ns.gateway_token.strip(), ns.redis_password, *(v for _, v in headers))
+    for url in (ns.redis_url, ns.inference_gateway):
+        redact.register_url(url)
+    gate_list = [default_gate]
+    for q in queues:
+        redact.register(q.token, *q.headers.values())
+        redact.register_url(q.gateway)
+        gate_list.append(q.gate)
+    for gate in gate_list:
+        if gate is not None:
+            for source in gates.sources(gate):
+                redact.register_url(source.url)
 
 
 def check_gcp(ns, subscriptions: Sequence[str]) -> None:
@@ -481,7 +670,7 @@ def _dedupe(names: Sequence[str]) -> List[str]:
 
 
 QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority", "gate", "max_in_flight",
-              "allowed_endpoints"}
+              "allowed_endpoints", "headers", "token", "token_file"}
 
 
 def load_queues_file(path: str, flag_names: Sequence[str] = (),
@@ -546,8 +735,24 @@ def load_queues_file(path: str, flag_names: Sequence[str] = (),
                 endpoints = messages.Endpoints.parse(listed)
             except ValueError as exc:
                 raise ConfigError(f"{at}: allowed_endpoints: {exc}") from None
+        headers = entry.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise ConfigError(f"{at}: headers must be an object of strings")
+        for header, value in headers.items():
+            try:
+                parse_header(f"{header}={value}")
+            except ValueError as exc:
+                raise ConfigError(f"{at}: headers: {exc}") from None
+        token, token_file = entry.get("token"), entry.get("token_file")
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise ConfigError(f"{at}: token must be a non-empty string")
+        if token_file is not None and (not isinstance(token_file, str) or not token_file.strip()):
+            raise ConfigError(f"{at}: token_file must be a path")
+        if token is not None and token_file is not None:
+            raise ConfigError(f"{at}: give token or token_file, not both")
         queues.append(QueueConfig(name.strip(), gateway, path_, objective, labels, float(weight), priority,
-                                  gate, max_in_flight, endpoints))
+                                  gate, max_in_flight, endpoints, dict(headers), token and token.strip(),
+                                  token_file))
     known = {q.name for q in queues}
     queues.extend(QueueConfig(n) for n in flag_names if n not in known)
     if len({q.name for q in queues}) != len(queues):
@@ -556,4 +761,4 @@ def load_queues_file(path: str, flag_names: Sequence[str] = (),
 
 
 def print_error(message: str, prog: str = "asyncproc") -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {redact.escape(redact.scrub(message))}", file=sys.stderr)

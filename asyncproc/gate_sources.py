@@ -17,7 +17,10 @@ import redis
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from asyncproc import redact
+from asyncproc.credentials import basic_auth
 from asyncproc.gates import Failed, PromQuery, Reading, RedisKey, Sample, Scrape, Source
+from asyncproc.transports.redisbase import make_client
 
 log = logging.getLogger("asyncproc.gates")
 
@@ -28,8 +31,10 @@ MAX_PAGE_BYTES = 16 * 1024 * 1024
 class Sources:
     """The latest reading of every source some gate reads, refreshed when due."""
 
-    def __init__(self, intervals: Mapping[Source, float], clock: Callable[[], float]) -> None:
+    def __init__(self, intervals: Mapping[Source, float], clock: Callable[[], float],
+                 redis_url: str = "", redis_auth=None) -> None:
         self.intervals = dict(intervals)
+        self.redis_url, self.redis_auth = redis_url, redis_auth
         self.clock = clock
         self.readings: Dict[Source, Reading] = {}
         self.due: Dict[Source, float] = {s: 0.0 for s in intervals}
@@ -67,16 +72,16 @@ class Sources:
                 return self._scrape(source)
             return self._query(source)
         except (redis.RedisError, urllib3.exceptions.HTTPError, OSError) as exc:
-            return Failed(f"{type(exc).__name__}: {exc}"[:300])
+            return Failed(_clean(f"{type(exc).__name__}: {exc}"))
         except Exception as exc:  # a surprise costs a reading (logged, counted), not the loop
             log.exception("gate source %s: unexpected error", describe(source))
-            return Failed(f"unexpected {type(exc).__name__}: {exc}"[:300])
+            return Failed(_clean(f"unexpected {type(exc).__name__}: {exc}"))
 
     def _redis(self, source: RedisKey) -> Reading:
         client = self.clients.get((source.url, source.timeout))
         if client is None:
-            client = self.clients[(source.url, source.timeout)] = redis.Redis.from_url(
-                source.url, socket_timeout=source.timeout, socket_connect_timeout=source.timeout)
+            client = self.clients[(source.url, source.timeout)] = make_client(
+                source.url, self._auth_for(source.url), timeout=source.timeout, keepalive=False)
         raw = client.get(source.key)
         if raw is None:
             return Failed(f"key {source.key} is not set")
@@ -85,9 +90,21 @@ class Sources:
         except ValueError:
             return Failed(f"key {source.key} holds {raw[:40]!r}, not a number")
 
+    def _auth_for(self, url: str):
+        """--redis-url's credentials and TLS files serve a gate on the same server; another
+        server's gate carries its own in its URL."""
+        from urllib.parse import urlsplit
+
+        if self.redis_auth is None or not self.redis_url:
+            return None
+        same = urlsplit(url).netloc.rpartition("@")[2] == urlsplit(self.redis_url).netloc.rpartition("@")[2]
+        return self.redis_auth if same else None
+
     def _get(self, url: str, timeout: float, fields: Optional[Dict[str, str]] = None) -> bytes:
+        basic = basic_auth(url)  # urllib3 does not send a URL's credentials by itself
         response = self.http.request("GET", url, fields=fields, timeout=urllib3.Timeout(connect=timeout, read=timeout),
-                                     preload_content=False, redirect=False)
+                                     preload_content=False, redirect=False,
+                                     headers={"Authorization": basic} if basic else None)
         try:
             body = response.read(MAX_PAGE_BYTES + 1)
         finally:
@@ -127,8 +144,14 @@ class Sources:
 
 
 def describe(source: Source) -> str:
+    """How logs and the gate-errors metric name a source: never with its credentials."""
     if isinstance(source, RedisKey):
         return f"redis key {source.key}"
     if isinstance(source, Scrape):
-        return source.url
-    return f"{source.url} query {source.query}"
+        return redact.url(source.url)
+    return f"{redact.url(source.url)} query {source.query}"
+
+
+def _clean(reason: str) -> str:
+    """A failure reason from a library: no secrets (urllib3 quotes the URL), one line, bounded."""
+    return redact.escape(redact.scrub(reason))[:300]

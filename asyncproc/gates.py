@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+from asyncproc import redact
+
 GATE_TYPES = ("constant", "redis", "endpoint-scrape", "prometheus-query", "min")
 AGGREGATES = ("sum", "max", "mean")
 COMMON = {"type", "interval", "timeout", "fail_open"}
@@ -201,7 +203,7 @@ def _string(value: Any, where: str) -> str:
 
 def _http(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")) or len(value) < 10:
-        raise GateError(f"{where}: must be an http:// or https:// URL (got {value!r})")
+        raise GateError(f"{where}: must be an http:// or https:// URL (got {redact.url(value)!r})")
     return value
 
 
@@ -316,14 +318,14 @@ def select(selector: Selector, readings: Mapping[Source, Reading], aggregate: st
     for page in selector.pages:
         reading = readings.get(page)
         if reading is None:
-            raise ReadingError(f"{page.url}: no reading yet")
+            raise ReadingError(f"{redact.url(page.url)}: no reading yet")
         if isinstance(reading, Failed):
-            raise ReadingError(f"{page.url}: {reading.reason}")
+            raise ReadingError(f"{redact.url(page.url)}: {reading.reason}")
         wanted = selector.labels
         matched = [s.value for s in reading if s.name == selector.metric
                    and all(pair in s.labels for pair in wanted)]
         if not matched:
-            raise ReadingError(f"{page.url}: no sample of {selector.metric}"
+            raise ReadingError(f"{redact.url(page.url)}: no sample of {selector.metric}"
                                + (f" with labels {dict(wanted)}" if wanted else ""))
         values.extend(matched)
     if any(math.isnan(v) for v in values):

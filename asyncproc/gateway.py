@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import urllib3
 from urllib3 import exceptions as u3
@@ -25,8 +25,9 @@ BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "asyncproc"}
 class Gateway:
     """The HTTP side of one worker process, shared by its threads."""
 
-    def __init__(self, pool_size: int) -> None:
+    def __init__(self, pool_size: int, tls: Optional[Any] = None) -> None:
         self.pool_size = max(pool_size, 1)
+        self.tls_options = tls_options(tls)
         self._pools: Dict[str, urllib3.HTTPConnectionPool] = {}
         self._timeouts: Dict[tuple, urllib3.Timeout] = {}
         self._lock = threading.Lock()
@@ -37,7 +38,8 @@ class Gateway:
             with self._lock:
                 pool = self._pools.get(origin)
                 if pool is None:
-                    pool = urllib3.connection_from_url(origin, maxsize=self.pool_size, block=True)
+                    extra = self.tls_options if origin.startswith("https:") else {}
+                    pool = urllib3.connection_from_url(origin, maxsize=self.pool_size, block=True, **extra)
                     self._pools[origin] = pool
         return pool
 
@@ -75,6 +77,19 @@ class Gateway:
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
+
+
+def tls_options(tls: Optional[Any]) -> Dict[str, Any]:
+    """urllib3 pool arguments for a config.TlsFiles: trusted CAs, client certificate (mTLS),
+    verification (on unless explicitly turned off; the supervisor warns then)."""
+    if tls is None:
+        return {}
+    options: Dict[str, Any] = {k: v for k, v in (("ca_certs", tls.ca_file), ("cert_file", tls.cert_file),
+                                                 ("key_file", tls.key_file)) if v}
+    if not tls.verify:
+        options.update(cert_reqs="CERT_NONE", assert_hostname=False)
+        urllib3.disable_warnings(u3.InsecureRequestWarning)  # said once at start, not per request
+    return options
 
 
 def _reason(exc: BaseException) -> str:

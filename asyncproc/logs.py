@@ -1,4 +1,9 @@
-"""Logging set-up shared by the supervisor and workers: human text or JSON lines on stderr."""
+"""Logging set-up shared by the supervisor and workers: human text or JSON lines on stderr.
+
+Both formats pass every line through `redact.scrub` (no registered secret is ever printed);
+the text format also escapes control characters in the message, so nothing that came
+from outside (an id, a gateway's body, a reason) can start a forged line.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,6 +11,8 @@ import sys
 import time
 
 import orjson
+
+from asyncproc import redact
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -30,7 +37,19 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return redact.scrub(orjson.dumps(out, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: the message's control characters escaped (a traceback, ours,
+    keeps its lines), registered secrets scrubbed."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = redact.escape(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact.scrub(super().format(record))
 
 
 def configure(fmt: str, level: str, process_name: str = "supervisor") -> None:
@@ -38,7 +57,7 @@ def configure(fmt: str, level: str, process_name: str = "supervisor") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter(process_name))
     else:
-        formatter = logging.Formatter(
+        formatter = TextFormatter(
             f"%(asctime)s.%(msecs)03dZ %(levelname)-7s {process_name} %(message)s",
             "%Y-%m-%dT%H:%M:%S",
         )

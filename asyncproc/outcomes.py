@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from typing import Dict, NamedTuple, Optional
 
+from asyncproc import redact
+
 #: Statuses that mean "try again later" besides 429 (shed).
 RETRYABLE_STATUSES = frozenset({408, 425, 500, 502, 503, 504})
 SHED_STATUS = 429
@@ -55,7 +57,8 @@ def from_response(status: int, body: bytes, retry_after: Optional[str], elapsed:
     kind = classify(status)
     error = None
     if kind is Kind.FATAL:
-        excerpt = body[:BODY_EXCERPT_CHARS * 4].decode("utf-8", "replace")[:BODY_EXCERPT_CHARS]
+        # Outside text: bounded, control characters escaped (it goes into results and logs).
+        excerpt = redact.excerpt(body or b"", BODY_EXCERPT_CHARS)
         error = f"gateway returned HTTP {status}: {excerpt}".rstrip(": ")
     elif kind is not Kind.OK:
         error = f"HTTP {status}"

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import gate_sources, gates, gateway, merge, messages, metrics, notify, outbox, retry, worker
+from asyncproc import (credentials, gate_sources, gates, gateway, merge, messages, metrics, notify, outbox, redact,
+                       retry, worker)
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
@@ -48,20 +49,35 @@ class Lifecycle(enum.Enum):
 
 
 class Route:
-    """Where one queue's requests go: gateway origin, paths, objective header."""
+    """Where one queue's requests go: gateway origin, paths, headers (objective, credentials)."""
 
-    def __init__(self, queue: QueueConfig, settings: Settings) -> None:
-        parts = urlsplit(queue.gateway or settings.inference_gateway)
-        self.origin = f"{parts.scheme}://{parts.netloc}"
+    def __init__(self, queue: QueueConfig, settings: Settings,
+                 token_files: Optional[Dict[str, credentials.TokenFile]] = None) -> None:
+        url = queue.gateway or settings.inference_gateway
+        parts = urlsplit(url)
+        self.origin = credentials.origin(url)
         self.gateway_path = parts.path if parts.path not in ("", "/") else None
         self.queue_path = queue.path
         objective = queue.objective if queue.objective is not None else settings.inference_objective
-        self.headers: Dict[str, str] = dict(gateway.BASE_HEADERS)
+        base = dict(gateway.BASE_HEADERS)
         if objective:
-            self.headers["x-gateway-inference-objective"] = objective
+            base["x-gateway-inference-objective"] = objective
+        headers = [*settings.gateway_headers, *queue.headers.items()]
+        token = queue.token if queue.token is not None else settings.gateway_token
+        path = queue.token_file or (settings.gateway_token_file if queue.token is None else "")
+        token_file = None
+        if path:
+            token_files = {} if token_files is None else token_files
+            token_file = token_files.get(path) or token_files.setdefault(path, credentials.TokenFile(path))
+        self.auth = credentials.RouteAuth(base, url, headers, token, token_file)
+        self.headers: Dict[str, str] = self.auth.headers
 
     def path(self, request: Request) -> str:
         return messages.request_path(request, self.queue_path, self.gateway_path)
+
+    def refresh(self) -> None:
+        if self.auth.refresh():
+            self.headers = self.auth.headers
 
 
 class Supervisor:
@@ -88,12 +104,18 @@ class Supervisor:
             self.metrics.of(self.metrics.gate_budget, name).set(self.decisions[name].budget)
             for source, interval in gates.sources(gate).items():
                 intervals[source] = min(interval, intervals.get(source, interval))
-        self.sources = gate_sources.Sources(intervals, time.time) if intervals else None
+        self.sources = gate_sources.Sources(intervals, time.time, settings.redis_url,
+                                            settings.redis_auth) if intervals else None
         self.held: Dict[tuple, int] = {}
         self.aimd = settings.adaptive
         self.aimd_state = gates.start(self.aimd) if self.aimd is not None else None
-        self.routes: Dict[str, Route] = {q.name: Route(q, settings) for q in settings.request_queues}
-        self.default_route = Route(QueueConfig(""), settings)
+        self.token_files: Dict[str, credentials.TokenFile] = {}
+        self.routes: Dict[str, Route] = {q.name: Route(q, settings, self.token_files)
+                                         for q in settings.request_queues}
+        self.default_route = Route(QueueConfig(""), settings, self.token_files)
+        self.token_check_at = 0.0
+        self.gateway_failures_logged: set = set()   # origins whose first failure was logged
+        self.connected_once = False
         self.capacity = settings.concurrency + settings.intake_buffer
         self.state = Lifecycle.STARTING
         self.signals: List[int] = []
@@ -143,8 +165,11 @@ class Supervisor:
         log.info(
             "asyncproc starting: %d workers, concurrency %d, queues %s, gateway %s",
             self.settings.workers, self.settings.concurrency, ",".join(self.settings.queue_names),
-            self.settings.inference_gateway,
+            redact.url(self.settings.inference_gateway),
         )
+        if not self.settings.gateway_tls.verify:
+            log.warning("--gateway-tls-verify false: the gateway's certificate is not checked;"
+                        " anyone on the path can read the requests and their credentials")
         code = 0
         try:
             self.pool.start()
@@ -439,6 +464,7 @@ class Supervisor:
         self.recycle_workers(now)
         self.keep_alive(now)
         self.refresh_cancellations(now)
+        self.refresh_tokens(now)
         if not self.redis_ok and now >= self.reconnect_at and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         if self.state is Lifecycle.DRAINING:
@@ -633,6 +659,7 @@ class Supervisor:
             self.metrics.of(self.metrics.gateway_latency, request.queue).observe(outcome.elapsed)
         if outcome.kind is Kind.SHED:
             self.metrics.of(self.metrics.shed, request.queue).inc()
+        self._note_gateway(request, outcome)
         now = time.time()
         if self.aimd_state is not None and outcome.kind is not Kind.EXPIRED:
             self.aimd_state = gates.adapt(self.aimd_state, self.aimd, outcome.status, outcome.kind is Kind.OK,
@@ -658,6 +685,20 @@ class Supervisor:
                         extra={"id": request.id})
         self.finish(request, result, entry.delivery, decision.code)
 
+    def _note_gateway(self, request: Request, outcome: Outcome) -> None:
+        """The first failed connection (or refused credentials) per gateway: why, once, at ERROR."""
+        failed = (outcome.kind is Kind.RETRY and outcome.status is None) or outcome.status in (401, 403)
+        if not failed:
+            return
+        origin = self.routes.get(request.queue, self.default_route).origin
+        if origin in self.gateway_failures_logged:
+            return
+        self.gateway_failures_logged.add(origin)
+        reason = outcome.describe()
+        log.error("gateway %s: %s (%s); id=%s", redact.url(origin),
+                  redact.cause(reason if outcome.status is None else f"HTTP {outcome.status}"), reason,
+                  request.key, extra={"id": request.id})
+
     def finish(self, request: Request, result: Result, delivery: Optional[Delivery], code: str) -> None:
         self.queue_result(result, delivery)
         self.metrics.of(self.metrics.results, request.queue, code).inc()
@@ -665,6 +706,16 @@ class Supervisor:
             max(time.time() - (request.created or request.received_at), 0.0))
         if self.ledger.holds(request.key):
             self.outbox_keys.append(request.key)
+
+    def refresh_tokens(self, now: float) -> None:
+        """Token files are checked once a second (a stat each); a new token goes into the
+        headers of every later assignment."""
+        if not self.token_files or now < self.token_check_at:
+            return
+        self.token_check_at = now + 1.0
+        if any([f.changed() for f in self.token_files.values()]):
+            for route in (*self.routes.values(), self.default_route):
+                route.refresh()
 
     def refresh_cancellations(self, now: float) -> None:
         """Read what `asyncproc cancel` named; answer held requests it covers that are not
@@ -719,8 +770,14 @@ class Supervisor:
         """Stop using the queue system until the next reconnect. The back-off grows until a
         write succeeds again: a successful connect alone does not reset it."""
         self.metrics.transport_errors.inc()
-        if not self.outage:
-            log.error("queue system unreachable: %s; reconnecting", exc)
+        if not self.outage:  # once per outage; at start-up, say why the first connect failed
+            if self.connected_once:
+                log.error("queue system unreachable: %s; reconnecting", exc)
+            else:
+                text = str(exc)
+                why = redact.cause(text)
+                log.error("cannot connect to the queue system: %s; retrying",
+                          text if why in text else f"{why}: {text}")
             self.outage = True
         self.redis_ok = False
         self.reconnect_at = time.time() + self.reconnect_delay
@@ -733,6 +790,7 @@ class Supervisor:
             self.transport_down(exc)
             return
         self.redis_ok = True
+        self.connected_once = True
         self.next_retry_poll = 0.0
 
     def keep_alive(self, now: float) -> None:
@@ -819,4 +877,5 @@ class Supervisor:
         return worker.WorkerSpec(
             index=index, threads=threads, heartbeat=max(min(self.settings.worker_timeout / 4, 5.0), 0.1),
             log_format=self.settings.log_format, log_level=self.settings.log_level,
+            tls=self.settings.gateway_tls,
         )

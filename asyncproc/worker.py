@@ -16,7 +16,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import List
+from typing import Any, List, Optional
 
 from asyncproc import gateway, logs, outcomes
 
@@ -34,6 +34,7 @@ class WorkerSpec:
     heartbeat: float
     log_format: str
     log_level: str
+    tls: Optional[Any] = None   # config.TlsFiles for https gateways
 
 
 class Outbox:
@@ -75,7 +76,7 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     logs.configure(spec.log_format, spec.log_level, f"worker-{spec.index}")
-    http = gateway.Gateway(spec.threads)
+    http = gateway.Gateway(spec.threads, spec.tls)
     jobs: "queue.SimpleQueue" = queue.SimpleQueue()
     out = Outbox(conn)
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import orjson
 
-from asyncproc import config, messages
+from asyncproc import config, messages, redact
 from asyncproc.client import Client, ClientError, result_batch
 
 FORMATS = ("asyncproc", "openai")
@@ -460,7 +460,7 @@ def status(argv: List[str]) -> int:
     if ns.json:
         print(orjson.dumps({"transport": settings.message_queue_impl, "queues": stats, "batches": rows}).decode())
         return 0
-    print(f"transport {settings.message_queue_impl} at {settings.redis_url}")
+    print(f"transport {settings.message_queue_impl} at {redact.url(settings.redis_url)}")
     for gauge, by_queue in stats.items():
         for queue, value in by_queue.items():
             print(f"  {gauge:<20} {queue:<32} {value:>10g}")

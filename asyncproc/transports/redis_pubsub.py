@@ -23,7 +23,7 @@ import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.keys import pubsub_key, pubsub_marker
-from asyncproc.transports.redisbase import SOCKET_TIMEOUT, guarded, make_client, read_cancellations
+from asyncproc.transports.redisbase import SOCKET_TIMEOUT, describe, guarded, make_client, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
@@ -62,7 +62,7 @@ class RedisPubSub(Transport):
         self.channels = settings.queue_names
         self.result_channel = settings.result_queue
         self.dead_letter_key = settings.dead_letter_queue
-        self._client = make_client(settings.redis_url)
+        self._client = make_client(settings.redis_url, settings.redis_auth)
         self._retries = RetrySet(self._client, settings.retry_queue, settings.key_prefix)
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3
@@ -96,7 +96,7 @@ class RedisPubSub(Transport):
                     confirmed += 1
             self._pubsub = pubsub
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def receive(self, limit: int) -> List[Delivery]:
         """Every message already arriving on the socket, up to `limit`, without waiting for
@@ -121,7 +121,7 @@ class RedisPubSub(Transport):
                 log.warning("subscription read failed: %s: %s", type(exc).__name__, exc)
                 if out:
                     return out
-                raise TransportError(f"redis subscription lost: {exc}") from None
+                raise TransportError(f"subscription lost: {describe(exc)}") from None
             try:
                 self.connect()  # at once: every moment unsubscribed loses what is published
             except TransportError:
@@ -163,7 +163,7 @@ class RedisPubSub(Transport):
                 out.append(Delivery(raw, queue, token=Held(flat[i].decode())))
             members = self._retries.claim_due(now, until, limit - len(out))
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
         if out:
             log.warning("taking up %d messages whose holder let their lease run out", len(out))
         return out + [Delivery(m, "", token=("retry", m), state=m) for m in members]
@@ -181,7 +181,7 @@ class RedisPubSub(Transport):
         try:
             flags = self._claim_script(keys=redis_keys, args=args)
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
         for flag, key, delivery in zip(flags, keys, deliveries):
             if flag and isinstance(delivery.token, Held):
                 delivery.token.key = key
@@ -223,7 +223,7 @@ class RedisPubSub(Transport):
             self._retries.settle(pipe, taken)
             pipe.execute()
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
         until = time.time() + self.lease_seconds
@@ -248,14 +248,14 @@ class RedisPubSub(Transport):
             waiting, taken = self._retries.sizes()
             held = self._client.zcard(self._held)
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
         return {"retry_set": {self._retries.key: waiting}, "leased": {self.result_channel: held + taken}}
 
     def ping(self) -> None:
         try:
             self._client.ping()
         except redis.RedisError as exc:
-            raise TransportError(f"redis: {exc}") from None
+            raise TransportError(describe(exc)) from None
 
     def fileno(self) -> Optional[int]:
         conn = self._pubsub.connection if self._pubsub is not None else None

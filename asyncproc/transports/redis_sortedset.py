@@ -26,7 +26,7 @@ class RedisSortedSet(Transport):
     must_drain = False
 
     def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url)
+        self._client = make_client(settings.redis_url, settings.redis_auth)
         self._prefix = settings.key_prefix
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3

@@ -32,7 +32,7 @@ class RedisStreams(Transport):
     must_drain = False
 
     def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url)
+        self._client = make_client(settings.redis_url, settings.redis_auth)
         self._prefix = settings.key_prefix
         self.group = settings.consumer_group
         self.consumer = owner_name()

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Dict, FrozenSet, List, Tuple, TypeVar
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
+from redis.credentials import CredentialProvider
 
+from asyncproc import redact
 from asyncproc.transports.base import TransportError
 from asyncproc.transports.keys import aux_key, cancel_key
 from asyncproc.transports.retryset import in_pipeline, load_script, preload
@@ -15,11 +18,42 @@ SOCKET_TIMEOUT = 5.0
 T = TypeVar("T")
 
 
-def make_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-        socket_keepalive=True,
-    )
+class PasswordFile(CredentialProvider):
+    """The password read from a file at each new connection, so a rotated Secret is used
+    from the next reconnect on (redis-py asks the provider whenever it authenticates)."""
+
+    def __init__(self, path: str, username: str = "") -> None:
+        self.path, self.username = path, username
+
+    def get_credentials(self):
+        with open(self.path, "rb") as handle:
+            password = handle.read().decode("utf-8", "replace").strip()
+        redact.register(password)
+        return (self.username, password) if self.username else (password,)
+
+
+def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TIMEOUT,
+                keepalive: bool = True) -> redis.Redis:
+    """A client for `url` with the ACL credentials and TLS files of `auth` (a
+    config.RedisAuth): options given on their own win over the same in the URL."""
+    kwargs: Dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+    if keepalive:
+        kwargs["socket_keepalive"] = True
+    if auth is not None:
+        parts = urlsplit(url)
+        if auth.username or auth.password or auth.password_file:
+            username = auth.username or unquote(parts.username or "")
+            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+            if auth.password_file:
+                kwargs["credential_provider"] = PasswordFile(auth.password_file, username)
+            else:
+                kwargs.update(username=username or None,
+                              password=auth.password or unquote(parts.password or "") or None)
+        if parts.scheme == "rediss":
+            tls = auth.tls
+            kwargs.update({k: v for k, v in (("ssl_ca_certs", tls.ca_file), ("ssl_certfile", tls.cert_file),
+                                             ("ssl_keyfile", tls.key_file)) if v})
+    return redis.Redis.from_url(url, **kwargs)
 
 
 def owner_name() -> str:
@@ -31,7 +65,13 @@ def guarded(call: Callable[[], T]) -> T:
     try:
         return call()
     except (redis.RedisError, OSError) as exc:
-        raise TransportError(f"redis: {exc}") from None
+        raise TransportError(describe(exc)) from None
+
+
+def describe(exc: BaseException) -> str:
+    """`redis: <cause>: <what redis-py said>`: why first, no secret, one line."""
+    text = redact.escape(redact.scrub(str(exc) or type(exc).__name__))
+    return f"redis: {redact.cause(f'{type(exc).__name__} {text}')}: {text}"
 
 
 class ResultWriter:

@@ -42,3 +42,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- add $drain 30 -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "asyncproc.gatewayTokenSecret" -}}
+{{- if .Values.gateway.existingSecret -}}
+{{- .Values.gateway.existingSecret -}}
+{{- else if .Values.gateway.token -}}
+{{- printf "%s-gateway" (include "asyncproc.fullname" .) -}}
+{{- end -}}
+{{- end -}}
