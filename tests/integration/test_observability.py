@@ -1,0 +1,153 @@
+"""What operators look at: the Grafana dashboard and the alert rules, checked against a live
+asyncproc's /metrics, parsed and unit-tested by promtool, and fired for real by a Prometheus
+scraping a running asyncproc (Debian's `prometheus` package)."""
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import ROOT, request, wait_until
+
+RULES = ROOT / "deploy" / "prometheus" / "asyncproc-alerts.yaml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "asyncproc-alerts.test.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "asyncproc-dashboard.json"
+
+PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: apt-get install prometheus")
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: apt-get install prometheus")
+
+_spec = importlib.util.spec_from_file_location("deploy_build", ROOT / "deploy" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+            "offset"}
+LABEL_LISTS = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+
+
+def rule_exprs():
+    return [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def dashboard_exprs():
+    return build.expressions(json.loads(DASHBOARD.read_text()))
+
+
+def metric_names(expr: str) -> set:
+    """The series names a PromQL expression reads: identifiers outside strings, label
+    matchers, ranges and label lists that are neither functions nor keywords."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(LABEL_LISTS, " ", expr)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        before, after = expr[:match.start()], expr[match.end():].lstrip()
+        if match.group() in KEYWORDS or after.startswith("(") or re.search(r"[0-9.]$", before):
+            continue  # a keyword, a function, or the exponent of a number
+        names.add(match.group())
+    return names
+
+
+def label_names(expr: str) -> set:
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    out = {m.strip() for group in re.findall(LABEL_LISTS, expr) for m in group.split(",") if m.strip()}
+    for matchers in re.findall(r"\{([^}]*)\}", expr):
+        out |= set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", matchers))
+    return out
+
+
+def exported(text: str):
+    """Series names and label names in an exposition, including the samples a labelled
+    family declares but has not produced yet."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "summary": ("_count", "_sum", "_created", "")}
+    names, labels = set(), set()
+    for family in text_string_to_metric_families(text):
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+        for sample in family.samples:
+            names.add(sample.name)
+            labels |= set(sample.labels)
+    return names, labels
+
+
+def test_metric_names_are_read_from_expressions():
+    expr = ('sum by (queue, le) (rate(a_total{job=~"$x", b="c{d}"}[5m])) / on (queue) group_left (x) '
+            "b_count > 1e3 unless histogram_quantile(0.5, c_bucket) or vector(0)")
+    assert metric_names(expr) == {"a_total", "b_count", "c_bucket"}
+    assert label_names(expr) == {"queue", "le", "job", "b", "x"}
+
+
+def test_dashboard_and_chart_copies_are_current():
+    assert DASHBOARD.read_text() == build.render(), "run python3 deploy/build.py"
+    files = ROOT / "helm" / "asyncproc" / "files"
+    assert (files / DASHBOARD.name).read_text() == DASHBOARD.read_text(), "run python3 deploy/build.py"
+    assert (files / RULES.name).read_text() == RULES.read_text(), "run python3 deploy/build.py"
+
+
+def test_dashboard_covers_what_an_operator_asks():
+    text = " ".join(dashboard_exprs())
+    for series in ("asyncproc_results_total", "asyncproc_queue_depth", "asyncproc_queue_oldest_age_seconds",
+                   "asyncproc_in_flight", "asyncproc_gate_budget", "asyncproc_adaptive_limit", "asyncproc_held_back",
+                   "asyncproc_retries_total", "asyncproc_shed_total", "asyncproc_end_to_end_seconds_bucket",
+                   "asyncproc_gateway_latency_seconds_bucket", "asyncproc_workers_alive",
+                   "asyncproc_worker_restarts_total", "asyncproc_transport_errors_total", "asyncproc_outbox",
+                   "asyncproc_dead_letters_total"):
+        assert series in text
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels)
+
+
+def test_every_query_and_alert_reads_only_what_asyncproc_exports(redis_server, sim, start_processor):
+    # a gate reading a key nobody sets: failed readings (fail_open, so work still flows)
+    gate = '{"type": "redis", "key": "no-such-key", "fail_open": true, "interval": 0.1}'
+    proc = start_processor(sim.url, "--workers", "1", "--concurrency", "2", "--gate", gate)
+    client = redis_server.client()
+    client.publish("batch-queue", request("ok"))
+    client.publish("batch-queue", b'{"payload": {}}')  # no id: a dead letter
+    wait_until(lambda: proc.metric("asyncproc_results_total") == 1 and proc.metric("asyncproc_dead_letters_total"),
+               what="a result and a dead letter")
+    wait_until(lambda: proc.metric("asyncproc_gate_source_errors_total"), what="a failed gate reading")
+    names, labels = exported(proc.get("/metrics").text)
+    labels |= {"job", "instance", "le"}  # added by Prometheus on scraping, and the histogram's own
+    missing = {}
+    for expr in dashboard_exprs() + rule_exprs():
+        read = metric_names(expr)
+        assert read, f"reads no series: {expr}"
+        unknown = (read - names) | {f"label {name}" for name in label_names(expr) - labels}
+        if unknown:
+            missing[expr] = sorted(unknown)
+    assert missing == {}
+
+
+@needs_promtool
+def test_every_query_parses_and_the_rules_check(tmp_path):
+    assert subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True).returncode == 0
+    # the dashboard's queries, as recording rules (Grafana's $__rate_interval filled in)
+    rules = [{"record": f"asyncproc:dashboard_{i}", "expr": expr.replace("$__rate_interval", "1m")}
+             for i, expr in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in out.stdout
+
+
+@needs_promtool
+def test_alert_unit_tests_pass_and_cover_every_alert():
+    out = subprocess.run([PROMTOOL, "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
+                         cwd=RULE_TESTS.parent)
+    assert out.returncode == 0, out.stdout + out.stderr
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+              for t in case["alert_rule_test"] if t.get("exp_alerts")}
+    assert tested == alerts
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["annotations"]["summary"] and rule["labels"]["severity"]
+            assert f"\n{rule['alert']}\n" in (ROOT / "README.rst").read_text(), f"no runbook for {rule['alert']}"
