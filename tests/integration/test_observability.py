@@ -6,12 +6,16 @@ import json
 import re
 import shutil
 import subprocess
+import threading
+from pathlib import Path
 
 import pytest
+import redis
+import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import ROOT, request, wait_until
+from tests.harness import ROOT, ServerProcess, Sim, free_port, request, wait_until
 
 RULES = ROOT / "deploy" / "prometheus" / "asyncproc-alerts.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "asyncproc-alerts.test.yaml"
@@ -151,3 +155,112 @@ def test_alert_unit_tests_pass_and_cover_every_alert():
         for rule in group["rules"]:
             assert rule["annotations"]["summary"] and rule["labels"]["severity"]
             assert f"\n{rule['alert']}\n" in (ROOT / "README.rst").read_text(), f"no runbook for {rule['alert']}"
+
+
+# -- a real Prometheus -----------------------------------------------------------------------
+
+class Prometheus(ServerProcess):
+    """`prometheus` scraping one target every second and evaluating `rules` every second."""
+
+    log_name = "prometheus.log"
+
+    def __init__(self, workdir: Path, target: str, rules: dict) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "rules.yaml").write_text(yaml.safe_dump(rules))
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+            "rule_files": [str(workdir / "rules.yaml")],
+            "scrape_configs": [{"job_name": "asyncproc", "static_configs": [{"targets": [target]}]}],
+        }))
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=open(workdir / self.log_name, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._ready, 30, 0.1, what="prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}: {self.log_text()[-2000:]}")
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def alerts(self) -> dict:
+        """alertname -> state (pending, firing) of the alerts active now."""
+        reply = requests.get(f"http://127.0.0.1:{self.port}/api/v1/alerts", timeout=5).json()
+        return {a["labels"]["alertname"]: a["state"] for a in reply["data"]["alerts"]}
+
+    def wait_alert(self, name: str, state, timeout: float = 60.0) -> None:
+        wait_until(lambda: self.alerts().get(name) == state, timeout, 0.25,
+                   what=f"{name} {state or 'resolved'} (active now: {self.alerts()})")
+
+
+def fast_rules(window: str = "10s", hold: str = "1s") -> dict:
+    """The shipped rules with their ranges and `for:` shrunk, so a test sees them fire in seconds."""
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = re.sub(r"\[\d+[smh]\]", f"[{window}]", rule["expr"])
+            rule["for"] = hold
+    return rules
+
+
+class Feeder:
+    """Publishes a request every 50 ms (deadline 2 s) until stopped; rides out a Redis outage."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.sent, self._running = port, 0, True
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        while self._running:
+            try:
+                client.publish("batch-queue", request(f"r{self.sent}", deadline_in=2))
+                self.sent += 1
+            except redis.RedisError:
+                pass
+            threading.Event().wait(0.05)
+
+    def stop(self) -> None:
+        self._running = False
+        self._thread.join(5)
+
+
+@needs_prometheus
+def test_alerts_fire_and_resolve_on_a_real_prometheus(tmp_path, redis_server, start_processor):
+    gateway_port = free_port()
+    sim = Sim("--port", str(gateway_port))
+    proc = start_processor(sim.url, "--workers", "1", "--concurrency", "8",
+                           "--retry-base-delay", "0.2", "--retry-max-delay", "0.5")
+    prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{proc.metrics_port}", fast_rules())
+    feeder = Feeder(redis_server.port)
+    try:
+        wait_until(lambda: proc.metric("asyncproc_results_total", outcome="success") >= 20, what="results flowing")
+        assert prometheus.alerts() == {}
+
+        # the gateway goes away: every request is retried until its deadline passes
+        sim.stop()
+        prometheus.wait_alert("AsyncprocDeadlineExceeded", "firing")
+        sim = Sim("--port", str(gateway_port))
+        prometheus.wait_alert("AsyncprocDeadlineExceeded", None)
+        assert proc.metric("asyncproc_results_total", outcome="deadline_exceeded") > 0
+
+        # Redis goes away: asyncproc keeps serving /metrics, counting failed reconnects
+        redis_server.stop()
+        prometheus.wait_alert("AsyncprocQueueSystemUnreachable", "firing")
+        assert proc.get("/readyz").text == "queue system unreachable\n"
+        redis_server.start()
+        proc.wait_ready()
+        prometheus.wait_alert("AsyncprocQueueSystemUnreachable", None)
+        results = proc.metric("asyncproc_results_total", outcome="success")
+        wait_until(lambda: proc.metric("asyncproc_results_total", outcome="success") > results,
+                   what="results flowing again")
+    finally:
+        feeder.stop()
+        sim.stop()
+        prometheus.stop()
