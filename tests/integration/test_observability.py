@@ -193,6 +193,11 @@ class Prometheus(ServerProcess):
         reply = requests.get(f"http://127.0.0.1:{self.port}/api/v1/alerts", timeout=5).json()
         return {a["labels"]["alertname"]: a["state"] for a in reply["data"]["alerts"]}
 
+    def query(self, expr: str) -> list:
+        reply = requests.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": expr}, timeout=5).json()
+        assert reply["status"] == "success", (expr, reply)
+        return reply["data"]["result"]
+
     def wait_alert(self, name: str, state, timeout: float = 60.0) -> None:
         wait_until(lambda: self.alerts().get(name) == state, timeout, 0.25,
                    what=f"{name} {state or 'resolved'} (active now: {self.alerts()})")
@@ -242,6 +247,16 @@ def test_alerts_fire_and_resolve_on_a_real_prometheus(tmp_path, redis_server, st
     try:
         wait_until(lambda: proc.metric("asyncproc_results_total", outcome="success") >= 20, what="results flowing")
         assert prometheus.alerts() == {}
+
+        # the dashboard's queries, with its variables at "All", answer from what was scraped
+        def grafana(expr):
+            return re.sub(r'"\$(job|instance|queue)"', '".*"', expr).replace("$__rate_interval", "5s")
+
+        wait_until(lambda: prometheus.query(grafana(dashboard_exprs()[0])), what="Prometheus to have results")
+        answered = {expr for expr in dashboard_exprs() if prometheus.query(grafana(expr))}
+        for series in ("asyncproc_results_total", "asyncproc_in_flight", "asyncproc_gate_budget",
+                       "asyncproc_end_to_end_seconds_bucket", "asyncproc_workers_alive", "asyncproc_outbox"):
+            assert any(series in expr for expr in answered), series
 
         # the gateway goes away: every request is retried until its deadline passes
         sim.stop()
