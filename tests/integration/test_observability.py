@@ -178,7 +178,11 @@ class Prometheus(ServerProcess):
             [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=open(workdir / self.log_name, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._ready, 30, 0.1, what="prometheus to be ready")
+        try:
+            wait_until(self._ready, 30, 0.1, what="prometheus to be ready")
+        except AssertionError:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -217,22 +221,21 @@ class Feeder:
     """Publishes a request every 50 ms (deadline 2 s) until stopped; rides out a Redis outage."""
 
     def __init__(self, port: int) -> None:
-        self.port, self.sent, self._running = port, 0, True
+        self.port, self.sent, self._stop = port, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        while self._running:
+        while not self._stop.wait(0.05):
             try:
                 client.publish("batch-queue", request(f"r{self.sent}", deadline_in=2))
                 self.sent += 1
             except redis.RedisError:
                 pass
-            threading.Event().wait(0.05)
 
     def stop(self) -> None:
-        self._running = False
+        self._stop.set()
         self._thread.join(5)
 
 
@@ -240,11 +243,12 @@ class Feeder:
 def test_alerts_fire_and_resolve_on_a_real_prometheus(tmp_path, redis_server, start_processor):
     gateway_port = free_port()
     sim = Sim("--port", str(gateway_port))
-    proc = start_processor(sim.url, "--workers", "1", "--concurrency", "8",
-                           "--retry-base-delay", "0.2", "--retry-max-delay", "0.5")
-    prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{proc.metrics_port}", fast_rules())
-    feeder = Feeder(redis_server.port)
+    prometheus = feeder = None
     try:
+        proc = start_processor(sim.url, "--workers", "1", "--concurrency", "8",
+                               "--retry-base-delay", "0.2", "--retry-max-delay", "0.5")
+        prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{proc.metrics_port}", fast_rules())
+        feeder = Feeder(redis_server.port)
         wait_until(lambda: proc.metric("asyncproc_results_total", outcome="success") >= 20, what="results flowing")
         assert prometheus.alerts() == {}
 
@@ -276,6 +280,6 @@ def test_alerts_fire_and_resolve_on_a_real_prometheus(tmp_path, redis_server, st
         wait_until(lambda: proc.metric("asyncproc_results_total", outcome="success") > results,
                    what="results flowing again")
     finally:
-        feeder.stop()
-        sim.stop()
-        prometheus.stop()
+        for part in (feeder, sim, prometheus):
+            if part is not None:
+                part.stop()
