@@ -30,9 +30,9 @@ def q(expr: str, legend: str) -> dict:
     return {"expr": expr, "legendFormat": legend}
 
 
-def quantiles(metric: str, sel: str) -> list:
+def quantiles(metric: str, sel: str, prefix: str = "", levels=(0.5, 0.95, 0.99)) -> list:
     return [q(f"histogram_quantile({p}, sum by (queue, le) (rate({metric}_bucket{{{sel}}}[{RATE}])))",
-              f"p{round(p * 100)} {{{{queue}}}}") for p in (0.5, 0.95, 0.99)]
+              f"{prefix}p{round(p * 100)} {{{{queue}}}}") for p in levels]
 
 
 # (row title, [(panel title, description, unit, [queries], width)])
@@ -56,7 +56,7 @@ ROWS = [
         ("Backlog age", "Age of the oldest request not yet taken (persisted queues), and how long"
                         " requests wait from receipt to first dispatch.", "s", [
             q(f"max by (queue) (asyncproc_queue_oldest_age_seconds{{{JQ}}})", "oldest {{queue}}"),
-            *quantiles("asyncproc_queue_residence_seconds", JQ)[1:2],
+            *quantiles("asyncproc_queue_residence_seconds", JQ, "receipt to dispatch ", (0.95,)),
         ], 12),
     ]),
     ("Capacity: is it hurting online traffic?", [
