@@ -1,5 +1,5 @@
-"""Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim|bench|run-batch|
-submit|collect|status|cancel` run the tools.
+"""Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim|bench|top|
+run-batch|submit|collect|status|cancel` run the tools.
 
 Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-TOOLS = ("demo", "sim", "bench", "run-batch", "submit", "collect", "status", "cancel")
+TOOLS = ("demo", "sim", "bench", "top", "run-batch", "submit", "collect", "status", "cancel")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -33,6 +33,10 @@ def _run_tool(name: str, argv: List[str]) -> int:
         from asyncproc.tools import sim
 
         return sim.main(argv)
+    if name == "top":
+        from asyncproc.tools import top
+
+        return top.main(argv)
     if name == "bench":
         from asyncproc.tools import bench
 
