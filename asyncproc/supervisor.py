@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import (credentials, gate_sources, gates, gateway, merge, messages, metrics, notify, outbox, redact,
-                       retry, worker)
+from asyncproc import credentials, gate_sources, gates, gateway, merge, messages, metrics, notify, outbox, redact, retry, worker
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
