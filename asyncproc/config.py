@@ -181,6 +181,9 @@ OPTIONS: Tuple[Option, ...] = (
            "seconds: cap on one attempt (also bounded by the deadline)", _above(0)),
     Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
            _above(0)),
+    Option("--max-response-bytes", int, 64 * 1024 * 1024,
+           "a larger gateway response gets the error result \"response too large\" (not retried)",
+           _at_least(1024)),
     Option("--max-message-bytes", int, 1048576,
            "larger request messages get an error result", _at_least(64)),
     Option("--result-format", str, "seed",
@@ -309,6 +312,7 @@ class Settings:
     adaptive: Optional[gates.Aimd] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
+    max_response_bytes: int = 64 * 1024 * 1024
 
     def gate_of(self, queue: QueueConfig) -> Any:
         return queue.gate if queue.gate is not None else self.default_gate
@@ -420,6 +424,7 @@ def parse_args(
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
         dispatch_order=ns.dispatch_order,
+        max_response_bytes=ns.max_response_bytes,
     )
     return settings, ns
 

@@ -299,7 +299,7 @@ class Supervisor:
             batches.setdefault(index, []).append(Assignment(
                 request.key, route.origin, route.path(request), orjson.dumps(request.payload),
                 route.headers, request.deadline, self.settings.connect_timeout,
-                self.settings.request_timeout,
+                self.settings.request_timeout, self.settings.max_response_bytes,
             ))
             self.ledger.assign(request.key, index, now)
             if request.attempts == 0 and request.last_error is None:
