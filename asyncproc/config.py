@@ -178,7 +178,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--max-attempts", int, 0, "attempts per request; 0 = until the deadline",
            _at_least(0)),
     Option("--request-timeout", float, 300.0,
-           "seconds: cap on one attempt (also bounded by the deadline)", _above(0)),
+           "seconds: cap on one whole attempt, connect, headers and body (also bounded by the deadline)", _above(0)),
     Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
            _above(0)),
     Option("--max-response-bytes", int, 64 * 1024 * 1024,
