@@ -207,8 +207,9 @@ class Pool:
             )
             slot.restart_at = now + delay
             log.warning(
-                "worker %d (pid %s) %s; restarting in %.1fs",
-                handle.index, handle.pid, describe_exit(handle.process.exitcode), delay,
+                "worker %d (pid %s) %s; restarting in %.1fs", handle.index, handle.pid,
+                "killed: it held work past its attempt budget" if handle.killed
+                else describe_exit(handle.process.exitcode), delay,
             )
         return dead
 
