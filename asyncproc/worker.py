@@ -5,6 +5,7 @@ Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the su
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
 its pipe reaches EOF (the supervisor is gone: nobody would read the outcomes). Jobs arrive
 and outcomes leave in batches, so a busy worker makes one pipe write for many requests.
+The main loop also ends attempts past their time budget (`Gateway.expire_overdue`).
 """
 from __future__ import annotations
 

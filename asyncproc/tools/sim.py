@@ -10,6 +10,16 @@ faults injected at the given rates. A request may also script its own fate with 
 The n-th request with key "a1" gets script[n] (the last entry repeats); an entry may be a
 status code, "drop" (the connection is closed without an answer) or a hostile mode.
 
+Every success carries `x_sim` with the path, the objective header, the attempt number and
+the time it was seen. `GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
+serves thousands of connections, so a latency of seconds costs no thread per request.
+
+With `--capacity N` it models an inference server's limits: N requests are served at once,
+the rest wait in arrival order (so latency grows with the queue), and with `--queue-bound M`
+a request that finds M already waiting is shed at once (`--shed-status`, 429 by default).
+`/metrics` then reports running, waiting and KV-cache usage (running / capacity) as vLLM
+names them, and `sim_running_requests{objective}` per inference objective as a gateway would.
+
 A hostile gateway, for tests of asyncproc's bounds: `{"x_sim": {"hostile": MODE}}` (or a
 script entry naming MODE) makes the answer misbehave, whatever the other options say:
 
@@ -20,21 +30,12 @@ script entry naming MODE) makes the answer misbehave, whatever the other options
 - "endless": a chunked body of 64-byte chunks every 50 ms, never ending;
 - "reset": Content-Length 1000, 100 bytes, then a TCP reset;
 - "short": Content-Length 1000, 100 bytes, then a clean close (less than declared);
-- "long": a well-formed completion whose Content-Length covers it, then 200 bytes more
+- "long": a well-formed completion whose Content-Length covers it, then more bytes
   (more than declared; asyncproc must take the declared body and not reuse the rest).
 
 Every mode but "long" should end as an error result ("response too large", final) or in
-retries until the deadline ("attempt timed out" / a connection error), each attempt within
---request-timeout. `/sim/stats` counts them under by_status "hostile-MODE". Every success carries
-`x_sim` with the path, the objective header, the attempt number and the time it was seen.
-`GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
-serves thousands of connections, so a latency of seconds costs no thread per request.
-
-With `--capacity N` it models an inference server's limits: N requests are served at once,
-the rest wait in arrival order (so latency grows with the queue), and with `--queue-bound M`
-a request that finds M already waiting is shed at once (`--shed-status`, 429 by default).
-`/metrics` then reports running, waiting and KV-cache usage (running / capacity) as vLLM
-names them, and `sim_running_requests{objective}` per inference objective as a gateway would.
+retries until the deadline ("attempt timed out", "read timeout" or a connection error), each
+attempt within --request-timeout (and the deadline). `/sim/stats` counts them under by_status "hostile-MODE".
 """
 from __future__ import annotations
 
@@ -340,7 +341,9 @@ def _json(status: int, doc: Any, headers: Optional[Dict[str, str]] = None) -> we
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asyncproc sim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="asyncproc sim", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__[__doc__.index("A hostile gateway"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")
     p.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
