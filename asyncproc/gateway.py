@@ -154,7 +154,10 @@ class Gateway:
             declared = _content_length(response)
             if declared is not None and declared > limit:
                 return outcomes.too_large(response.status, limit, time.monotonic() - started)
-            body = self._read(response, attempt, limit)
+            if declared is not None and declared <= READ_CHUNK:
+                body = response.read(declared)  # the common case: one read, no loop
+            else:
+                body = self._read(response, attempt, limit)
             if body is None:
                 return outcomes.too_large(response.status, limit, time.monotonic() - started)
             if attempt.expired:  # a body read "to the end" because its socket was shut
@@ -184,7 +187,7 @@ class Gateway:
             if left <= 0 or attempt.expired:
                 attempt.expired = True
                 raise u3.ReadTimeoutError(None, None, TIMED_OUT)  # type: ignore[arg-type]
-            if attempt.sock is not None:
+            if chunks and attempt.sock is not None:
                 try:
                     attempt.sock.settimeout(left)  # no single read outlives the budget either
                 except OSError:
