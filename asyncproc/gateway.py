@@ -154,7 +154,7 @@ class Gateway:
             declared = _content_length(response)
             if declared is not None and declared > limit:
                 return outcomes.too_large(response.status, limit, time.monotonic() - started)
-            if declared is not None and declared <= READ_CHUNK:
+            if declared is not None and 0 < declared <= READ_CHUNK and "Content-Encoding" not in response.headers:
                 body = response.read(declared)  # the common case: one read, no loop
             else:
                 body = self._read(response, attempt, limit)

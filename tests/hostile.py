@@ -11,12 +11,14 @@ The request path picks the misbehaviour (the same modes as `asyncproc sim`'s
 - ``/endless``: a chunked body of small chunks every `interval / 10`, never ending;
 - ``/reset``: Content-Length 1000, 100 bytes, then a TCP reset;
 - ``/short``: Content-Length 100, 50 bytes, then a clean close;
+- ``/gzip``: a small gzip body (Content-Encoding gzip) that inflates to `huge_bytes`;
 - ``/long``: a JSON answer whose Content-Length covers it, then extra bytes (kept alive).
 
 `connections` counts accepted connections; `served` lists the paths in arrival order.
 """
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
 import threading
@@ -135,6 +137,11 @@ class HostileServer:
             conn.sendall(_head(200, length=100) + b"z" * 50)
             conn.shutdown(socket.SHUT_WR)
             return False
+        if path == "/gzip":
+            packed = gzip.compress(b" " * self.huge_bytes)
+            head = _head(200, length=len(packed)).replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n")
+            conn.sendall(head + packed)
+            return True
         if path == "/long":
             conn.sendall(_head(200, length=len(OK_BODY)) + OK_BODY + b"GARBAGE AFTER THE BODY" * 10)
             return True  # kept open: the extra bytes must not be taken for the next answer

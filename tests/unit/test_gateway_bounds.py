@@ -72,6 +72,13 @@ def test_a_streamed_body_over_the_limit_is_cut_off(hostile, gateway):
     assert outcome.kind is Kind.FATAL and outcome.error.startswith("response too large")
 
 
+def test_the_limit_counts_inflated_bytes_not_compressed_ones(hostile, gateway):
+    outcome, _ = timed(gateway, job(hostile.url, "/gzip", max_bytes=1024 * 1024))
+    assert outcome.kind is Kind.FATAL and outcome.error.startswith("response too large")
+    outcome, _ = timed(gateway, job(hostile.url, "/gzip", max_bytes=hostile.huge_bytes))
+    assert outcome.kind is Kind.OK and len(outcome.body) == hostile.huge_bytes
+
+
 def test_a_body_at_the_limit_is_read_whole(hostile, gateway):
     outcome, _ = timed(gateway, job(hostile.url, "/ok", max_bytes=len(OK_BODY)))
     assert outcome.kind is Kind.OK and outcome.body == OK_BODY
