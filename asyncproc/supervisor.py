@@ -652,8 +652,9 @@ class Supervisor:
 
     def replace_stuck_workers(self, now: float) -> None:
         """Kill a worker that holds a request past its attempt budget plus a grace (a hung
-        worker that still heartbeats); reap() gives back what it held, counted as a failed
-        attempt, and the retry policy and deadline decide what follows."""
+        worker that still heartbeats); reap() then gives back what it held, to be dispatched
+        again (the overdue ones counted as a failed attempt), and a request whose deadline
+        has passed by then is answered "deadline exceeded"."""
         if now < self.stuck_check_at:
             return
         self.stuck_check_at = now + STUCK_CHECK_SECONDS
