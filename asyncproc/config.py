@@ -252,9 +252,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--max-attempts", int, 0, "attempts per request; 0 = until the deadline",
            _at_least(0)),
     Option("--request-timeout", float, 300.0,
-           "seconds: cap on one attempt (also bounded by the deadline)", _above(0)),
+           "seconds: cap on one whole attempt, connect, headers and body (also bounded by the deadline)", _above(0)),
     Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
            _above(0)),
+    Option("--max-response-bytes", int, 64 * 1024 * 1024,
+           "a larger gateway response gets the error result \"response too large\" (not retried)",
+           _at_least(1024)),
     Option("--max-message-bytes", int, 1048576,
            "larger request messages are not parsed: an error result when the id opens the message,"
            " else a dead letter", _at_least(64)),
@@ -435,6 +438,7 @@ class Settings:
     gateway_token_file: str = ""
     gateway_tls: TlsFiles = TlsFiles()
     redis_auth: RedisAuth = RedisAuth()
+    max_response_bytes: int = 64 * 1024 * 1024
 
     def message_limits(self) -> messages.Limits:
         """What every request message is checked against (README: Bad input)."""
@@ -580,6 +584,7 @@ def parse_args(
         gateway_token_file=token_file,
         gateway_tls=gateway_tls,
         redis_auth=redis_auth,
+        max_response_bytes=ns.max_response_bytes,
     )
     return settings, ns
 

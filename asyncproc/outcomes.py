@@ -14,6 +14,8 @@ from asyncproc import redact
 RETRYABLE_STATUSES = frozenset({408, 425, 500, 502, 503, 504})
 SHED_STATUS = 429
 BODY_EXCERPT_CHARS = 200
+#: --max-response-bytes' default: a larger gateway response is an error result.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 class Kind(str, enum.Enum):
@@ -70,6 +72,11 @@ def connection_failure(reason: str, elapsed: float) -> Outcome:
     return Outcome(Kind.RETRY, None, None, reason, None, elapsed)
 
 
+def too_large(status: Optional[int], limit: int, elapsed: float) -> Outcome:
+    """A response over --max-response-bytes: final (the same request would get it again)."""
+    return Outcome(Kind.FATAL, status, None, f"response too large (over {limit} bytes)", None, elapsed)
+
+
 def expired() -> Outcome:
     return Outcome(Kind.EXPIRED, error="deadline exceeded before dispatch")
 
@@ -85,3 +92,4 @@ class Assignment(NamedTuple):
     deadline: float
     connect_timeout: float
     request_timeout: float
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES

@@ -37,6 +37,16 @@ RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for Redis to return
 CANCEL_POLL_SECONDS = 1.0    # how often cancellations are read
+STUCK_GRACE_SECONDS = 3.0    # a worker holding an attempt this long past its budget is replaced
+STUCK_CHECK_SECONDS = 1.0    # how often held attempts are compared with their budgets
+
+
+def attempt_overdue(dispatched_at: float, deadline: float, request_timeout: float, now: float,
+                    grace: float = STUCK_GRACE_SECONDS) -> bool:
+    """An attempt dispatched at `dispatched_at` and still not answered at `now` has outrun
+    its budget, min(--request-timeout, time to the deadline), by more than `grace`: the
+    worker's own watchdog (gateway.expire_overdue) did not end it."""
+    return now > min(dispatched_at + request_timeout, deadline) + grace
 
 
 class Lifecycle(enum.Enum):
@@ -337,7 +347,7 @@ class Supervisor:
                 batches.setdefault(index, []).append(Assignment(
                     request.key, route.origin, route.path(request), orjson.dumps(request.payload),
                     route.headers, request.deadline, self.settings.connect_timeout,
-                    self.settings.request_timeout,
+                    self.settings.request_timeout, self.settings.max_response_bytes,
                 ))
             except Exception as exc:  # one request's bug costs that request, not the loop
                 self.internal_error("dispatch", exc, request, None)
@@ -460,6 +470,7 @@ class Supervisor:
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
         self.pool.kill_silent(self.settings.worker_timeout)
+        self.replace_stuck_workers(now)
         self.recycle_workers(now)
         self.keep_alive(now)
         self.refresh_cancellations(now)
@@ -824,6 +835,30 @@ class Supervisor:
                                  rss / 1048576, max_rss)
             if handle.retiring and not handle.stop_sent and self.ledger.assigned_count(handle.index) == 0:
                 self.pool.retire(handle)
+
+    stuck_check_at = 0.0  # when replace_stuck_workers looks next
+
+    def replace_stuck_workers(self, now: float) -> None:
+        """Kill a worker that holds a request past its attempt budget plus a grace (a hung
+        worker that still heartbeats); reap() then gives back what it held, to be dispatched
+        again (the overdue ones counted as a failed attempt), and a request whose deadline
+        has passed by then is answered "deadline exceeded"."""
+        if now < self.stuck_check_at:
+            return
+        self.stuck_check_at = now + STUCK_CHECK_SECONDS
+        overdue: Dict[int, List[Entry]] = {}
+        for entry in self.ledger.unfinished([State.ASSIGNED]):
+            if attempt_overdue(entry.dispatched_at, entry.request.deadline, self.settings.request_timeout, now):
+                overdue.setdefault(entry.worker, []).append(entry)
+        handles = {h.index: h for h in self.pool.handles}
+        for index, entries in overdue.items():
+            handle = handles.get(index)
+            if handle is None or not self.pool.kill(handle):
+                continue
+            for entry in entries:
+                entry.request = entry.request.after_attempt("attempt timed out (worker replaced)")
+            log.error("worker %d (pid %s) holds requests past their attempt budget; replacing it: %s",
+                      index, handle.pid, " ".join(e.request.key for e in entries[:20]))
 
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""
