@@ -153,8 +153,8 @@ class Client:
 
     # -- cancel and look -----------------------------------------------------------------
     def cancel(self, batch: Optional[str] = None, ids: Iterable = ()) -> int:
-        """Queued requests of `batch` or with these ids get the error result "cancelled"
-        instead of being dispatched; requests already in flight finish."""
+        """Requests of `batch` or with these ids get the error result "cancelled": queued
+        ones instead of being dispatched, ones in flight by aborting their attempt."""
         now = time.time()
         until = now + CANCEL_RETENTION
         members = {f"id:{messages.id_key(i)}": until for i in ids}
@@ -290,17 +290,24 @@ class PubSubResults(Results):
 
 
 class ListResults(Results):
-    """The redis-sortedset result list, read by index (LRANGE), nothing removed."""
+    """The redis-sortedset result list, read by index (LRANGE), nothing removed. With
+    --result-format llm-d-async results are LPUSHed (the oldest is last): read from the end."""
 
     def __init__(self, client: Client, from_start: bool) -> None:
         super().__init__(client)
         self.key = client.settings.result_queue
+        self.from_tail = getattr(client.settings, "result_format", "seed") == "llm-d-async"
         self.cursor = 0 if from_start else client._run(lambda: client.redis.llen(self.key))
+
+    def _range(self) -> list:
+        if self.from_tail:
+            return list(reversed(self.client.redis.lrange(self.key, -(self.cursor + CHUNK), -(self.cursor + 1))))
+        return self.client.redis.lrange(self.key, self.cursor, self.cursor + CHUNK - 1)
 
     def poll(self, timeout: float) -> List[dict]:
         deadline = time.monotonic() + timeout
         while True:
-            raws = self.client._run(lambda: self.client.redis.lrange(self.key, self.cursor, self.cursor + CHUNK - 1))
+            raws = self.client._run(self._range)
             self.cursor += len(raws)
             out = [r for r in map(self.decode, raws) if r is not None]
             if raws or time.monotonic() >= deadline:

@@ -43,6 +43,18 @@ def _between(low: int, high: int) -> Callable[[Any], Optional[str]]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high} (got {v})"
 
 
+def _between_float(low: float, high: float) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g} (got {v:g})"
+
+
+def _non_empty(v: str) -> Optional[str]:
+    return None if v.strip() else "must not be empty"
+
+
+def _header_name_or_empty(v: str) -> Optional[str]:
+    return None if v == "" or re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", v) else f"not a header name: {v!r}"
+
+
 def _port(v: int) -> Optional[str]:
     return None if 0 <= v <= 65535 else f"must be a port number 0-65535 (got {v})"
 
@@ -272,6 +284,18 @@ OPTIONS: Tuple[Option, ...] = (
            _at_least(1024)),
     Option("--result-format", str, "seed",
            "result shape: seed ({id, payload|error}) or llm-d-async", choices=messages.RESULT_FORMATS),
+    Option("--request-headers", parse_bool, True,
+           "send each request's own headers (llm-d-async's `headers`) after the queue's; hop-by-hop"
+           " headers, Host and Content-Length are refused (per queue: request_headers in --queues-file)"),
+    Option("--fairness-header", str, "x-llm-d-inference-fairness-id",
+           "header set from the request metadata key --fairness-metadata-key, replacing the"
+           " request's own (as llm-d-async does); empty = not set", _header_name_or_empty),
+    Option("--fairness-metadata-key", str, "userid", "metadata key whose value --fairness-header carries",
+           _non_empty),
+    Option("--cancel-poll-interval", float, 0.5,
+           "seconds between reads of cancellations (asyncproc cancel, llm-d-async's request-cancel"
+           " markers) for what is held: one pipelined read each time; in flight ones are aborted",
+           _between_float(0.05, 10.0)),
     Option("--intake-buffer", int, 0,
            "requests held in memory beyond those in flight; more are staged in the retry set"
            " (0 = as many as --concurrency)", _at_least(0)),
@@ -384,6 +408,8 @@ class QueueConfig:
     headers: Dict[str, str] = field(default_factory=dict, repr=False)  # over --gateway-header
     token: Optional[str] = field(default=None, repr=False)             # over --gateway-token
     token_file: Optional[str] = None                                   # over --gateway-token-file
+    result_queue: Optional[str] = None  # results go here, over a message's result_queue_name
+    request_headers: Optional[bool] = None  # None: --request-headers
 
 
 @dataclass(frozen=True)
@@ -439,12 +465,19 @@ class Settings:
     gateway_tls: TlsFiles = TlsFiles()
     redis_auth: RedisAuth = RedisAuth()
     max_response_bytes: int = 64 * 1024 * 1024
+    request_headers: bool = True
+    fairness_header: str = "x-llm-d-inference-fairness-id"
+    fairness_metadata_key: str = "userid"
+    cancel_poll_interval: float = 0.5
 
     def message_limits(self) -> messages.Limits:
         """What every request message is checked against (README: Bad input)."""
+        own = {self.retry_queue, self.result_queue, self.dead_letter_queue, *self.queue_names,
+               *(q.result_queue for q in self.request_queues if q.result_queue)}
         return messages.Limits(
             self.max_message_bytes, self.max_deadline_horizon, self.allowed_endpoints,
-            {q.name: q.allowed_endpoints for q in self.request_queues if q.allowed_endpoints is not None})
+            {q.name: q.allowed_endpoints for q in self.request_queues if q.allowed_endpoints is not None},
+            self.key_prefix, frozenset(own - {self.result_queue}))
 
     def gate_of(self, queue: QueueConfig) -> Any:
         return queue.gate if queue.gate is not None else self.default_gate
@@ -585,6 +618,10 @@ def parse_args(
         gateway_tls=gateway_tls,
         redis_auth=redis_auth,
         max_response_bytes=ns.max_response_bytes,
+        request_headers=ns.request_headers,
+        fairness_header=ns.fairness_header,
+        fairness_metadata_key=ns.fairness_metadata_key,
+        cancel_poll_interval=ns.cancel_poll_interval,
     )
     return settings, ns
 
@@ -675,7 +712,7 @@ def _dedupe(names: Sequence[str]) -> List[str]:
 
 
 QUEUE_KEYS = {"name", "gateway", "path", "objective", "labels", "weight", "priority", "gate", "max_in_flight",
-              "allowed_endpoints", "headers", "token", "token_file"}
+              "allowed_endpoints", "headers", "token", "token_file", "result_queue", "request_headers"}
 
 
 def load_queues_file(path: str, flag_names: Sequence[str] = (),
@@ -755,9 +792,15 @@ def load_queues_file(path: str, flag_names: Sequence[str] = (),
             raise ConfigError(f"{at}: token_file must be a path")
         if token is not None and token_file is not None:
             raise ConfigError(f"{at}: give token or token_file, not both")
+        result_queue = entry.get("result_queue")
+        if result_queue is not None and (not isinstance(result_queue, str) or not result_queue.strip()):
+            raise ConfigError(f"{at}: result_queue must be a non-empty string")
+        request_headers = entry.get("request_headers")
+        if request_headers is not None and not isinstance(request_headers, bool):
+            raise ConfigError(f"{at}: request_headers must be true or false")
         queues.append(QueueConfig(name.strip(), gateway, path_, objective, labels, float(weight), priority,
                                   gate, max_in_flight, endpoints, dict(headers), token and token.strip(),
-                                  token_file))
+                                  token_file, result_queue and result_queue.strip(), request_headers))
     known = {q.name for q in queues}
     queues.extend(QueueConfig(n) for n in flag_names if n not in known)
     if len({q.name for q in queues}) != len(queues):

@@ -34,16 +34,31 @@ READ_CHUNK = 256 * 1024
 TIMED_OUT = "attempt timed out"
 
 
+#: How long a cancel for a key not (yet) being attempted here is remembered: it may be
+#: queued for a thread, or its outcome already on its way back.
+CANCEL_MEMORY_SECONDS = 60.0
+
+
 class Attempt:
-    """One attempt in flight: when its budget ends (monotonic) and the socket it reads."""
+    """One attempt in flight: when its budget ends (monotonic), the socket it reads, and
+    whether it was cancelled (its socket shut from the worker's main loop)."""
 
-    __slots__ = ("ends_at", "sock", "expired", "done")
+    __slots__ = ("ends_at", "sock", "expired", "done", "key", "cancelled")
 
-    def __init__(self, ends_at: float) -> None:
+    def __init__(self, ends_at: float, key: str = "") -> None:
         self.ends_at = ends_at
         self.sock: Optional[socket.socket] = None
         self.expired = False
         self.done = False
+        self.key = key
+        self.cancelled = False
+
+    def shut(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 _current = threading.local()   # .attempt: the calling thread's Attempt, for the connection class
@@ -53,6 +68,8 @@ def _record_socket(sock: Optional[socket.socket]) -> None:
     attempt = getattr(_current, "attempt", None)
     if attempt is not None and sock is not None:
         attempt.sock = sock
+        if attempt.cancelled or attempt.expired:  # ended while it was connecting
+            attempt.shut()
 
 
 class _Tracked:
@@ -93,6 +110,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._attempts: Dict[int, Attempt] = {}   # thread ident -> its attempt in flight
         self._attempts_lock = threading.Lock()
+        self._cancelled: Dict[str, float] = {}    # keys cancelled before their attempt began -> when
 
     def pool(self, origin: str) -> urllib3.HTTPConnectionPool:
         pool = self._pools.get(origin)
@@ -121,18 +139,41 @@ class Gateway:
         else:
             timeout = urllib3.Timeout(connect=min(job.connect_timeout, remaining), read=budget)
         started = time.monotonic()
-        attempt = Attempt(started + budget)
+        attempt = Attempt(started + budget, job.key)
         ident = threading.get_ident()
         with self._attempts_lock:
+            if self._cancelled.pop(job.key, None) is not None:
+                return outcomes.cancelled()
             self._attempts[ident] = attempt
         _current.attempt = attempt
         try:
-            return self._attempt(job, timeout, attempt, started)
+            outcome = self._attempt(job, timeout, attempt, started)
         finally:
             _current.attempt = None
             with self._attempts_lock:
                 attempt.done = True
                 self._attempts.pop(ident, None)
+        if attempt.cancelled and outcome.status is None:  # aborted before an answer came
+            return outcomes.cancelled(outcome.elapsed)
+        return outcome
+
+    def cancel(self, keys, now: Optional[float] = None) -> int:
+        """Abort the attempts of `keys`: shut their sockets (the blocked call fails at once
+        and the attempt ends as cancelled); a key not being attempted yet is cancelled when
+        its attempt would begin. The connection is discarded, the thread goes on."""
+        now = time.monotonic() if now is None else now
+        wanted = set(keys)
+        aborted = 0
+        with self._attempts_lock:
+            for attempt in self._attempts.values():
+                if attempt.key in wanted and not attempt.done:
+                    wanted.discard(attempt.key)
+                    attempt.cancelled = True
+                    attempt.shut()
+                    aborted += 1
+            for key in wanted:
+                self._cancelled[key] = now
+        return aborted
 
     def _attempt(self, job: Assignment, timeout: urllib3.Timeout, attempt: Attempt, started: float) -> Outcome:
         try:
@@ -186,6 +227,8 @@ class Gateway:
         size = 0
         while True:
             left = attempt.ends_at - time.monotonic()
+            if attempt.cancelled:
+                raise u3.ProtocolError("cancelled")
             if left <= 0 or attempt.expired:
                 attempt.expired = True
                 raise u3.ReadTimeoutError(None, None, TIMED_OUT)  # type: ignore[arg-type]
@@ -208,6 +251,9 @@ class Gateway:
         now = time.monotonic() if now is None else now
         expired = []
         with self._attempts_lock:
+            if self._cancelled:
+                for key in [k for k, at in self._cancelled.items() if now - at > CANCEL_MEMORY_SECONDS]:
+                    del self._cancelled[key]
             for attempt in self._attempts.values():
                 if attempt.done or attempt.ends_at > now:
                     continue

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, FrozenSet, Mapping, Optional, Union
+from typing import Any, FrozenSet, Mapping, Optional, Tuple, Union
 
 import orjson
+
+from asyncproc import llmd
 
 #: How much of a message we keep in a dead-letter entry or an error excerpt.
 RAW_EXCERPT_BYTES = 4096
@@ -96,6 +98,9 @@ class Limits:
     max_horizon: float = DEFAULT_HORIZON
     endpoints: Endpoints = Endpoints()
     by_queue: Mapping[str, Endpoints] = field(default_factory=dict)
+    #: A result queue a message names may not be one of these keys nor start with `prefix:`.
+    reserved_prefix: str = "asyncproc"
+    reserved_keys: FrozenSet[str] = frozenset()
 
     def endpoints_of(self, queue: str) -> Endpoints:
         return self.by_queue.get(queue, self.endpoints)
@@ -115,14 +120,21 @@ class Request:
     created: Optional[float] = None
     attempts: int = 0
     last_error: Optional[str] = None
+    #: The request's own HTTP headers (llm-d-async's `headers`), refused ones taken out.
+    headers: Optional[dict] = field(default=None, repr=False)
+    #: llm-d-async's envelope: the result queue it names, and this generation's token
+    #: (`request-cancel:<id>` holding it cancels the request).
+    reply_to: Optional[str] = None
+    token: Optional[str] = field(default=None, repr=False)
+    #: Why each refused header was refused (counted once, at intake; not kept for retries).
+    refused_headers: Tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @cached_property
     def key(self) -> str:
         return id_key(self.id)
 
     def after_attempt(self, error: Optional[str]) -> "Request":
-        return Request(self.id, self.deadline, self.payload, self.queue, self.received_at, self.endpoint,
-                       self.metadata, self.created, self.attempts + 1, error)
+        return replace(self, attempts=self.attempts + 1, last_error=error)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,9 @@ class Rejected:
     reason: str
     metadata: Optional[dict] = None
     attempts: int = 0
+    reply_to: Optional[str] = None
+    token: Optional[str] = field(default=None, repr=False)
+    code: str = llmd.INVALID_REQUEST
 
     @property
     def key(self) -> str:
@@ -163,6 +178,11 @@ class Result:
     attempts: int = 0
     metadata: Optional[dict] = None
     extra: dict = field(default_factory=dict)
+    #: llm-d-async's error code when the one ending the request knows it (llmd.ERROR_CODES).
+    code: Optional[str] = None
+    #: Where the request asked its result to go, and its generation token (llm-d-async).
+    reply_to: Optional[str] = None
+    token: Optional[str] = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -183,8 +203,14 @@ class Cancellations:
 
 
 def cancelled_result(request: Request) -> Result:
-    return Result(request.id, request.queue, False, CANCELLED, attempts=request.attempts,
-                  metadata=request.metadata)
+    return result_of(request, False, CANCELLED, code=llmd.CANCELLED)
+
+
+def result_of(request: Union[Request, "Rejected"], ok: bool, error: Optional[str] = None, **fields) -> Result:
+    """A result for `request`, carrying what routes it (llm-d-async's result queue, token)."""
+    fields.setdefault("attempts", request.attempts)
+    fields.setdefault("metadata", request.metadata)
+    return Result(request.id, request.queue, ok, error, reply_to=request.reply_to, token=request.token, **fields)
 
 
 def id_key(id_value: Union[str, int]) -> str:
@@ -236,6 +262,30 @@ def unwrap_envelope(obj: dict) -> tuple[dict, Optional[int]]:
     return obj, 0
 
 
+def envelope_routing(envelope: dict, data: dict, limits: "Limits") -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(result queue name, request token, problem) from llm-d-async's envelope: the
+    routing its producer resolved (`internal.result_queue_name`, `internal.request_token`),
+    else a `"redis"` request's own `result_queue_name`. A bad field is the problem; the
+    good ones still route the error result."""
+    if envelope is data:
+        return None, None, None
+    internal = envelope.get("internal")
+    internal = internal if isinstance(internal, dict) else {}
+    problem = None
+    token = internal.get("request_token")
+    if token is not None:
+        problem = llmd.token_problem(token)
+        token = None if problem or not token else token
+    reply_to = internal.get("result_queue_name")
+    if not reply_to and envelope.get("request_kind") == "redis":
+        reply_to = data.get("result_queue_name")
+    if reply_to is not None and reply_to != "":
+        bad = llmd.queue_name_problem(reply_to, limits.reserved_prefix, limits.reserved_keys)
+        if bad:
+            problem, reply_to = problem or bad, None
+    return reply_to or None, token, problem
+
+
 def _oversized(raw: bytes, queue: str, now: float, limit: int) -> Union[Rejected, DeadLetter]:
     """Too large to parse: an error result if the id opens the message, else a dead letter."""
     reason = f"message too large: {len(raw)} bytes, limit {limit}"
@@ -265,6 +315,7 @@ def parse_request(
         return DeadLetter(raw[:RAW_EXCERPT_BYTES], "not valid JSON", queue, now)
     if not isinstance(obj, dict):
         return DeadLetter(raw[:RAW_EXCERPT_BYTES], "not a JSON object", queue, now)
+    envelope = obj
     obj, attempts = unwrap_envelope(obj)
     if "id" not in obj:
         return DeadLetter(raw[:RAW_EXCERPT_BYTES], "id missing", queue, now)
@@ -278,12 +329,15 @@ def parse_request(
 
     metadata = obj.get("metadata")
     good_metadata = metadata if _is_metadata(metadata) else None
+    reply_to, token, routing_problem = envelope_routing(envelope, obj, limits)
 
-    def reject(reason: str) -> Rejected:
-        return Rejected(id_value, queue, reason, good_metadata, attempts or 0)
+    def reject(reason: str, code: str = llmd.INVALID_REQUEST) -> Rejected:
+        return Rejected(id_value, queue, reason, good_metadata, attempts or 0, reply_to, token, code)
 
     if attempts is None:
         return reject(f"internal.retry_count must be an integer from 0 to {MAX_RETRY_COUNT}")
+    if routing_problem:
+        return reject(routing_problem)
     if "deadline" not in obj:
         return reject("deadline missing")
     deadline = parse_deadline(obj["deadline"])
@@ -291,11 +345,20 @@ def parse_request(
         return reject("deadline must be Unix seconds (integer, float or numeric string)")
     payload = obj.get("payload")
     if payload is None:
+        if isinstance(envelope.get("internal"), dict) and envelope["internal"].get("payload_ref"):
+            return reject("payload missing (llm-d-async's separate payload keys, internal.payload_ref,"
+                          " are not supported: submit without WithPayloadKeys)")
         return reject("payload missing")
     if not isinstance(payload, dict):
         return reject("payload must be a JSON object")
     if metadata is not None and good_metadata is None:
         return reject("metadata must be an object of string values")
+    headers, refused = obj.get("headers"), ()
+    if headers is not None:
+        problem = llmd.headers_problem(headers)
+        if problem:
+            return reject(problem)
+        headers, refused = llmd.clean_headers(headers)
     endpoint = obj.get("endpoint")
     if endpoint is not None and not (isinstance(endpoint, str) and endpoint.startswith("/")):
         return reject("endpoint must be a path starting with '/'")
@@ -306,7 +369,7 @@ def parse_request(
     if created is not None and created_at is None:
         return reject("created must be Unix seconds")
     if deadline <= now:
-        return reject("deadline exceeded")
+        return reject("deadline exceeded", llmd.DEADLINE_EXCEEDED)
     if deadline > now + limits.max_horizon:
         return reject(f"deadline too far ahead: more than {limits.max_horizon:g} s from now"
                       " (--max-deadline-horizon)")
@@ -320,6 +383,10 @@ def parse_request(
         metadata=good_metadata,
         created=created_at,
         attempts=attempts,
+        headers=headers or None,
+        reply_to=reply_to,
+        token=token,
+        refused_headers=refused,
     )
 
 
@@ -363,6 +430,9 @@ def encode_state(request: Request) -> bytes:
             "created": request.created,
             "attempts": request.attempts,
             "last_error": request.last_error,
+            "headers": request.headers,
+            "reply_to": request.reply_to,
+            "token": request.token,
         }
     )
 
@@ -375,12 +445,15 @@ def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
         attempts = obj.get("attempts", 0)
         if isinstance(attempts, bool) or not isinstance(attempts, int) or not 0 <= attempts <= MAX_RETRY_COUNT:
             raise ValueError("attempts")
-        for name in ("queue", "endpoint", "last_error"):
+        for name in ("queue", "endpoint", "last_error", "reply_to", "token"):
             if obj.get(name) is not None and not isinstance(obj[name], str):
                 raise ValueError(name)
         metadata = obj.get("metadata")
         if metadata is not None and not _is_metadata(metadata):
             raise ValueError("metadata")
+        headers = obj.get("headers")
+        if headers is not None and (llmd.headers_problem(headers) or llmd.clean_headers(headers)[1]):
+            raise ValueError("headers")
         deadline, received_at = parse_deadline(obj["deadline"]), parse_deadline(obj["received_at"])
         if deadline is None or received_at is None:
             raise ValueError("times")
@@ -395,6 +468,9 @@ def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
             created=_optional_number(obj.get("created")),
             attempts=attempts,
             last_error=obj.get("last_error"),
+            headers=headers or None,
+            reply_to=obj.get("reply_to") or None,
+            token=obj.get("token") or None,
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return DeadLetter(bytes(raw[:RAW_EXCERPT_BYTES]), "unreadable retry-set entry", queue)
@@ -446,23 +522,24 @@ def _body_value(body: Optional[bytes]) -> Any:
 
 
 def _encode_llmd_result(result: Result) -> bytes:
-    out: dict[str, Any] = {
-        "id": result.id,
-        "status_code": result.status_code or 0,
-        "payload": (result.body or b"").decode("utf-8", "replace"),
-        "error_code": "" if result.ok else _error_code(result),
-        "error_message": "" if result.ok else (result.error or ""),
-    }
-    if result.metadata is not None:
-        out["metadata"] = result.metadata
+    """Exactly llm-d-async's api.ResultMessage (its `request_token` too, as its newer
+    processor writes it): an HTTP answer, 2xx or not, is its status and raw body; any
+    other ending an error code and `{"error": "<message>"}` as the payload. The id is a
+    string, as Go's json.Unmarshal into ResultMessage requires."""
+    out: dict[str, Any] = {"id": result.id if isinstance(result.id, str) else str(result.id)}
+    code = llmd.error_code(result.ok, result.status_code, result.body, result.error, result.code)
+    if code is None:
+        if result.status_code:
+            out["status_code"] = result.status_code
+        out["payload"] = (result.body or b"").decode("utf-8", "replace")
+    else:
+        message = result.error or code.lower()
+        out["payload"] = orjson.dumps({"error": message}).decode()
+        out["error_code"] = code
+        out["error_message"] = message
+    if result.token:
+        out["request_token"] = result.token
     return orjson.dumps(out)
-
-
-def _error_code(result: Result) -> str:
-    if result.status_code:
-        return str(result.status_code)
-    reason = result.error or ""
-    return reason.split(":", 1)[0].split("(", 1)[0].strip().replace(" ", "_") or "error"
 
 
 def encode_dead_letter(letter: DeadLetter) -> bytes:
@@ -477,11 +554,4 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
 
 
 def rejected_result(rejected: Rejected) -> Result:
-    return Result(
-        id=rejected.id,
-        queue=rejected.queue,
-        ok=False,
-        error=rejected.reason,
-        attempts=rejected.attempts,
-        metadata=rejected.metadata,
-    )
+    return result_of(rejected, False, rejected.reason, code=rejected.code)

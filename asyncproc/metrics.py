@@ -54,6 +54,15 @@ class Metrics:
         self.staged = Counter("asyncproc_staged", "Requests staged in the retry set for lack of capacity", ["queue"], registry=r)
         self.in_flight = Gauge("asyncproc_in_flight", "Requests assigned to workers", ["queue"], registry=r)
         self.shed = Counter("asyncproc_shed", "Attempts the gateway shed (HTTP 429)", ["queue"], registry=r)
+        self.headers_refused = Counter(
+            "asyncproc_request_headers_refused",
+            "Request headers not sent: hop-by-hop, host, content-length or invalid", ["queue", "reason"], registry=r)
+        self.cancel_reads = Counter(
+            "asyncproc_cancel_reads", "Reads of cancellations for what is held (one pipelined read each)", registry=r)
+        self.cancel_watched = Gauge(
+            "asyncproc_cancel_watched", "Held requests with an llm-d-async token checked in the last read", registry=r)
+        self.aborted = Counter("asyncproc_cancelled_in_flight",
+                               "Requests cancelled while at the gateway: their attempt was aborted", ["queue"], registry=r)
         self.residence = Histogram(
             "asyncproc_queue_residence_seconds", "Receipt of a request to its first dispatch", ["queue"],
             buckets=LATENCY_BUCKETS, registry=r,

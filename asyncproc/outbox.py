@@ -3,6 +3,7 @@ system refuses on its own (a result over its size limit, ...), so that one bad i
 holds back the others. Pure: values in, values out."""
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 import orjson
@@ -16,13 +17,19 @@ REASON_CHARS = 200
 
 def singles(writes: Writes) -> List[Writes]:
     """Every item of `writes` as a Writes of its own, in the order a flush writes them."""
-    return ([Writes(results=[item]) for item in writes.results]
+    return ([Writes(results=[item], routes=_route_of(writes, item[0])) for item in writes.results]
             + [Writes(retries=[item]) for item in writes.retries]
             + [Writes(dead_letters=[item]) for item in writes.dead_letters]
             + [Writes(drops=[item]) for item in writes.drops])
 
 
+def _route_of(writes: Writes, key: str) -> dict:
+    route = writes.routes.get(key)
+    return {key: route} if route is not None else {}
+
+
 def extend(into: Writes, other: Writes) -> None:
+    into.routes.update(other.routes)
     into.results.extend(other.results)
     into.retries.extend(other.retries)
     into.dead_letters.extend(other.dead_letters)
@@ -46,9 +53,12 @@ def replacement(single: Writes, exc: Exception, fmt: str) -> Writes:
     reason = f"refused by the queue system: {str(exc)[:REASON_CHARS]}"
     if single.results:
         key, raw, delivery = single.results[0]
+        route = single.routes.get(key)
         result = Result(orjson.loads(key), delivery.queue if delivery is not None else "", False,
-                        f"result of {len(raw)} bytes {reason}")
-        return Writes(results=[(key, messages.encode_result(result, fmt), delivery)])
+                        f"result of {len(raw)} bytes {reason}", token=route.token if route else None)
+        # to the default result queue: the one the request named may be what refused it
+        routes = {key: dataclasses.replace(route, queue=None)} if route is not None else {}
+        return Writes(results=[(key, messages.encode_result(result, fmt), delivery)], routes=routes)
     if single.retries:
         state, _, delivery = single.retries[0]
         request = messages.decode_state(state, delivery.queue if delivery is not None else "")

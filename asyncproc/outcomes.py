@@ -24,6 +24,7 @@ class Kind(str, enum.Enum):
     RETRY = "retry"    # transient failure: status above, connection error, timeout
     FATAL = "fatal"    # the request itself is wrong: no retry
     EXPIRED = "expired"  # the deadline passed before the attempt could start
+    CANCELLED = "cancelled"  # the request was cancelled: its attempt aborted or never started
 
 
 class Outcome(NamedTuple):
@@ -79,6 +80,10 @@ def too_large(status: Optional[int], limit: int, elapsed: float) -> Outcome:
 
 def expired() -> Outcome:
     return Outcome(Kind.EXPIRED, error="deadline exceeded before dispatch")
+
+
+def cancelled(elapsed: float = 0.0) -> Outcome:
+    return Outcome(Kind.CANCELLED, error="cancelled", elapsed=elapsed)
 
 
 class Assignment(NamedTuple):

@@ -139,6 +139,14 @@ class Pool:
         except (OSError, ValueError):
             return False  # its sentinel will report the death
 
+    def send_cancel(self, handle: Handle, keys: List[str]) -> bool:
+        """Ask a worker to abort the attempts of `keys` it holds."""
+        try:
+            handle.conn.send((worker.CANCEL, keys))
+            return True
+        except (OSError, ValueError):
+            return False
+
     def receive(self, handle: Handle, limit: int = 1000) -> list:
         """Messages waiting on a worker's pipe, which the caller's wait found readable
         (never blocks). `Connection.poll()` is not used to ask for more: it builds a

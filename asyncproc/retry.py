@@ -11,6 +11,7 @@ from asyncproc.outcomes import Kind, Outcome
 
 POLICIES = ("exponential", "fixed")
 DEADLINE = "deadline_exceeded"
+CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def decide(
         return Finish(False, outcome.describe(), "gateway_error")
     if outcome.kind is Kind.EXPIRED:
         return Finish(False, deadline_exceeded(last_error), DEADLINE)
+    if outcome.kind is Kind.CANCELLED:
+        return Finish(False, "cancelled", CANCELLED)
     if now >= deadline:
         return Finish(False, deadline_exceeded(outcome.describe()), DEADLINE)
     if max_attempts and attempts >= max_attempts:

@@ -18,13 +18,28 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from asyncproc import credentials, gate_sources, gates, gateway, merge, messages, metrics, notify, outbox, redact, retry, worker
+from asyncproc import (
+    cancelwatch,
+    credentials,
+    gate_sources,
+    gates,
+    gateway,
+    llmd,
+    merge,
+    messages,
+    metrics,
+    notify,
+    outbox,
+    redact,
+    retry,
+    worker,
+)
 from asyncproc.config import QueueConfig, Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Assignment, Kind, Outcome
 from asyncproc.pool import BootFailure, Pool
-from asyncproc.transports import Delivery, Transport, TransportError, Writes, open_transport
+from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Writes, open_transport
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -36,7 +51,6 @@ GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for Redis to return
-CANCEL_POLL_SECONDS = 1.0    # how often cancellations are read
 STUCK_GRACE_SECONDS = 3.0    # a worker holding an attempt this long past its budget is replaced
 STUCK_CHECK_SECONDS = 1.0    # how often held attempts are compared with their budgets
 
@@ -80,6 +94,15 @@ class Route:
             token_file = token_files.get(path) or token_files.setdefault(path, credentials.TokenFile(path))
         self.auth = credentials.RouteAuth(base, url, headers, token, token_file)
         self.headers: Dict[str, str] = self.auth.headers
+        self.request_headers = queue.request_headers if queue.request_headers is not None else settings.request_headers
+        self.fairness = (settings.fairness_header, settings.fairness_metadata_key)
+
+    def headers_for(self, request: Request) -> Dict[str, str]:
+        """The route's headers, then the request's own, then the fairness header (llm-d-async)."""
+        if not (request.headers or (self.fairness[0] and request.metadata)):
+            return self.headers
+        return llmd.merge_headers(self.headers, request.headers if self.request_headers else None,
+                                  request.metadata, *self.fairness)
 
     def path(self, request: Request) -> str:
         return messages.request_path(request, self.queue_path, self.gateway_path)
@@ -147,6 +170,9 @@ class Supervisor:
         self.keep_alive_at = 0.0
         self.cancelled = messages.Cancellations()
         self.cancel_poll_at = 0.0
+        self.aborting: set = set()           # keys whose in-flight attempt is being aborted (cancelled)
+        self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
+        self.result_queues = {q.name: q.result_queue for q in queues if q.result_queue}
         self.rss_check_at = 0.0
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
@@ -333,6 +359,7 @@ class Supervisor:
         total_room = (self.aimd_state.in_flight - self.ledger.count(State.ASSIGNED)
                       if self.aimd_state is not None else None)
         batches: Dict[int, List[Assignment]] = {}
+        tokened: List[Request] = []   # llm-d-async requests: their cancel marker is read before sending
         while free and view and (total_room is None or total_room > 0):
             index = max(free, key=free.__getitem__)
             if free[index] <= 0:
@@ -346,9 +373,11 @@ class Supervisor:
                 route = self.routes.get(request.queue, self.default_route)
                 batches.setdefault(index, []).append(Assignment(
                     request.key, route.origin, route.path(request), orjson.dumps(request.payload),
-                    route.headers, request.deadline, self.settings.connect_timeout,
+                    route.headers_for(request), request.deadline, self.settings.connect_timeout,
                     self.settings.request_timeout, self.settings.max_response_bytes,
                 ))
+                if request.token:
+                    tokened.append(request)
             except Exception as exc:  # one request's bug costs that request, not the loop
                 self.internal_error("dispatch", exc, request, None)
             if request.attempts == 0 and request.last_error is None:
@@ -359,10 +388,32 @@ class Supervisor:
                 del view[queue]
             if total_room is not None:
                 total_room -= 1
+        if tokened:
+            batches = self.cancel_before_send(tokened, batches)
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in batches.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
         self._note_held(room, total_room, any(n > 0 for n in free.values()))
+
+    def cancel_before_send(self, requests: List[Request], batches: Dict[int, List[Assignment]]):
+        """llm-d-async checks a request's cancel marker just before dispatch: so do we, one
+        read for the batch. A failed read dispatches (the in-flight watch still aborts it)."""
+        try:
+            marked = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in requests])
+        except TransportError as exc:
+            self.transport_down(exc)
+            return batches
+        gone = {r.key for r, hit in zip(requests, marked) if hit}
+        for request in requests:
+            if request.key in gone:
+                entry = self.ledger.settle(request.key)
+                if entry is not None:
+                    log.info("id=%s cancelled before dispatch", request.key, extra={"id": request.id})
+                    self.finish(entry.request, messages.cancelled_result(entry.request), entry.delivery,
+                                messages.CANCELLED)
+        if not gone:
+            return batches
+        return {i: kept for i, jobs in batches.items() if (kept := [j for j in jobs if j.key not in gone])}
 
     def _limit(self, queue: str) -> int:
         """How many of `queue`'s requests may be in flight: its limit scaled by its gate's budget."""
@@ -513,7 +564,20 @@ class Supervisor:
                 self.isolated("accept", item, delivery, self.accept, item, delivery)
             else:
                 pairs.append((item, delivery))
+        self.check_markers([item for item, _ in pairs if isinstance(item, Request)])
         self.claim_and_accept(pairs)
+
+    def check_markers(self, requests: List[Request]) -> None:
+        """llm-d-async's cancel markers of arriving requests, one read (best effort: the
+        check before dispatch is the one that counts)."""
+        tokened = cancelwatch.with_tokens(requests)
+        if not tokened:
+            return
+        try:
+            hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened])
+        except TransportError:
+            return
+        self.marked.update(r.key for r, hit in zip(tokened, hits) if hit)
 
     def claim_and_accept(self, pairs: List[tuple]) -> None:
         """Claim the ids (one replica processes each; pub/sub also records each message in
@@ -596,9 +660,13 @@ class Supervisor:
                         " result instead", result.key, len(raw), limit, extra={"id": result.id})
             raw = messages.encode_result(Result(
                 result.id, result.queue, False, f"result too large: {len(raw)} bytes, limit {limit}",
-                status_code=result.status_code, attempts=result.attempts, metadata=result.metadata),
-                self.settings.result_format)
+                status_code=result.status_code, attempts=result.attempts, metadata=result.metadata,
+                token=result.token), self.settings.result_format)
         self.outbox.results.append((result.key, raw, delivery))
+        destination = llmd.result_queue(self.result_queues.get(result.queue), result.reply_to)
+        if destination or result.token:  # llm-d-async: where it goes, which marker it releases
+            self.outbox.routes[result.key] = ResultRoute(
+                destination, str(result.id) if result.token else None, result.token)
 
     def accept_retry(self, delivery: Delivery, now: float) -> None:
         """A due retry, a put-back request, or work abandoned by a holder that died."""
@@ -633,11 +701,15 @@ class Supervisor:
             self.queue_result(messages.rejected_result(parsed), delivery)
             late = parsed.reason == "deadline exceeded"
             self.metrics.of(self.metrics.results, parsed.queue, retry.DEADLINE if late else "invalid").inc()
-        elif self.cancelled.covers(parsed) and not self.ledger.holds(parsed.key):
+        elif (self.cancelled.covers(parsed) or parsed.key in self.marked) and not self.ledger.holds(parsed.key):
+            self.marked.discard(parsed.key)
             log.info("id=%s cancelled", parsed.key, extra={"id": parsed.id})
             self.finish(parsed, messages.cancelled_result(parsed), delivery, messages.CANCELLED)
         elif not self.ledger.admit(parsed, delivery):
             self._duplicate(parsed.key, parsed.queue, delivery)
+        else:
+            for reason in parsed.refused_headers:  # counted once, when it is taken in
+                self.metrics.of(self.metrics.headers_refused, parsed.queue, reason).inc()
 
     def _duplicate(self, key: str, queue: str, delivery: Optional[Delivery]) -> None:
         self.metrics.of(self.metrics.skipped, queue, "in-flight").inc()
@@ -663,15 +735,21 @@ class Supervisor:
         entry = self.ledger.settle(key)
         if entry is None:
             return  # a report for work already given to another worker
+        if key in self.aborting:
+            self.aborting.discard(key)
+            if not cancelwatch.answer_of_aborted(outcome):  # never retried
+                outcome = Outcome(Kind.CANCELLED, error="cancelled", elapsed=outcome.elapsed)
         before = entry.request
         request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
-        if outcome.kind is not Kind.EXPIRED:
+        if outcome.kind is Kind.CANCELLED:
+            self.metrics.of(self.metrics.aborted, request.queue).inc()
+        elif outcome.kind is not Kind.EXPIRED:
             self.metrics.of(self.metrics.gateway_latency, request.queue).observe(outcome.elapsed)
         if outcome.kind is Kind.SHED:
             self.metrics.of(self.metrics.shed, request.queue).inc()
         self._note_gateway(request, outcome)
         now = time.time()
-        if self.aimd_state is not None and outcome.kind is not Kind.EXPIRED:
+        if self.aimd_state is not None and outcome.kind not in (Kind.EXPIRED, Kind.CANCELLED):
             self.aimd_state = gates.adapt(self.aimd_state, self.aimd, outcome.status, outcome.kind is Kind.OK,
                                           outcome.elapsed, entry.dispatched_at, now)
         decision = retry.decide(outcome, request.attempts, request.deadline, now,
@@ -685,11 +763,9 @@ class Supervisor:
             self.outbox_keys.append(key)
             return
         attempts = request.attempts if outcome.kind is not Kind.EXPIRED else before.attempts
-        result = Result(
-            request.id, request.queue, decision.ok, decision.reason,
-            status_code=outcome.status, body=outcome.body, attempts=attempts,
-            metadata=request.metadata,
-        )
+        result = messages.result_of(request, decision.ok, decision.reason, status_code=outcome.status,
+                                    body=outcome.body, attempts=attempts,
+                                    code=llmd.CANCELLED if decision.code == retry.CANCELLED else None)
         if not decision.ok:
             log.warning("id=%s failed after %d attempts: %s", key, attempts, decision.reason,
                         extra={"id": request.id})
@@ -728,25 +804,40 @@ class Supervisor:
                 route.refresh()
 
     def refresh_cancellations(self, now: float) -> None:
-        """Read what `asyncproc cancel` named; answer held requests it covers that are not
-        dispatched yet (dispatched ones finish). Later arrivals are answered at intake."""
+        """Every --cancel-poll-interval: read what `asyncproc cancel` named and, in one
+        pipelined read, llm-d-async's markers of the held requests with a token. Waiting
+        requests covered are answered now; in-flight ones are aborted by their workers
+        (answered when the worker reports). Later arrivals are answered at intake."""
         if now < self.cancel_poll_at or not self.redis_ok:
             return
-        self.cancel_poll_at = now + CANCEL_POLL_SECONDS
+        self.cancel_poll_at = now + self.settings.cancel_poll_interval
+        held = self.ledger.unfinished()
+        tokened = cancelwatch.with_tokens(e.request for e in held)
         try:
             batches, ids = self.transport.cancellations(now)
+            hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened]) if tokened else []
         except TransportError as exc:
             self.transport_down(exc)
             return
-        if batches == self.cancelled.batches and ids == self.cancelled.ids:
-            return
-        self.cancelled = messages.Cancellations(batches, ids)
-        withdrawn = [e.request for e in self.ledger.unfinished([State.WAITING]) if self.cancelled.covers(e.request)]
-        for request in withdrawn:
-            entry = self.ledger.withdraw(request.key)
-            self.finish(request, messages.cancelled_result(request), entry.delivery, messages.CANCELLED)
-        if withdrawn:
-            log.info("cancelled %d waiting requests: %s", len(withdrawn), " ".join(r.key for r in withdrawn[:20]))
+        self.metrics.cancel_reads.inc()
+        self.metrics.cancel_watched.set(len(tokened))
+        if batches != self.cancelled.batches or ids != self.cancelled.ids:
+            self.cancelled = messages.Cancellations(batches, ids)
+        marked = {r.key for r, hit in zip(tokened, hits) if hit}
+        todo = cancelwatch.plan(held, self.cancelled, marked, self.aborting)
+        for entry in todo.withdraw:
+            self.ledger.withdraw(entry.request.key)
+            self.finish(entry.request, messages.cancelled_result(entry.request), entry.delivery, messages.CANCELLED)
+        if todo.withdraw:
+            log.info("cancelled %d waiting requests: %s", len(todo.withdraw),
+                     " ".join(e.request.key for e in todo.withdraw[:20]))
+        handles = {h.index: h for h in self.pool.handles}
+        for index, keys in todo.abort.items():
+            handle = handles.get(index)
+            if handle is not None and self.pool.send_cancel(handle, keys):
+                self.aborting.update(keys)
+                log.info("aborting %d cancelled requests in flight on worker %d: %s", len(keys), index,
+                         " ".join(keys[:20]))
 
     # -- drain and outages -----------------------------------------------------------------------
     def begin_drain(self) -> None:

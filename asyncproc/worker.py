@@ -24,9 +24,9 @@ from asyncproc import gateway, logs, outcomes
 
 log = logging.getLogger("asyncproc.worker")
 
-# Messages on the pipe. Supervisor → worker: (JOBS, [Assignment, ...]) | (STOP,).
-# Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
-JOBS, STOP, READY, DONE, BEAT = "jobs", "stop", "ready", "done", "beat"
+# Messages on the pipe. Supervisor → worker: (JOBS, [Assignment, ...]) | (CANCEL, [key, ...])
+# | (STOP,). Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
+JOBS, STOP, READY, DONE, BEAT, CANCEL = "jobs", "stop", "ready", "done", "beat", "cancel"
 #: How often the main loop looks for attempts past their budget, at most (it wakes at least
 #: every half second anyway).
 EXPIRY_CHECK_SECONDS = 0.1
@@ -114,6 +114,8 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
                 if message[0] == JOBS:
                     for job in message[1]:
                         jobs.put(job)
+                elif message[0] == CANCEL:  # abort these requests' attempts (their sockets)
+                    http.cancel(message[1])
                 elif message[0] == STOP:
                     stopping.set()
             else:

@@ -142,8 +142,8 @@ def read_output(path: str) -> Set[str]:
 
 def outcome(result: dict) -> Tuple[bool, Optional[int], object, str]:
     """(ok, status code, response body, error) from either result format."""
-    if "error_code" in result:  # --result-format llm-d-async
-        ok = not result.get("error_code")
+    if "attempts" not in result and isinstance(result.get("payload"), str):  # --result-format llm-d-async
+        ok = not result.get("error_code") and 200 <= (result.get("status_code") or 0) < 300
         raw = result.get("payload") or ""
         try:
             body = orjson.loads(raw) if raw else None
@@ -479,7 +479,7 @@ def status(argv: List[str]) -> int:
 
 def cancel(argv: List[str]) -> int:
     parser = _parser("cancel", "Queued requests of a batch (or with given ids) get the error result"
-                     " 'cancelled' instead of being dispatched; requests in flight finish.")
+                     " 'cancelled': queued ones are not dispatched, ones in flight are aborted.")
     parser.add_argument("--batch", help="the batch id submit printed")
     parser.add_argument("--id", action="append", default=[], help="a request id (may repeat)")
     settings, ns = config.parse_args(argv, parser=parser)

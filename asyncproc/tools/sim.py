@@ -11,7 +11,8 @@ The n-th request with key "a1" gets script[n] (the last entry repeats); an entry
 status code, "drop" (the connection is closed without an answer) or a hostile mode.
 
 Every success carries `x_sim` with the path, the objective header, the attempt number and
-the time it was seen. `GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
+the time it was seen (and, with `"headers": true` in the request's `x_sim`, every header it
+saw). `GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
 serves thousands of connections, so a latency of seconds costs no thread per request.
 
 With `--capacity N` it models an inference server's limits: N requests are served at once,
@@ -185,6 +186,8 @@ class Sim:
                 return _json(status, {"error": {"message": f"simulated {status}", "code": status}}, headers)
             seen = {"path": path, "objective": objective, "attempt": attempt + 1, "key": key, "at": time.time(),
                     "arrived": arrived}
+            if directive.get("headers"):  # echo the headers it saw (tests of what asyncproc sends)
+                seen["headers"] = {name.lower(): value for name, value in request.headers.items()}
             doc = completion(path, payload.get("model", "sim"), serial)
             if doc is None:
                 self.by_status[404] += 1

@@ -25,6 +25,17 @@ class Delivery:
     state: Optional[bytes] = None
 
 
+@dataclass(frozen=True)
+class ResultRoute:
+    """Where one result goes and what writing it closes (llm-d-async): `queue` instead of
+    the transport's result queue (None: that one); `request_id` and `token` name the
+    generation whose `request-active:<id>` marker is released once the result is written."""
+
+    queue: Optional[str] = None
+    request_id: Optional[str] = None
+    token: Optional[str] = None
+
+
 @dataclass
 class Writes:
     """Everything one flush writes. Each item names the delivery it settles, if any.
@@ -41,6 +52,8 @@ class Writes:
     dead_letters: List[Tuple[bytes, Optional[Delivery]]] = field(default_factory=list)
     #: deliveries settled with nothing to write (a duplicate of an id already held)
     drops: List[Delivery] = field(default_factory=list)
+    #: per result (by id key), where it goes and what it closes; absent: the defaults
+    routes: Dict[str, ResultRoute] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.results or self.retries or self.dead_letters or self.drops)
@@ -86,6 +99,11 @@ class Transport(abc.ABC):
     def cancellations(self, now: float) -> Tuple[FrozenSet[str], FrozenSet[str]]:
         """(batch ids, id keys) that `asyncproc cancel` named and that have not lapsed."""
         return frozenset(), frozenset()
+
+    def cancelled_tokens(self, pairs: List[Tuple[str, str]]) -> List[bool]:
+        """For each (request id, token): has llm-d-async's producer cancelled that request
+        generation (`request-cancel:<id>` holds the token)? One read for all of them."""
+        return [False] * len(pairs)
 
     @abc.abstractmethod
     def stats(self) -> Dict[str, Dict[str, float]]:

@@ -23,7 +23,8 @@ import redis
 
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.keys import pubsub_key, pubsub_marker
-from asyncproc.transports.redisbase import SOCKET_TIMEOUT, describe, guarded, make_client, read_cancellations
+from asyncproc.transports.markers import Markers
+from asyncproc.transports.redisbase import SOCKET_TIMEOUT, describe, group_by_destination, guarded, make_client, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 log = logging.getLogger("asyncproc.redis")
@@ -78,12 +79,14 @@ class RedisPubSub(Transport):
         self._claim_script = self._client.register_script(load_script("claim_ids.lua"))
         self._publish_script = self._client.register_script(load_script("publish_results.lua"))
         self._reclaim_script = self._client.register_script(load_script("lease_claim.lua"))
+        self.markers = Markers(self._client)
 
     def connect(self) -> None:
         self._close_pubsub()
         try:
             self._client.ping()
             preload(self._client, self._publish_script, self._claim_script)
+            self.markers.preload(self._client)
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(*self.channels)
             # Read the subscribe confirmations so the subscription is live when we return.
@@ -207,13 +210,14 @@ class RedisPubSub(Transport):
             # safe to repeat (results are deduplicated, ZADD and ZREM are idempotent). The
             # records go last, after what replaces them, on the same connection.
             pipe = self._client.pipeline(transaction=False)
-            if writes.results:
-                args = [self._window, self.result_channel]
-                for key, raw, _ in writes.results:
+            for channel, items in group_by_destination(writes.results, writes.routes, self.result_channel).items():
+                args = [self._window, channel]
+                for key, raw, _ in items:
                     args += [key, raw]
                 in_pipeline(self._publish_script, pipe,
                             [self._held, self._held_messages,
-                             *(self._marker("done", key) for key, _, _ in writes.results)], args)
+                             *(self._marker("done", key) for key, _, _ in items)], args)
+            self.markers.release(pipe, (writes.routes.get(k) for k, _, _ in writes.results))
             self._retries.add(pipe, [(state, due) for state, due, _ in writes.retries])
             if writes.dead_letters:
                 pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
@@ -242,6 +246,9 @@ class RedisPubSub(Transport):
 
     def cancellations(self, now: float):
         return guarded(lambda: read_cancellations(self._client, self._prefix, now))
+
+    def cancelled_tokens(self, pairs):
+        return guarded(lambda: self.markers.cancelled(pairs))
 
     def stats(self):
         try:

@@ -1,5 +1,6 @@
 """Requests as members of a Redis sorted set scored by deadline (earliest first); results
-RPUSHed to a list. Claims move members atomically into a lease set; a finished member is
+RPUSHed to a list (LPUSHed with --result-format llm-d-async, as llm-d-async does, so its
+BRPOP consumers read them in order). Claims move members atomically into a lease set; a finished member is
 removed only after its result is written; an expired lease (its holder died) puts the
 member back in play. Retries wait in the lease set until their due time.
 """
@@ -10,6 +11,7 @@ from typing import Dict, List
 
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
+from asyncproc.transports.markers import Markers
 from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, read_cancellations
 
 
@@ -33,13 +35,19 @@ class RedisSortedSet(Transport):
         self.sets: Dict[str, LeaseSet] = {
             q: LeaseSet(self._client, settings.key_prefix, q, ready_key=q) for q in settings.queue_names
         }
-        self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, "list",
+        mode = "lpush" if getattr(settings, "result_format", "seed") == "llm-d-async" else "list"
+        self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, mode,
                                     settings.result_dedupe_window)
+        self.markers = Markers(self._client)
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
 
     def connect(self) -> None:
-        guarded(lambda: self.results.preload(self._client))
+        def run() -> None:
+            self.results.preload(self._client)
+            self.markers.preload(self._client)
+
+        guarded(run)
 
     def _claim(self, now: float, limit: int, take_new: bool) -> List[Delivery]:
         out: List[Delivery] = []
@@ -63,9 +71,10 @@ class RedisSortedSet(Transport):
         def run() -> None:
             if writes.results or writes.dead_letters:
                 pipe = self._client.pipeline(transaction=False)
-                self.results.add(pipe, writes.results)
+                self.results.add(pipe, writes.results, writes.routes)
                 if writes.dead_letters:
                     pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
+                self.markers.release(pipe, (writes.routes.get(k) for k, _, _ in writes.results))
                 pipe.execute()  # what replaces a request is written before the request goes
             pipe = self._client.pipeline(transaction=False)
             for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
@@ -87,6 +96,9 @@ class RedisSortedSet(Transport):
 
     def cancellations(self, now: float):
         return guarded(lambda: read_cancellations(self._client, self._prefix, now))
+
+    def cancelled_tokens(self, pairs):
+        return guarded(lambda: self.markers.cancelled(pairs))
 
     def stats(self):
         def run():

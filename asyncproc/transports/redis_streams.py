@@ -18,6 +18,7 @@ import redis
 
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
+from asyncproc.transports.markers import Markers
 from asyncproc.transports.redis_sortedset import shares
 from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, owner_name, read_cancellations
 
@@ -44,6 +45,7 @@ class RedisStreams(Transport):
         }
         self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, "stream",
                                     settings.result_dedupe_window, settings.result_maxlen)
+        self.markers = Markers(self._client)
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
         self._autoclaim_at = 0.0
@@ -51,6 +53,7 @@ class RedisStreams(Transport):
     def connect(self) -> None:
         def run() -> None:
             self.results.preload(self._client)
+            self.markers.preload(self._client)
             for queue in self.sets:
                 try:
                     # from the start: entries added before the group existed are work too
@@ -131,7 +134,7 @@ class RedisStreams(Transport):
     # -- settling ------------------------------------------------------------------------
     def write(self, writes: Writes) -> None:
         pipe = self._client.pipeline(transaction=True)  # results and acks: one atomic step
-        self.results.add(pipe, writes.results)
+        self.results.add(pipe, writes.results, writes.routes)
         for entry, delivery in writes.dead_letters:
             pipe.xadd(self.dead_letter_key, {FIELD: entry, b"queue": delivery.queue if delivery else ""})
         for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
@@ -148,6 +151,13 @@ class RedisStreams(Transport):
                 pipe.xack(queue, self.group, *entries)
             self.sets[queue].settle(pipe, (d.token[1] for d in deliveries if d.token[0] == LEASE))
         guarded(pipe.execute)
+        if writes.routes:  # outside the MULTI: llm-d-async's markers live in slots of their own
+            after = self._client.pipeline(transaction=False)
+            self.markers.release(after, (writes.routes.get(k) for k, _, _ in writes.results))
+            guarded(after.execute)
+
+    def cancelled_tokens(self, pairs):
+        return guarded(lambda: self.markers.cancelled(pairs))
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
         until = time.time() + self.lease_seconds

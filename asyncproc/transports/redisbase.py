@@ -92,11 +92,24 @@ class ResultWriter:
     def preload(self, client) -> None:
         preload(client, self._script)
 
-    def add(self, pipe, results: List) -> None:
-        """Queue on `pipe` the (id key, encoded result, delivery) items."""
-        if results:
-            in_pipeline(self._script, pipe, [self.key, *(self.done_key(k) for k, _, _ in results)],
-                        [self.window, self.mode, self.maxlen, *(raw for _, raw, _ in results)])
+    def add(self, pipe, results: List, routes: Optional[Dict[str, Any]] = None) -> None:
+        """Queue on `pipe` the (id key, encoded result, delivery) items, each to the result
+        queue its route names (`routes`: id key -> ResultRoute), else to this writer's."""
+        for key, items in group_by_destination(results, routes, self.key).items():
+            in_pipeline(self._script, pipe, [key, *(self._done_key(key, k) for k, _, _ in items)],
+                        [self.window, self.mode, self.maxlen, *(raw for _, raw, _ in items)])
+
+    def _done_key(self, destination: str, id_key: str) -> str:
+        return aux_key(self._prefix, destination, f"done:{id_key}")
+
+
+def group_by_destination(results: List, routes: Optional[Dict[str, Any]], default: str) -> Dict[str, list]:
+    """Results by the queue (list, stream or channel) each goes to, in their order."""
+    grouped: Dict[str, list] = {}
+    for item in results:
+        route = routes.get(item[0]) if routes else None
+        grouped.setdefault(route.queue if route is not None and route.queue else default, []).append(item)
+    return grouped
 
 
 def by_queue(items, delivery_of) -> Dict[str, list]:

@@ -190,11 +190,30 @@ def test_seed_result_shapes():
 
 
 def test_llm_d_async_result_shape():
+    """Exactly api.ResultMessage: an HTTP answer is its status and raw body (no error
+    code, omitempty); every other ending an llm-d-async error code, payload {"error"}."""
     ok = Result("a", "q", True, status_code=200, body=b'{"x": 1}', attempts=1)
     assert orjson.loads(messages.encode_result(ok, "llm-d-async")) == {
-        "id": "a", "status_code": 200, "payload": '{"x": 1}', "error_code": "",
-        "error_message": ""}
+        "id": "a", "status_code": 200, "payload": '{"x": 1}'}
     bad = Result("b", "q", False, error="gateway returned HTTP 400: no", status_code=400,
                  body=b"no", attempts=1)
-    out = orjson.loads(messages.encode_result(bad, "llm-d-async"))
-    assert out["error_code"] == "400" and out["error_message"].startswith("gateway returned")
+    assert orjson.loads(messages.encode_result(bad, "llm-d-async")) == {"id": "b", "status_code": 400, "payload": "no"}
+    late = Result(7, "q", False, error="deadline exceeded (last failure: connect timeout)", token="t1")
+    assert orjson.loads(messages.encode_result(late, "llm-d-async")) == {
+        "id": "7", "payload": '{"error":"deadline exceeded (last failure: connect timeout)"}',
+        "error_code": "DEADLINE_EXCEEDED", "error_message": "deadline exceeded (last failure: connect timeout)",
+        "request_token": "t1"}
+    request = Request("c", FUTURE, {}, "q", NOW)
+    assert orjson.loads(messages.encode_result(messages.cancelled_result(request), "llm-d-async"))["error_code"] \
+        == "CANCELLED"
+    rejected = messages.parse_request(b'{"id": "d", "deadline": "soon", "payload": {}}', "q", NOW)
+    assert orjson.loads(messages.encode_result(messages.rejected_result(rejected), "llm-d-async"))["error_code"] \
+        == "INVALID_REQUEST"
+    expired = messages.parse_request(b'{"id": "e", "deadline": 1, "payload": {}}', "q", NOW)
+    assert orjson.loads(messages.encode_result(messages.rejected_result(expired), "llm-d-async"))["error_code"] \
+        == "DEADLINE_EXCEEDED"
+    failed = Result("f", "q", False, error="deadline exceeded (last failure: HTTP 503)", status_code=503, body=b"busy")
+    assert orjson.loads(messages.encode_result(failed, "llm-d-async")) == {"id": "f", "status_code": 503,
+                                                                           "payload": "busy"}
+    too_big = Result("g", "q", False, error="response too large (over 10 bytes)", status_code=200)
+    assert orjson.loads(messages.encode_result(too_big, "llm-d-async"))["error_code"] == "INFERENCE_ERROR"

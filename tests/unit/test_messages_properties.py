@@ -7,7 +7,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncproc import messages
+from asyncproc import llmd, messages
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 
 NOW = 1_700_000_000.0
@@ -27,9 +27,19 @@ messages_like = st.fixed_dictionaries(
               "metadata": st.dictionaries(st.text(max_size=5), json_scalars, max_size=3),
               "endpoint": st.sampled_from(["/v1/completions", "/x/../y", "v1", "/v1/embeddings?x"]) | json_scalars,
               "created": deadlines})
-envelopes = st.fixed_dictionaries({"request_kind": st.text(max_size=5), "data": messages_like},
-                                  optional={"internal": st.dictionaries(st.just("retry_count"), json_scalars)
-                                            | json_values})
+header_maps = st.dictionaries(st.sampled_from(["Authorization", "Host", "Connection", "x-a", "bad name", "TE",
+                                               "Content-Length", "x-\u00e9"]) | st.text(max_size=6),
+                              st.text(max_size=8) | json_scalars, max_size=4) | json_scalars
+internals = st.fixed_dictionaries({}, optional={
+    "retry_count": json_scalars, "request_token": st.text(max_size=40) | json_scalars,
+    "result_queue_name": st.sampled_from(["results", "asyncproc:x", "request-cancel:a", ""]) | json_scalars,
+    "payload_ref": st.text(max_size=5)})
+envelopes = st.fixed_dictionaries({"request_kind": st.sampled_from(["plain", "redis", "pubsub"]) | st.text(max_size=5),
+                                   "data": messages_like.map(dict) | st.fixed_dictionaries(
+                                       {"id": ids, "deadline": st.just(NOW + 60), "payload": st.just({})},
+                                       optional={"headers": header_maps, "result_queue_name": json_scalars,
+                                                 "metadata": st.just({"userid": "u"})})},
+                                  optional={"internal": internals | json_values})
 
 
 def check_parsed(parsed, queue="q"):
@@ -41,9 +51,12 @@ def check_parsed(parsed, queue="q"):
     assert messages.usable_id(parsed.id) and orjson.loads(parsed.key) == parsed.id
     assert 0 <= parsed.attempts <= messages.MAX_RETRY_COUNT
     if isinstance(parsed, Rejected):
-        for fmt in messages.RESULT_FORMATS:
-            assert orjson.loads(messages.encode_result(messages.rejected_result(parsed), fmt))["id"] == parsed.id
+        assert orjson.loads(messages.encode_result(messages.rejected_result(parsed), "seed"))["id"] == parsed.id
+        check_llmd_result(messages.encode_result(messages.rejected_result(parsed), "llm-d-async"), parsed.id)
         return
+    if parsed.headers is not None:
+        assert not llmd.clean_headers(parsed.headers)[1]  # only sendable headers are kept
+    assert parsed.token is None or (isinstance(parsed.token, str) and parsed.token)
     assert NOW < parsed.deadline <= NOW + LIMITS.max_horizon
     orjson.dumps(parsed.payload)  # every accepted request can be sent
     assert messages.decode_state(messages.encode_state(parsed), queue) == parsed
@@ -99,12 +112,25 @@ def test_every_result_encodes_in_both_formats(id_value, ok, error, status, body,
     if ok and attempts < 2 ** 63:
         assert seed["attempts"] == attempts and seed.get("metadata") == metadata
         assert ("payload" in seed) and "error" not in seed
-    llmd = orjson.loads(messages.encode_result(result, "llm-d-async"))
-    assert llmd["id"] == id_value
+    out = check_llmd_result(messages.encode_result(result, "llm-d-async"), id_value)
     if ok:
-        assert llmd["error_code"] == "" and llmd["payload"] == (body or b"").decode("utf-8", "replace")
+        assert "error_code" not in out and out["payload"] == (body or b"").decode("utf-8", "replace")
     else:
-        assert llmd["error_code"]
+        assert out.get("error_code") in llmd.ERROR_CODES or (status and body is not None)
+
+
+def check_llmd_result(raw: bytes, id_value) -> dict:
+    """What Go's json.Unmarshal into api.ResultMessage accepts: id and payload strings,
+    status_code an int, error fields strings; a non-HTTP ending has a known code."""
+    out = orjson.loads(raw)
+    assert out["id"] == (id_value if isinstance(id_value, str) else str(id_value))
+    assert isinstance(out["payload"], str)
+    assert isinstance(out.get("status_code", 0), int) and not isinstance(out.get("status_code", 0), bool)
+    assert all(isinstance(out.get(k, ""), str) for k in ("error_code", "error_message", "request_token"))
+    if "error_code" in out:
+        assert out["error_code"] in llmd.ERROR_CODES and "status_code" not in out
+        assert set(orjson.loads(out["payload"])) == {"error"}
+    return out
 
 
 @given(st.text(max_size=60) | st.sampled_from(["nan", "inf", "-inf", "1e400", "Wed, 21 Oct 99999 07:28:00 GMT"]))

@@ -1,9 +1,9 @@
--- Append results to a list (RPUSH) or a stream (XADD, trimmed), each once per id within
+-- Append results to a list (RPUSH, or LPUSH as llm-d-async does) or a stream (XADD, trimmed), each once per id within
 -- the dedupe window, so a repeated flush or a redelivered request adds no second result.
 -- KEYS[1]     result list or stream
 -- KEYS[1+i]   done key of result i (same hash slot as KEYS[1])
 -- ARGV[1]     dedupe window, seconds (0 = append every result)
--- ARGV[2]     'list' or 'stream'
+-- ARGV[2]     'list' (RPUSH), 'lpush' or 'stream'
 -- ARGV[3]     approximate MAXLEN of the stream (0 = no trimming)
 -- ARGV[3+i]   encoded result i
 -- returns     how many results were appended
@@ -18,6 +18,8 @@ for i = 2, #KEYS do
       else
         redis.call('XADD', KEYS[1], '*', 'message', result)
       end
+    elseif ARGV[2] == 'lpush' then
+      redis.call('LPUSH', KEYS[1], result)
     else
       redis.call('RPUSH', KEYS[1], result)
     end
