@@ -30,6 +30,7 @@ redis.call("SET", KEYS[2], active, "EX", ARGV[1])
 return 1
 """
 GO_INT_MAX = 2 ** 63 - 1
+FIELDS = ("id", "status_code", "payload", "error_code", "error_message", "request_token")
 
 
 class GoUnmarshalError(ValueError):
@@ -61,7 +62,7 @@ def parse_result(raw: bytes) -> Dict:
         raise GoUnmarshalError(f"json: cannot unmarshal {type(doc).__name__} into Go value of type ResultMessage")
     # Go matches field names case-insensitively; asyncproc must write them exactly, so a
     # differently spelled duplicate is a bug here, not a feature to rely on.
-    spelled = {k.lower() for k in doc} - {k for k in doc}
+    spelled = [k for k in doc if k.lower() in FIELDS and k not in FIELDS]
     if spelled:
         raise GoUnmarshalError(f"field names not as api.ResultMessage spells them: {sorted(spelled)}")
     status = doc.get("status_code")

@@ -152,3 +152,29 @@ def test_max_response_bytes_option():
         with pytest.raises(config.ConfigError) as err:
             config.load_settings(["--max-response-bytes", bad], {}, cpu_count=1)
         assert "--max-response-bytes" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path", ["/drip", "/trickle"])
+def test_a_cancelled_attempt_ends_at_once_as_cancelled(hostile, gateway, path):
+    """The worker's main loop cancels by key: the attempt's socket is shut, the blocked
+    read fails and the outcome is CANCELLED (not a retryable failure); the pool goes on."""
+    assignment = job(hostile.url, path, request_timeout=30.0)
+    outcome_box = []
+    worker = threading.Thread(target=lambda: outcome_box.append(timed(gateway, assignment)), daemon=True)
+    worker.start()
+    wait_until(lambda: any(a.key == "k" and a.sock is not None for a in list(gateway._attempts.values())), 5,
+               what="the attempt connected")
+    assert gateway.cancel(["k"]) == 1
+    worker.join(5)
+    (outcome, took), = outcome_box
+    assert outcome.kind is Kind.CANCELLED and took < 2.0
+    assert gateway.post(job(hostile.url, "/ok")).kind is Kind.OK
+
+
+def test_a_cancel_before_the_attempt_begins_is_kept_for_it(hostile, gateway):
+    assert gateway.cancel(["k"]) == 0
+    assert gateway.post(job(hostile.url, "/ok")).kind is Kind.CANCELLED
+    assert gateway.post(job(hostile.url, "/ok")).kind is Kind.OK  # used once
+    gateway.cancel(["other"])
+    gateway.expire_overdue(time.monotonic() + 3600)  # forgotten after a while
+    assert gateway._cancelled == {}
