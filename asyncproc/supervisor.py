@@ -296,6 +296,7 @@ class Supervisor:
     def reap(self) -> None:
         for handle in self.pool.reap():
             released = self.ledger.release_worker(handle.index)
+            self.aborting.difference_update(r.key for r in released)  # a cancel still covers them
             if released:
                 log.warning("worker %d held %d requests; dispatching them again: %s", handle.index,
                             len(released), " ".join(r.key for r in released[:20]))
