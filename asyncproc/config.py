@@ -292,6 +292,10 @@ OPTIONS: Tuple[Option, ...] = (
            " request's own (as llm-d-async does); empty = not set", _header_name_or_empty),
     Option("--fairness-metadata-key", str, "userid", "metadata key whose value --fairness-header carries",
            _non_empty),
+    Option("--tracing", parse_bool, False,
+           "record OpenTelemetry spans (receive, each attempt, result) and send each attempt's W3C"
+           " traceparent to the gateway, continuing the request's own (headers or metadata);"
+           " exported as the OTEL_* environment variables say; needs asyncproc[otel]"),
     Option("--cancel-poll-interval", float, 0.5,
            "seconds between reads of cancellations (asyncproc cancel, llm-d-async's request-cancel"
            " markers) for what is held: one pipelined read each time; in flight ones are aborted",
@@ -469,6 +473,7 @@ class Settings:
     fairness_header: str = "x-llm-d-inference-fairness-id"
     fairness_metadata_key: str = "userid"
     cancel_poll_interval: float = 0.5
+    tracing: bool = False
 
     def message_limits(self) -> messages.Limits:
         """What every request message is checked against (README: Bad input)."""
@@ -564,6 +569,12 @@ def parse_args(
             token = q.token if q.token is not None else ns.gateway_token
             check_gateway_auth(f"--queues-file: queue {q.name} gateway", q.gateway or ns.inference_gateway,
                                tuple(merged.items()), token, q.token_file or token_file)
+    if ns.tracing:
+        from asyncproc import tracing
+
+        problem = tracing.exporter_problem(environ)
+        if problem:
+            raise ConfigError(f"--tracing: {problem}")
     register_secrets(ns, queues, default_gate, gateway_headers)
     settings = Settings(
         concurrency=concurrency,
@@ -622,6 +633,7 @@ def parse_args(
         fairness_header=ns.fairness_header,
         fairness_metadata_key=ns.fairness_metadata_key,
         cancel_poll_interval=ns.cancel_poll_interval,
+        tracing=ns.tracing,
     )
     return settings, ns
 

@@ -32,6 +32,7 @@ from asyncproc import (
     outbox,
     redact,
     retry,
+    tracing,
     worker,
 )
 from asyncproc.config import QueueConfig, Settings
@@ -173,6 +174,7 @@ class Supervisor:
         self.aborting: set = set()           # keys whose in-flight attempt is being aborted (cancelled)
         self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
         self.result_queues = {q.name: q.result_queue for q in queues if q.result_queue}
+        self.tracing = tracing.load(settings.tracing)   # --tracing; off: no-ops
         self.rss_check_at = 0.0
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
@@ -218,6 +220,7 @@ class Supervisor:
         finally:
             # Everything held was answered or put back: nothing a worker still does matters.
             self.pool.stop(timeout=1.0)
+            self.tracing.close()
             self.transport.close()
             if self.sources is not None:
                 self.sources.close()
@@ -374,7 +377,8 @@ class Supervisor:
                 route = self.routes.get(request.queue, self.default_route)
                 batches.setdefault(index, []).append(Assignment(
                     request.key, route.origin, route.path(request), orjson.dumps(request.payload),
-                    route.headers_for(request), request.deadline, self.settings.connect_timeout,
+                    self.tracing.attempt_started(request, route.headers_for(request)), request.deadline,
+                    self.settings.connect_timeout,
                     self.settings.request_timeout, self.settings.max_response_bytes,
                 ))
                 if request.token:
@@ -711,6 +715,7 @@ class Supervisor:
         else:
             for reason in parsed.refused_headers:  # counted once, when it is taken in
                 self.metrics.of(self.metrics.headers_refused, parsed.queue, reason).inc()
+            self.tracing.received(parsed)
 
     def _duplicate(self, key: str, queue: str, delivery: Optional[Delivery]) -> None:
         self.metrics.of(self.metrics.skipped, queue, "in-flight").inc()
@@ -736,6 +741,7 @@ class Supervisor:
         entry = self.ledger.settle(key)
         if entry is None:
             return  # a report for work already given to another worker
+        self.tracing.attempt_ended(key, outcome)
         if key in self.aborting:
             self.aborting.discard(key)
             if not cancelwatch.answer_of_aborted(outcome):  # never retried
@@ -788,6 +794,7 @@ class Supervisor:
 
     def finish(self, request: Request, result: Result, delivery: Optional[Delivery], code: str) -> None:
         self.queue_result(result, delivery)
+        self.tracing.finished(request, result, code)
         self.metrics.of(self.metrics.results, request.queue, code).inc()
         self.metrics.of(self.metrics.end_to_end, request.queue).observe(
             max(time.time() - (request.created or request.received_at), 0.0))

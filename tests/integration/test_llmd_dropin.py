@@ -1,6 +1,9 @@
 """asyncproc as a drop-in for llm-d-async behind llm-d-batch-gateway: its producer's and
 consumer's exact Redis commands (tests/llmd_replay.py), real Redis, the stand-in gateway
 echoing the headers it saw, and the real processor."""
+import os
+import subprocess
+import sys
 import time
 
 import orjson
@@ -8,7 +11,7 @@ import pytest
 import redis
 
 from tests import llmd_replay
-from tests.harness import wait_subscribed, wait_until
+from tests.harness import BIN, ROOT, wait_subscribed, wait_until
 from tests.llmd_replay import Producer, message
 
 LLMD = ("--message-queue-impl", "redis-sortedset", "--result-format", "llm-d-async",
@@ -200,3 +203,23 @@ def test_other_redis_transports_route_results_and_send_headers(redis_server, sim
     assert seen["authorization"] == "Bearer x" and seen["x-llm-d-inference-fairness-id"] == "t"
     assert seen["host"] != "h"
     wait_until(lambda: client.exists("request-active:x") == 0, 10, what="the active marker released")
+
+
+def test_trace_context_reaches_the_gateway(redis_server, sim, start_processor):
+    """--tracing: the request's traceparent (in its metadata, as llm-d-async's producers put
+    it) is continued: the gateway sees the same trace, with asyncproc's attempt as parent."""
+    trace, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    start_processor(sim.url, *LLMD, "--tracing", "true", env={"OTEL_TRACES_EXPORTER": "none"})
+    producer = Producer(redis_server.client())
+    producer.submit(message("t", echo("t"), metadata={"traceparent": f"00-{trace}-{parent}-01"}))
+    result = producer.get_result(20)
+    _, seen_trace, seen_parent, _ = orjson.loads(result["payload"])["x_sim"]["headers"]["traceparent"].split("-")
+    assert seen_trace == trace and seen_parent != parent
+
+
+def test_tracing_without_its_exporter_is_a_config_error(redis_server):
+    done = subprocess.run([sys.executable, str(BIN), "--redis-url", redis_server.url, "--tracing", "true"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "OTEL_TRACES_EXPORTER": "nope"})
+    assert done.returncode == 2 and "--tracing" in done.stderr and "nope" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
