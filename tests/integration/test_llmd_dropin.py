@@ -33,7 +33,8 @@ def test_headers_fairness_result_queues_and_markers(redis_server, sim, start_pro
     the result queue the producer named, LPUSHed (BRPOP reads them oldest first); no
     request-active marker is left."""
     client = redis_server.client()
-    proc = start_processor(sim.url, *LLMD, "--inference-objective", "queue-obj", "--concurrency", "4")
+    proc = start_processor(sim.url, *LLMD, "--inference-objective", "queue-obj", "--concurrency", "4",
+                           "--log-level", "DEBUG")
     producer = Producer(client)
     ids = [f"r{i}" for i in range(50)]
     for i, rid in enumerate(ids):
@@ -61,6 +62,7 @@ def test_headers_fairness_result_queues_and_markers(redis_server, sim, start_pro
     assert proc.metric("asyncproc_request_headers_refused_total", queue="request-sortedset",
                        reason="hop-by-hop") == 100
     assert proc.metric("asyncproc_request_headers_refused_total", queue="request-sortedset", reason="host") == 50
+    assert "Bearer user-" not in proc.log.read_text()  # a request's credentials are never logged
 
 
 def test_result_queue_choice_and_switches(redis_server, sim, start_processor, tmp_path):
@@ -110,6 +112,22 @@ def test_cancelled_before_arrival_are_never_dispatched(redis_server, sim, start_
     assert sim.stats()["requests"] == 10
     wait_until(lambda: leftover_markers(client) == [], 10, what="markers released")
     assert client.brpop(["result-list"], timeout=1) is None  # exactly one result each
+
+
+def test_a_cancel_that_comes_while_it_waits_is_checked_just_before_dispatch(redis_server, sim, start_processor):
+    """With the periodic read far apart, the check just before dispatch (as llm-d-async's
+    worker does) is what stops a request cancelled while it waited for a thread."""
+    client = redis_server.client()
+    start_processor(sim.url, *LLMD, "--concurrency", "1", "--cancel-poll-interval", "10")
+    producer = Producer(client)
+    producer.submit(message("busy", echo("busy", latency=2)))
+    wait_until(lambda: sim.stats()["requests"] == 1, 20, what="the only thread busy")
+    producer.submit(message("later", echo("later")))
+    wait_until(lambda: client.zcard("request-sortedset") == 0, 20, what="'later' taken in, waiting")
+    producer.cancel(["later"])
+    results = {r["id"]: r for r in producer.get_results(2, timeout=20)}
+    assert results["busy"]["status_code"] == 200 and results["later"]["error_code"] == "CANCELLED"
+    assert sim.stats()["requests"] == 1
 
 
 def test_a_cancel_for_an_older_generation_does_not_cancel_a_resubmission(redis_server, sim, start_processor):

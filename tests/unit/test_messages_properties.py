@@ -92,7 +92,8 @@ def test_any_retry_set_entry_decodes_to_a_value(raw):
 
 
 @given(st.dictionaries(st.sampled_from(["id", "deadline", "payload", "queue", "received_at", "attempts",
-                                        "metadata", "endpoint", "created", "last_error"]), json_values))
+                                        "metadata", "endpoint", "created", "last_error", "headers", "reply_to",
+                                        "token"]), json_values | header_maps))
 def test_any_state_shaped_entry_decodes_to_a_value(obj):
     parsed = messages.decode_state(orjson.dumps(obj), "q")
     assert isinstance(parsed, (Request, DeadLetter))
