@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, FrozenSet, Mapping, Optional, Tuple, Union
 
@@ -134,7 +134,10 @@ class Request:
         return id_key(self.id)
 
     def after_attempt(self, error: Optional[str]) -> "Request":
-        return replace(self, attempts=self.attempts + 1, last_error=error)
+        # positional, not dataclasses.replace: this runs once per attempt, in the loop
+        return Request(self.id, self.deadline, self.payload, self.queue, self.received_at, self.endpoint,
+                       self.metadata, self.created, self.attempts + 1, error, self.headers, self.reply_to,
+                       self.token, self.refused_headers)
 
 
 @dataclass(frozen=True)
@@ -417,24 +420,22 @@ def request_path(request: Request, queue_path: Optional[str], gateway_path: Opti
 # -- retry-set entries: the whole request state, so a restart loses nothing ------------
 
 def encode_state(request: Request) -> bytes:
-    return orjson.dumps(
-        {
-            "v": 1,
-            "id": request.id,
-            "deadline": request.deadline,
-            "payload": request.payload,
-            "queue": request.queue,
-            "received_at": request.received_at,
-            "endpoint": request.endpoint,
-            "metadata": request.metadata,
-            "created": request.created,
-            "attempts": request.attempts,
-            "last_error": request.last_error,
-            "headers": request.headers,
-            "reply_to": request.reply_to,
-            "token": request.token,
-        }
-    )
+    state = {
+        "v": 1,
+        "id": request.id,
+        "deadline": request.deadline,
+        "payload": request.payload,
+        "queue": request.queue,
+        "received_at": request.received_at,
+        "endpoint": request.endpoint,
+        "metadata": request.metadata,
+        "created": request.created,
+        "attempts": request.attempts,
+        "last_error": request.last_error,
+    }
+    if request.headers is not None or request.reply_to is not None or request.token is not None:
+        state.update(headers=request.headers, reply_to=request.reply_to, token=request.token)  # llm-d-async's
+    return orjson.dumps(state)
 
 
 def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
@@ -445,15 +446,18 @@ def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
         attempts = obj.get("attempts", 0)
         if isinstance(attempts, bool) or not isinstance(attempts, int) or not 0 <= attempts <= MAX_RETRY_COUNT:
             raise ValueError("attempts")
-        for name in ("queue", "endpoint", "last_error", "reply_to", "token"):
+        for name in ("queue", "endpoint", "last_error"):
             if obj.get(name) is not None and not isinstance(obj[name], str):
                 raise ValueError(name)
         metadata = obj.get("metadata")
         if metadata is not None and not _is_metadata(metadata):
             raise ValueError("metadata")
-        headers = obj.get("headers")
-        if headers is not None and (llmd.headers_problem(headers) or llmd.clean_headers(headers)[1]):
-            raise ValueError("headers")
+        headers, reply_to, token = obj.get("headers"), obj.get("reply_to"), obj.get("token")
+        if headers is not None or reply_to is not None or token is not None:  # llm-d-async's fields
+            if not isinstance(reply_to or "", str) or not isinstance(token or "", str):
+                raise ValueError("routing")
+            if headers is not None and (llmd.headers_problem(headers) or llmd.clean_headers(headers)[1]):
+                raise ValueError("headers")
         deadline, received_at = parse_deadline(obj["deadline"]), parse_deadline(obj["received_at"])
         if deadline is None or received_at is None:
             raise ValueError("times")
@@ -469,8 +473,8 @@ def decode_state(raw: bytes, queue: str) -> Union[Request, DeadLetter]:
             attempts=attempts,
             last_error=obj.get("last_error"),
             headers=headers or None,
-            reply_to=obj.get("reply_to") or None,
-            token=obj.get("token") or None,
+            reply_to=reply_to or None,
+            token=token or None,
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return DeadLetter(bytes(raw[:RAW_EXCERPT_BYTES]), "unreadable retry-set entry", queue)

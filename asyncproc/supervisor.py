@@ -571,6 +571,7 @@ class Supervisor:
                 pairs.append((item, delivery))
         self.check_markers([item for item, _ in pairs if isinstance(item, Request)])
         self.claim_and_accept(pairs)
+        self.marked.clear()  # what was not accepted now (claimed elsewhere, claim failed) is checked later
 
     def check_markers(self, requests: List[Request]) -> None:
         """llm-d-async's cancel markers of arriving requests, one read (best effort: the
