@@ -290,6 +290,7 @@ class Supervisor:
             return
         now = time.time()
         if self.unclaimed:
+            self.flush()  # results first: a claim that keeps failing must not hold them back
             self.claim_and_accept([])
             if not self.redis_ok:
                 return
