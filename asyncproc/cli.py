@@ -1,7 +1,8 @@
 """Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim|bench|top|
 run-batch|submit|collect|status|cancel` run the tools.
 
-Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot.
+Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot,
+1 internal error in the loop (what was held is put back first).
 """
 from __future__ import annotations
 

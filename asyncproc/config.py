@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import gates, ledger, merge, messages, redact, retry
+from asyncproc import aimd, gates, ledger, merge, messages, redact, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams", "gcp-pubsub")
@@ -430,7 +430,7 @@ class Settings:
     log_format: str
     log_level: str
     default_gate: Any = gates.OPEN
-    adaptive: Optional[gates.Aimd] = None
+    adaptive: Optional[aimd.Policy] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
     gateway_headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
@@ -575,7 +575,7 @@ def parse_args(
         log_format=ns.log_format,
         log_level=ns.log_level,
         default_gate=default_gate,
-        adaptive=gates.Aimd(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
+        adaptive=aimd.Policy(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
         dispatch_order=ns.dispatch_order,
