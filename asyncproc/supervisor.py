@@ -167,9 +167,7 @@ class Supervisor:
                         " anyone on the path can read the requests and their credentials")
         code = 0
         try:
-            self.pool.start()
-            self._reconnect()
-            self._enter(Lifecycle.RUNNING, self.clock())
+            self.start()
             while self.state is not Lifecycle.STOPPED:
                 self.tick()
         except BootFailure as exc:
@@ -191,6 +189,12 @@ class Supervisor:
             self.notifier.close()
         log.info("asyncproc stopped")
         return code
+
+    def start(self) -> None:
+        """Workers started, the queue system connected (or reconnecting): running."""
+        self.pool.start()
+        self._reconnect()
+        self._enter(Lifecycle.RUNNING, self.clock())
 
     def stop_after_error(self) -> None:
         """Put back everything unfinished and write the outbox, reconnecting for at most

@@ -1,0 +1,198 @@
+"""The supervisor's parts driven in this process: the memory transport, a fake pool and a
+fake clock. Dispatch, gates, adaptive concurrency, retries, drain, outages, cancellation
+and a bug in the loop, each in milliseconds and without wall-clock windows."""
+import json
+import signal
+
+from asyncproc.ledger import State
+from asyncproc.outcomes import Kind, Outcome
+from asyncproc.supervisor import RECONNECT_MIN, Lifecycle
+from tests.inprocess.fakes import Rig
+
+
+def answered(rig, ids):
+    return lambda: set(ids) <= set(rig.transport.result_ids())
+
+
+def exactly_once(rig, ids):
+    written = rig.transport.result_ids()
+    assert sorted(written, key=str) == sorted(ids, key=str), "each id answered exactly once"
+
+
+def test_every_request_is_answered_once_within_concurrency():
+    rig = Rig("--concurrency", "8")
+    ids = list(range(100))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert all(r["payload"] == {"ok": True} and r["attempts"] == 1 for r in rig.results().values())
+    assert rig.pool.max_in_flight == 8
+    assert len(rig.transport.settled) == 100 and not rig.sup.ledger
+
+
+def test_a_retried_request_succeeds_with_its_attempts_counted():
+    calls = {}
+
+    def flaky(job, now):
+        calls[job.key] = calls.get(job.key, 0) + 1
+        if calls[job.key] < 3:
+            return Outcome(Kind.RETRY, 503, b"", "HTTP 503", elapsed=0.01), 0.01
+        return Outcome(Kind.OK, 200, b'"done"', elapsed=0.01), 0.01
+
+    rig = Rig("--retry-base-delay", "0.5", gateway=flaky)
+    rig.request("r")
+    rig.run_until(answered(rig, ["r"]))
+    result = rig.results()["r"]
+    assert result["payload"] == "done" and result["attempts"] == 3
+    assert rig.metric(rig.sup.metrics.retries, "batch-queue", "retry") == 2
+
+
+def test_retries_stop_at_the_deadline():
+    def down(job, now):
+        return Outcome(Kind.RETRY, None, None, "connection refused", elapsed=0.01), 0.01
+
+    rig = Rig("--retry-base-delay", "1", "--retry-max-delay", "2", gateway=down)
+    start = rig.clock()
+    rig.request("late", deadline_in=20)
+    rig.run_until(answered(rig, ["late"]))
+    result = rig.results()["late"]
+    assert "deadline exceeded" in result["error"] and result["attempts"] > 3
+    assert rig.clock() - start <= 22
+
+
+def test_a_closed_gate_holds_everything_back_and_says_why():
+    rig = Rig("--gate", json.dumps({"type": "constant", "budget": 0}))
+    for i in range(5):
+        rig.request(i)
+    rig.run_until(lambda: rig.sup.ledger.count(State.WAITING) == 5, seconds=5)
+    rig.clock.advance(1)
+    rig.sup.tick()
+    assert rig.pool.sent == [] and rig.transport.result_ids() == []
+    assert rig.metric(rig.sup.metrics.held_back, "batch-queue", "gate") == 5
+
+
+def test_a_half_open_gate_halves_what_is_in_flight():
+    rig = Rig("--concurrency", "8", "--gate", json.dumps({"type": "constant", "budget": 0.5}))
+    ids = list(range(40))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    assert rig.pool.max_in_flight == 4
+    exactly_once(rig, ids)
+
+
+def test_adaptive_concurrency_finds_the_gateways_capacity():
+    capacity = 5
+    rig = None
+
+    def limited(job, now):
+        if rig.pool.in_flight() >= capacity:
+            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.2), 0.2
+
+    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.1",
+              gateway=limited)
+    ids = list(range(300))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    limit = rig.sup.dispatcher.aimd_state.in_flight
+    assert 1 <= limit <= 2 * capacity, limit
+    assert rig.metric(rig.sup.metrics.shed, "batch-queue") < 100  # it learnt: most went through
+
+
+def test_drain_finishes_in_flight_and_puts_back_the_rest():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=5), 5
+
+    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "30", gateway=slow)
+    ids = list(range(20))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 4)
+    rig.signal(signal.SIGTERM)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    put_back = {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set}
+    assert len(rig.transport.result_ids()) == 4 and len(put_back) == 16
+    assert set(rig.transport.result_ids()) | put_back == set(ids)
+
+
+def test_a_drain_out_of_time_puts_back_what_is_in_flight():
+    def hung(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=1000), 1000
+
+    rig = Rig("--concurrency", "2", "--shutdown-grace-period", "3", gateway=hung)
+    rig.request("a")
+    rig.request("b")
+    rig.run_until(lambda: rig.pool.in_flight() == 2)
+    start = rig.clock()
+    rig.signal(signal.SIGINT)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    assert 3 <= rig.clock() - start < 5
+    assert {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set} == {"a", "b"}
+    assert rig.transport.result_ids() == []
+
+
+def test_an_outage_keeps_results_until_the_queue_system_is_back():
+    rig = Rig()
+    rig.request("x")
+    rig.run_until(lambda: rig.pool.in_flight() == 1)
+    rig.transport.down = True
+    rig.run_until(lambda: rig.sup.outage and rig.sup.books.outbox)
+    rig.run_until(lambda: rig.sup.reconnect_delay > 4 * RECONNECT_MIN)  # it backs off while down
+    assert rig.transport.result_ids() == [] and not rig.sup.health.ready
+    rig.transport.down = False
+    rig.run_until(answered(rig, ["x"]))
+    exactly_once(rig, ["x"])
+    assert not rig.sup.outage and rig.sup.reconnect_delay == RECONNECT_MIN
+
+
+def test_cancelling_answers_waiting_requests_and_lets_dispatched_ones_finish():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=10), 10
+
+    rig = Rig("--concurrency", "1", "--intake-buffer", "4", workers=1, gateway=slow)
+    for i in ("a", "b", "c"):
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 1 and rig.sup.ledger.count(State.WAITING) == 2)
+    rig.transport.cancel(ids=["a", "b", "c"])
+    rig.run_until(answered(rig, ["a", "b", "c"]))
+    results = rig.results()
+    dispatched = rig.pool.sent[0].key.strip('"')
+    assert "payload" in results[dispatched]
+    assert all(results[i]["error"] == "cancelled" for i in "abc" if i != dispatched)
+
+
+def test_a_dead_worker_s_requests_are_dispatched_again():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=2), 2
+
+    rig = Rig("--concurrency", "4", gateway=slow)
+    ids = list(range(8))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 4)
+    rig.pool.handles[0].dead = True
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert rig.pool.restarts == 1 and rig.metric(rig.sup.metrics.worker_restarts) == 1
+
+
+def test_a_bug_in_the_loop_puts_back_flushes_and_exits_non_zero():
+    rig = Rig("--concurrency", "2", start=False)
+    for i in range(5):
+        rig.request(i)
+    original = rig.pool.send_jobs
+
+    def send_then_fail(handle, jobs):
+        rig.pool.fail = RuntimeError("a bug")
+        return original(handle, jobs)
+
+    rig.pool.send_jobs = send_then_fail
+    assert rig.sup.run() == 1
+    put_back = {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set}
+    queued = {json.loads(raw)["id"] for raw in rig.transport.queues["batch-queue"]}
+    assert len(put_back) == 4 and put_back | queued == set(range(5))  # capacity 4: one never taken
+    assert rig.sup.state is Lifecycle.STOPPED and not rig.sup.books.outbox
