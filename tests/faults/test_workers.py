@@ -3,20 +3,12 @@ import os
 import shutil
 import signal
 import sys
-from collections import Counter
 
-from tests.harness import ROOT, request, wait_until
+from tests.harness import ROOT, assert_exactly_once, request, wait_until
 
 
 def slow(i, latency=0.3):
     return request(f"w{i}", {"prompt": "x", "x_sim": {"latency": latency}})
-
-
-def assert_exactly_once(results, ids):
-    counts = Counter(results.ids())
-    assert set(counts) == set(ids), f"missing {set(ids) - set(counts)}, extra {set(counts) - set(ids)}"
-    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]
-    assert all("payload" in r for r in results.items), [r for r in results.items if "payload" not in r][:3]
 
 
 def test_repeated_sigkill_of_workers_loses_and_doubles_nothing(redis_server, sim, results, start_processor):
