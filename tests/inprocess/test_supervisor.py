@@ -196,3 +196,99 @@ def test_a_bug_in_the_loop_puts_back_flushes_and_exits_non_zero():
     queued = {json.loads(raw)["id"] for raw in rig.transport.queues["batch-queue"]}
     assert len(put_back) == 4 and put_back | queued == set(range(5))  # capacity 4: one never taken
     assert rig.sup.state is Lifecycle.STOPPED and not rig.sup.books.outbox
+
+
+def test_a_second_sigint_stops_at_once_and_still_puts_back():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=5), 5
+
+    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "60", gateway=slow)
+    ids = list(range(20))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 4)
+    began = rig.clock()
+    rig.signal(signal.SIGINT)
+    rig.sup.tick()
+    assert rig.sup.state is Lifecycle.DRAINING and not rig.sup.health.ready
+    rig.signal(signal.SIGINT)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    assert rig.clock() - began < 5  # not the 60 s grace, nor the 5 s requests
+    assert {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set} == set(ids)
+    assert rig.transport.result_ids() == []
+
+
+def test_adaptive_concurrency_keeps_about_what_the_gateway_serves():
+    """The gateway serves 6 at once and sheds the rest; 32 may be in flight, but the limit
+    learns to stay near 6, with few sheds."""
+    n, capacity = 300, 6
+    rig, limits = None, []
+
+    def limited(job, now):
+        limits.append(rig.sup.dispatcher.aimd_state.in_flight)
+        if rig.pool.in_flight() >= capacity:
+            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.1), 0.1
+
+    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.05",
+              "--retry-max-delay", "0.2", "--intake-buffer", "300", gateway=limited)
+    assert rig.sup.dispatcher.aimd_state.in_flight == 1
+    ids = list(range(n))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    later = limits[len(limits) // 3:]
+    assert 0.6 * capacity <= sum(later) / len(later) <= 1.4 * capacity, limits
+    assert rig.metric(rig.sup.metrics.shed, "batch-queue") <= 0.1 * n
+
+
+def test_priority_merge_and_a_per_queue_in_flight_limit(tmp_path):
+    """urgent goes first; bulk never has more than its max_in_flight (1) at the gateway."""
+    queues = tmp_path / "queues.json"
+    queues.write_text(json.dumps({"queues": [
+        {"name": "urgent", "priority": 1}, {"name": "bulk", "priority": 0, "max_in_flight": 1}]}))
+    rig, bulk_peak = None, [0]
+
+    def gateway(job, now):
+        if job.key.startswith('"b'):
+            bulk = sum(1 for h in rig.pool.handles for _, key, _ in h.pending if key.startswith('"b'))
+            bulk_peak[0] = max(bulk_peak[0], bulk + 1)
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.05), 0.05
+
+    rig = Rig("--concurrency", "4", "--queues-file", str(queues), "--request-merge-policy", "priority",
+              "--intake-buffer", "100", gateway=gateway, start=False)
+    for i in range(30):
+        rig.request(f"b{i}", queue="bulk")
+        rig.request(f"u{i}", queue="urgent")
+    rig.sup.start()
+    rig.run_until(lambda: rig.sup.ledger.count(State.WAITING) < 60 and rig.metric(
+        rig.sup.metrics.held_back, "bulk", "queue_limit") > 0, seconds=5)
+    ids = [f"b{i}" for i in range(30)] + [f"u{i}" for i in range(30)]
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    order = [job.key.strip('"') for job in rig.pool.sent]
+    last_urgent = max(n for n, rid in enumerate(order) if rid.startswith("u"))
+    assert bulk_peak[0] == 1
+    assert sum(1 for rid in order[:last_urgent] if rid.startswith("b")) <= 1
+
+
+def test_earliest_deadline_first_inside_a_queue():
+    rig = Rig("--concurrency", "1", "--dispatch-order", "deadline", "--intake-buffer", "20", workers=1, start=False)
+    deadlines = {f"d{i}": 600 + (i * 7) % 20 * 10 for i in range(20)}   # shuffled deadlines
+    for rid, deadline_in in deadlines.items():
+        rig.request(rid, deadline_in=deadline_in)
+    rig.sup.start()
+    rig.run_until(answered(rig, deadlines))
+    assert [job.key.strip('"') for job in rig.pool.sent] == sorted(deadlines, key=deadlines.get)
+
+
+def test_max_attempts():
+    def failing(job, now):
+        return Outcome(Kind.RETRY, 500, b"", "HTTP 500", elapsed=0.01), 0.01
+
+    rig = Rig("--max-attempts", "2", "--retry-base-delay", "0.05", "--retry-max-delay", "0.05", gateway=failing)
+    rig.request("m")
+    rig.run_until(answered(rig, ["m"]))
+    assert rig.results()["m"]["error"] == "max attempts (2) reached (last failure: HTTP 500)"
+    assert len(rig.pool.sent) == 2

@@ -50,16 +50,6 @@ def test_sigterm_drains_and_exits_0(redis_server, sim, results, start_processor)
     assert [r["id"] for r in results.wait_for(1)] == ["inflight"]  # it was allowed to finish
 
 
-def test_drain_puts_back_what_did_not_finish(redis_server, sim, results, start_processor):
-    proc = start_processor(sim.url, "--concurrency", "1", "--workers", "1", "--shutdown-grace-period", "0.5")
-    client = redis_server.client()
-    client.publish("batch-queue", request("long", {"prompt": "x", "x_sim": {"latency": 30}}))
-    wait_until(lambda: proc.metric("asyncproc_in_flight") == 1, what="one in flight")
-    assert proc.terminate() == 0
-    entries = client.zrange("batch-sortedset-retry", 0, -1)
-    assert [__import__("orjson").loads(e)["id"] for e in entries] == ["long"]
-    assert results.items == []
-
 
 def test_bad_configuration_exits_2(tmp_path):
     out = subprocess.run([sys.executable, str(BIN), "--retry-policy", "sometimes"], capture_output=True,
