@@ -361,14 +361,16 @@ def collect(argv: List[str]) -> int:
     parser.add_argument("--wait", action="store_true", help="wait until the batch is complete (needs --batch)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds --wait waits at most")
     settings, ns = config.parse_args(argv, parser=parser)
-    if settings.message_queue_impl == "redis-pubsub":
+    client = Client(settings)
+    if not client.persisted:
+        client.close()
         print("asyncproc: collect needs a transport that keeps results (redis-sortedset or redis-streams);"
-              " with redis-pubsub use run-batch, which listens while it submits", file=sys.stderr)
+              f" with {settings.message_queue_impl} use run-batch, which listens while it submits", file=sys.stderr)
         return 2
     if ns.wait and not ns.batch:
+        client.close()
         print("asyncproc: --wait: needs --batch", file=sys.stderr)
         return 2
-    client = Client(settings)
     output = Output(ns.output, ns.output_format or "asyncproc", read_output(ns.output))
     try:
         total = int(client.batch(ns.batch).get("total", 0)) if ns.batch else 0
@@ -382,9 +384,9 @@ def collect(argv: List[str]) -> int:
 
         bar = _progress(total or None, 0, ns.no_progress)
         end = None if ns.timeout is None else time.monotonic() + ns.timeout
-        if client.gcp is not None and not ns.batch:
-            print("asyncproc: --batch: required with gcp-pubsub (each batch has its own results subscription)",
-                  file=sys.stderr)
+        if client.results_per_batch and not ns.batch:
+            print(f"asyncproc: --batch: required with {settings.message_queue_impl} (each batch has its own"
+                  " results subscription)", file=sys.stderr)
             return 2
         with client.results(batch=ns.batch) as results:
             while True:
