@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+TOOL_DEPENDENCIES = ("aiohttp", "tqdm")  # the tools extra
 TOOLS = ("demo", "sim", "bench", "top", "run-batch", "submit", "collect", "status", "cancel")
 
 
@@ -30,6 +31,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run_tool(name: str, argv: List[str]) -> int:
+    try:
+        return _tool(name, argv)
+    except ModuleNotFoundError as exc:
+        if exc.name not in TOOL_DEPENDENCIES:
+            raise
+        print(f"asyncproc {name}: needs {exc.name}, which the daemon does not install:"
+              " pip install 'asyncproc[tools]'", file=sys.stderr)
+        return 2
+
+
+def _tool(name: str, argv: List[str]) -> int:
     if name == "sim":
         from asyncproc.tools import sim
 

@@ -249,9 +249,24 @@ def _report_input(path: str, found: Input, strict: bool) -> bool:
     return True
 
 
-def _progress(total: int, initial: int, disable: bool):
-    from tqdm import tqdm
+class _NoProgress:
+    """Without tqdm (the tools extra): no bar."""
 
+    def update(self, _n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, *_args, **_kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, disable: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
     return tqdm(total=total, initial=initial, unit="req", dynamic_ncols=True, disable=disable,
                 smoothing=0.1, file=sys.stderr)
 
