@@ -65,7 +65,8 @@ class Books:
     def claim_and_accept(self, transport: Transport, pairs: List[tuple]) -> None:
         """Claim the ids (one replica processes each; pub/sub also records each message in
         Redis), then accept what is ours. If the claim fails, they wait unclaimed for the
-        reconnect and TransportError is raised: nothing read is processed before Redis has it."""
+        reconnect and TransportError is raised: nothing read is processed before the queue
+        system has it."""
         pairs = self.unclaimed + pairs
         self.unclaimed = []
         if not pairs:
@@ -135,8 +136,7 @@ class Books:
             self.metrics.of(self.metrics.bad_messages, parsed.queue, "error-result").inc()
             log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
             self.queue_result(messages.rejected_result(parsed), delivery)
-            late = parsed.reason == "deadline exceeded"
-            self.metrics.of(self.metrics.results, parsed.queue, retry.DEADLINE if late else "invalid").inc()
+            self.metrics.of(self.metrics.results, parsed.queue, parsed.code).inc()
         elif self.cancelled.covers(parsed) and not self.ledger.holds(parsed.key):
             log.info("id=%s cancelled", parsed.key, extra={"id": parsed.id})
             self.finish(parsed, messages.cancelled_result(parsed), delivery, messages.CANCELLED)

@@ -80,7 +80,7 @@ class Supervisor:
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
         self.signals: List[int] = []
         self.readable: set = set()           # what the last wait found ready
-        self.redis_ok = False
+        self.connected = False               # the queue system answers (until a call fails)
         self.connected_once = False
         self.outage = False                  # logged as unreachable, no write has succeeded since
         self.subscriber_drops = 0            # the transport's count, last seen
@@ -205,7 +205,7 @@ class Supervisor:
             self.books.put_back(self.ledger.unfinished(), now)
             self.deadline.after(now, STOP_FLUSH_SECONDS)
             while self.books.outbox and not self.signals and not self.deadline.due(self.clock()):
-                if not self.redis_ok and self.reconnect.due(self.clock()):
+                if not self.connected and self.reconnect.due(self.clock()):
                     self._reconnect()
                 self.flush()
                 if self.books.outbox:
@@ -237,7 +237,7 @@ class Supervisor:
         """The one sleep point: a signal, a worker's pipe or death, new messages, or the
         next timer due."""
         objects: list = [self._wake_r, *self.pool.wait_objects()]
-        fileno = self.transport.fileno() if self.redis_ok and self.state is Lifecycle.RUNNING else None
+        fileno = self.transport.fileno() if self.connected and self.state is Lifecycle.RUNNING else None
         if fileno is not None:
             objects.append(fileno)
         self.readable = set(self._wait(objects, timeout=self._timeout()))
@@ -247,9 +247,9 @@ class Supervisor:
             return 0.0
         now = self.clock()
         wake = [now + HOUSEKEEPING_SECONDS]
-        if self.redis_ok and len(self.ledger) < self.capacity and self.state is Lifecycle.RUNNING:
+        if self.connected and len(self.ledger) < self.capacity and self.state is Lifecycle.RUNNING:
             wake.append(self.retry_poll.at)
-        if not self.redis_ok:
+        if not self.connected:
             wake.append(self.reconnect.at)
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
             wake.append(self.deadline.at)
@@ -298,7 +298,7 @@ class Supervisor:
     def intake(self) -> None:
         """New messages and due retries, as far as there is room (pub/sub: drain it all)."""
         self.more_to_read = False
-        if self.state is not Lifecycle.RUNNING or not self.redis_ok:
+        if self.state is not Lifecycle.RUNNING or not self.connected:
             return
         now = self.clock()
         books, transport = self.books, self.transport
@@ -357,7 +357,7 @@ class Supervisor:
         self.dispatcher.decide_gates(self.sources.readings)
 
     def flush(self) -> None:
-        if not self.redis_ok:
+        if not self.connected:
             return
         failure = self.books.flush(self.transport)
         if failure is not None:
@@ -378,7 +378,7 @@ class Supervisor:
         self.keep_alive(now)
         self.refresh_cancellations(now)
         self.dispatcher.refresh_tokens(now)
-        if not self.redis_ok and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
+        if not self.connected and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         self.advance(now)
         self._update_health(now)
@@ -398,7 +398,7 @@ class Supervisor:
                 log.error("cannot connect to the queue system: %s; retrying",
                           text if why in text else f"{why}: {text}")
             self.outage = True
-        self.redis_ok = False
+        self.connected = False
         self.reconnect.after(self.clock(), self.reconnect_delay)
         self.reconnect_delay = min(self.reconnect_delay * 2, RECONNECT_MAX)
 
@@ -408,13 +408,13 @@ class Supervisor:
         except TransportError as exc:
             self.transport_down(exc)
             return
-        self.redis_ok = True
+        self.connected = True
         self.connected_once = True
         self.retry_poll.set(0.0)
 
     def keep_alive(self, now: float) -> None:
         """Extend the leases of everything held, so no other replica takes it over."""
-        if self.transport.keep_alive_interval is None or not self.redis_ok:
+        if self.transport.keep_alive_interval is None or not self.connected:
             return
         if not self.timers["keep_alive"].every(now):
             return
@@ -427,7 +427,7 @@ class Supervisor:
 
     def refresh_cancellations(self, now: float) -> None:
         """Read what `asyncproc cancel` named; the books answer what it covers."""
-        if not self.redis_ok or not self.timers["cancellations"].every(now):
+        if not self.connected or not self.timers["cancellations"].every(now):
             return
         try:
             batches, ids = self.transport.cancellations(now)
@@ -491,7 +491,7 @@ class Supervisor:
         alive = self.pool.alive()
         if self.state is not Lifecycle.RUNNING:
             self.health.ready, self.health.reason = False, self.state.value
-        elif not self.redis_ok:
+        elif not self.connected:
             self.health.ready, self.health.reason = False, "queue system unreachable"
         elif alive == 0:
             self.health.ready, self.health.reason = False, "no worker ready"
@@ -511,7 +511,7 @@ class Supervisor:
                 m.of(m.held_back, queue, reason).set(dispatcher.held.get((queue, reason), 0))
         m.workers_alive.set(alive)
         m.outbox.set(len(self.books.outbox))
-        if self.redis_ok and self.timers["stats"].every(now):
+        if self.connected and self.timers["stats"].every(now):
             try:
                 for name, by_queue in self.transport.stats().items():
                     for queue, value in by_queue.items():
