@@ -21,7 +21,6 @@ from asyncproc.timers import Timer
 
 log = logging.getLogger("asyncproc.supervisor")
 
-HELD_REASONS = ("gate", "queue_limit", "adaptive")
 TOKEN_CHECK_SECONDS = 1.0
 
 

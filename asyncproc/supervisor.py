@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 from asyncproc import gate_sources, metrics, notify, redact, worker
 from asyncproc.books import Books
 from asyncproc.config import Settings
-from asyncproc.dispatch import HELD_REASONS, Dispatcher
+from asyncproc.dispatch import Dispatcher
 from asyncproc.ledger import Entry, State
 from asyncproc.outcomes import Outcome
 from asyncproc.pool import BootFailure, Pool
@@ -500,17 +500,9 @@ class Supervisor:
         if not self.timers["gauges"].every(now):
             return
         m, dispatcher = self.metrics, self.dispatcher
-        assigned = self.ledger.count_by_queue(State.ASSIGNED)
-        for queue in set(assigned) | set(dispatcher.routes):
-            m.in_flight.labels(queue).set(assigned.get(queue, 0))
-        m.waiting.set(self.ledger.count(State.WAITING))
-        if dispatcher.aimd_state is not None:
-            m.adaptive_limit.set(dispatcher.aimd_state.in_flight)
-        for queue in dispatcher.routes:
-            for reason in HELD_REASONS:
-                m.of(m.held_back, queue, reason).set(dispatcher.held.get((queue, reason), 0))
-        m.workers_alive.set(alive)
-        m.outbox.set(len(self.books.outbox))
+        m.observe(self.ledger.count_by_queue(State.ASSIGNED), dispatcher.routes, self.ledger.count(State.WAITING),
+                  dispatcher.aimd_state.in_flight if dispatcher.aimd_state is not None else None,
+                  dispatcher.held, alive, len(self.books.outbox))
         if self.connected and self.timers["stats"].every(now):
             try:
                 for name, by_queue in self.transport.stats().items():
