@@ -292,3 +292,43 @@ def test_max_attempts():
     rig.run_until(answered(rig, ["m"]))
     assert rig.results()["m"]["error"] == "max attempts (2) reached (last failure: HTTP 500)"
     assert len(rig.pool.sent) == 2
+
+
+def test_a_worker_holding_an_attempt_past_its_budget_is_replaced():
+    rig = None
+
+    def hangs_once(job, now):
+        if len(rig.pool.sent) == 0:  # the first attempt never ends (a hung worker)
+            return Outcome(Kind.OK, 200, b"{}", elapsed=1e6), 1e6
+        return Outcome(Kind.OK, 200, b'"second"', elapsed=0.1), 0.1
+
+    rig = Rig("--request-timeout", "2", workers=1, gateway=hangs_once)
+    rig.request("h")
+    rig.run_until(answered(rig, ["h"]), seconds=30)
+    result = rig.results()["h"]
+    assert result["payload"] == "second" and result["attempts"] == 2  # the hung attempt counted
+    assert rig.pool.restarts == 1
+
+
+def test_workers_are_recycled_after_max_requests_without_loss():
+    rig = Rig("--concurrency", "2", "--worker-max-requests", "5")
+    ids = list(range(30))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert rig.pool.restarts >= 4
+
+
+def test_pubsub_overflow_is_staged_in_the_retry_set_not_held():
+    rig = Rig("--concurrency", "2", "--intake-buffer", "3", start=False)
+    rig.transport.must_drain = True  # pub/sub: what is not taken now is lost, so all is read
+    ids = list(range(50))
+    for i in ids:
+        rig.request(i)
+    rig.sup.start()
+    rig.sup.tick()
+    assert len(rig.sup.ledger) <= 5 and len(rig.transport.retry_set) >= 45
+    assert rig.metric(rig.sup.metrics.staged, "batch-queue") >= 45
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
