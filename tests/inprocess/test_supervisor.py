@@ -332,3 +332,18 @@ def test_pubsub_overflow_is_staged_in_the_retry_set_not_held():
     assert rig.metric(rig.sup.metrics.staged, "batch-queue") >= 45
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
+
+
+def test_a_gate_whose_source_fails_holds_dispatch_unless_it_fails_open():
+    from tests.harness import free_port
+
+    source = {"type": "redis", "key": "k", "url": f"redis://127.0.0.1:{free_port()}/0", "interval": 0.2}
+    closed = Rig("--gate", json.dumps(source))
+    closed.request("c")
+    closed.run_until(lambda: closed.metric(closed.sup.metrics.gate_decisions, "batch-queue", "failed-closed") >= 3)
+    assert closed.pool.sent == [] and closed.metric(closed.sup.metrics.held_back, "batch-queue", "gate") == 1
+    assert sum(m.samples[0].value for m in closed.sup.metrics.gate_errors.collect() if m.samples) >= 3
+    opened = Rig("--gate", json.dumps({**source, "fail_open": True}))
+    opened.request("o")
+    opened.run_until(answered(opened, ["o"]))
+    assert opened.metric(opened.sup.metrics.gate_decisions, "batch-queue", "failed-open") >= 1

@@ -39,19 +39,6 @@ def test_redis_gate_holds_dispatch_at_zero_and_resumes(redis_server, sim, result
     assert proc.metric("asyncproc_gate_budget") == 0.5
 
 
-def test_redis_gate_fails_closed_or_open_when_the_key_is_missing(redis_server, sim, results, start_processor):
-    closed = start_processor(sim.url, "--concurrency", "2", "--gate", '{"type": "redis", "key": "nope", "interval": 0.2}')
-    wait_until(lambda: closed.metric("asyncproc_gate_decisions_total", reason="failed-closed") >= 1)
-    assert closed.metric("asyncproc_gate_source_errors_total") >= 1
-    closed.kill()
-    opened = start_processor(sim.url, "--concurrency", "2",
-                             "--gate", '{"type": "redis", "key": "nope", "interval": 0.2, "fail_open": true}')
-    publish(redis_server.client(), batch(5))
-    assert_each_once(results, 5)
-    assert opened.metric("asyncproc_gate_decisions_total", reason="failed-open") >= 1
-    assert "gate source redis key nope: key nope is not set" in opened.log.read_text()
-
-
 def test_scrape_gate_stops_dispatch_while_the_sim_is_saturated_and_resumes(redis_server, results, start_processor):
     """Online traffic takes 6 of the sim's 8 slots for 4 s; with 25% reserved the gate closes
     (1 - 6/8 - 0.25 = 0): no batch request reaches the sim from one scrape interval after the
