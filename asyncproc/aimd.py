@@ -8,11 +8,12 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class Policy:
-    """Additive increase on successes, multiplicative decrease on a shed or a slow answer,
-    between `floor` and `ceiling`. Until the first decrease the limit grows by one per
-    success (slow start: doubling per round trip); after, by one per round trip, and
-    `probe` times slower within one request of where the gateway last shed (as CUBIC
-    lingers near its last maximum), so a steady gateway sheds rarely."""
+    """Additive increase on successes, multiplicative decrease on an overload answer (429
+    shed, 503 unavailable) or a slow one, between `floor` and `ceiling`. Until the first
+    decrease the limit grows by one per success (slow start: doubling per round trip);
+    after, by one per round trip, and `probe` times slower within one request of where
+    the gateway was last overloaded (as CUBIC lingers near its last maximum), so a steady
+    gateway is rarely overloaded. "Shed" means 429 alone, as in outcomes and metrics."""
 
     floor: float
     ceiling: float
@@ -26,14 +27,15 @@ class State:
     limit: float
     slow_start: bool = True
     decreased_at: float = field(default=float("-inf"))
-    shed_at: float = 0.0            # the limit when the gateway last said "too much"
+    overloaded_at: float = 0.0      # the limit when the gateway last said "too much"
 
     @property
     def in_flight(self) -> int:
         return int(self.limit)
 
 
-SHED_STATUSES = (429, 503)
+#: What says "too much now": 429 (the gateway shed the request) and 503 (unavailable).
+OVERLOAD_STATUSES = (429, 503)
 
 
 def start(policy: Policy) -> State:
@@ -44,15 +46,15 @@ def adapt(state: State, policy: Policy, status: Optional[int], ok: bool, elapsed
           dispatched_at: float, now: float) -> State:
     """The limit after one outcome. A signal about a request dispatched before the last
     decrease says nothing new (it was sent under the old limit), so it does not decrease again."""
-    shed = status in SHED_STATUSES
+    overloaded = status in OVERLOAD_STATUSES
     slow = ok and policy.latency_target > 0 and elapsed > policy.latency_target
-    if shed or slow:
+    if overloaded or slow:
         if dispatched_at <= state.decreased_at:
             return state
         return State(max(policy.floor, state.limit * policy.decrease), False, now, state.limit)
     if not ok:
         return state  # other failures say nothing about capacity
     step = 1.0 if state.slow_start else 1.0 / max(state.limit, 1.0)
-    if not state.slow_start and abs(state.limit - state.shed_at) < 1.0:
+    if not state.slow_start and abs(state.limit - state.overloaded_at) < 1.0:
         step /= policy.probe
     return replace(state, limit=min(policy.ceiling, state.limit + step))

@@ -233,10 +233,10 @@ OPTIONS: Tuple[Option, ...] = (
            _above(0)),
     Option("--adaptive-concurrency", parse_bool, False,
            "adapt the in-flight limit: additive increase on successes, multiplicative decrease"
-           " when the gateway sheds (429/503) or is slow (true|false)"),
+           " when the gateway is overloaded (429 or 503) or slow (true|false)"),
     Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1)),
     Option("--adaptive-decrease", float, 0.8,
-           "adaptive concurrency: the limit is multiplied by this on a shed or slow answer",
+           "adaptive concurrency: the limit is multiplied by this on a 429, a 503 or a slow answer",
            lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})"),
     Option("--adaptive-latency-target", float, 0.0,
            "adaptive concurrency: seconds; a success slower than this counts as overload; 0 = off",

@@ -156,7 +156,7 @@ def test_aimd_slow_start_doubles_then_halves_once_per_round():
         state = aimd.adapt(state, AIMD, 200, True, 0.1, dispatched_at=1.0, now=2.0)
     assert state.limit == 8 and state.slow_start
     state = aimd.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.0, now=4.0)
-    assert state.limit == 4 and not state.slow_start and state.decreased_at == 4.0 and state.shed_at == 8
+    assert state.limit == 4 and not state.slow_start and state.decreased_at == 4.0 and state.overloaded_at == 8
     # more sheds of requests sent before that decrease do not decrease again
     assert aimd.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.5, now=4.1) == state
     assert aimd.adapt(state, AIMD, 503, False, 0.0, dispatched_at=4.2, now=4.3).limit == 2
@@ -174,10 +174,10 @@ def test_aimd_signals(status, ok, elapsed, limit):
     assert aimd.adapt(state, AIMD, status, ok, elapsed, 1.0, 2.0).limit == limit
 
 
-def test_aimd_probes_slowly_near_where_the_gateway_shed():
+def test_aimd_probes_slowly_near_where_the_gateway_was_overloaded():
     policy = aimd.Policy(floor=1, ceiling=32, decrease=0.5, probe=8)
-    far = aimd.State(4.0, slow_start=False, shed_at=8.0)
-    near = aimd.State(7.5, slow_start=False, shed_at=8.0)
+    far = aimd.State(4.0, slow_start=False, overloaded_at=8.0)
+    near = aimd.State(7.5, slow_start=False, overloaded_at=8.0)
     assert aimd.adapt(far, policy, 200, True, 0.1, 1, 2).limit == 4.25
     assert aimd.adapt(near, policy, 200, True, 0.1, 1, 2).limit == 7.5 + 1 / 7.5 / 8
 
