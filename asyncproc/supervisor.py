@@ -505,6 +505,7 @@ class Supervisor:
                   dispatcher.held, alive, len(self.books.outbox))
         if self.connected and self.timers["stats"].every(now):
             try:
+                self.transport.tidy(now)
                 for name, by_queue in self.transport.stats().items():
                     for queue, value in by_queue.items():
                         m.queue_gauges[name].labels(queue).set(value)

@@ -93,9 +93,13 @@ class Transport(abc.ABC):
         """(batch ids, id keys) that `asyncproc cancel` named and that have not lapsed."""
         return frozenset(), frozenset()
 
+    def tidy(self, now: float) -> None:
+        """Forget local state that has lapsed (called every few seconds, before stats())."""
+
     @abc.abstractmethod
     def stats(self) -> Dict[str, Dict[str, float]]:
-        """Gauges by name, each by queue: retry_set, depth, leased, oldest_age_seconds."""
+        """Gauges by name, each by queue: retry_set, depth, leased, oldest_age_seconds. No
+        side effects (forgetting lapsed state is tidy()'s)."""
 
     @abc.abstractmethod
     def ping(self) -> None:
