@@ -6,6 +6,7 @@ fast with one line naming the option (exit 2). Nothing reads the environment at 
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -187,7 +188,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
            "where messages with no usable id go: a list (a stream for redis-streams)"),
     Option("--redis.key-prefix", str, "asyncproc",
-           "prefix of asyncproc's own Redis keys (claims, result markers)"),
+           "prefix of asyncproc's own Redis keys (claims, result markers, leases, held messages)"),
     Option("--redis.claim", parse_bool, True,
            "claim each request id in Redis at intake so replicas on one channel process it once"
            " (true|false)"),
@@ -196,8 +197,8 @@ OPTIONS: Tuple[Option, ...] = (
            "seconds during which a second result for the same id is not published; 0 = off",
            _at_least(0)),
     Option("--redis.lease-seconds", float, 60.0,
-           "redis-sortedset / redis-streams: a claimed request not kept alive this long (its holder"
-           " died) is taken up again", _at_least(1)),
+           "a request held but not kept alive this long (its holder died) is taken up again: sorted-set"
+           " and stream entries, pub/sub messages received and retries taken", _at_least(1)),
     Option("--redis.consumer-group", str, "asyncproc", "redis-streams: the consumer group"),
     Option("--max-deliveries", int, 5,
            "redis-streams: an entry delivered more often goes to the dead-letter stream", _at_least(1)),
@@ -219,7 +220,7 @@ OPTIONS: Tuple[Option, ...] = (
            "gcp-pubsub: seconds of each lease asyncproc takes and keeps extending (10-600)", _between(10, 600)),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
-           " priority)"),
+           " priority, gate, max_in_flight, allowed_endpoints, headers, token, token_file)"),
     Option("--dispatch-order", str, "arrival",
            "order inside a queue: arrival, or deadline (earliest deadline first among the requests held)",
            choices=ledger.ORDERS),
@@ -311,6 +312,16 @@ class _Parser(configargparse.ArgumentParser):
         raise ConfigError(line)
 
 
+class _RedactingFormatter(configargparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, some from the environment (REDIS_URL): never their passwords."""
+
+    def _expand_help(self, action):  # type: ignore[override]
+        if isinstance(action.default, str) and "://" in action.default:
+            action = copy.copy(action)
+            action.default = redact.url(action.default)
+        return super()._expand_help(action)
+
+
 DESCRIPTION = ("Pull LLM requests from queues, dispatch them to an inference gateway,"
                " retry until the deadline, write one result each.")
 
@@ -319,7 +330,7 @@ def build_parser(environ: Mapping[str, str], prog: str = "asyncproc", descriptio
     parser = _Parser(
         prog=prog,
         description=description,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_RedactingFormatter,
         config_file_parser_class=configargparse.DefaultConfigFileParser,
     )
     parser.add_argument("-c", "--config", is_config_file=True, env_var=env_var("--config"),
@@ -523,10 +534,12 @@ def parse_args(
         raise ConfigError("--redis-ca-file/--redis-client-cert: need a rediss:// --redis-url")
     token_file = ns.gateway_token_file
     check_token_file(token_file, "--gateway-token-file")
+    check_token(ns.gateway_token, "--gateway-token")
     check_gateway_auth("--inference-gateway", ns.inference_gateway, gateway_headers, ns.gateway_token, token_file)
     for q in queues:
         if q.gateway or q.headers or q.token or q.token_file:
             check_token_file(q.token_file, f"--queues-file: queue {q.name} token_file")
+            check_token(q.token, f"--queues-file: queue {q.name} token")
             merged = dict(gateway_headers, **q.headers)
             token = q.token if q.token is not None else ns.gateway_token
             check_gateway_auth(f"--queues-file: queue {q.name} gateway", q.gateway or ns.inference_gateway,
@@ -611,11 +624,19 @@ def check_token_file(path: Optional[str], where: str) -> None:
         return
     try:
         with open(path, "rb") as handle:
-            empty = not handle.read().strip()
+            token = handle.read().decode("utf-8", "replace").strip()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read {path} ({exc.strerror})") from None
-    if empty:
+    if not token:
         raise ConfigError(f"{where}: {path} is empty")
+    check_token(token, f"{where} {path}")
+
+
+def check_token(token: Optional[str], where: str) -> None:
+    """A token goes into a header: one printable line (a line break would fail every request
+    and put the token in a traceback)."""
+    if token and not token.strip().isprintable():
+        raise ConfigError(f"{where}: the token holds control characters (a line break?)")
 
 
 def check_gateway_auth(where: str, url: str, headers: Sequence[Tuple[str, str]], token: str,

@@ -312,7 +312,7 @@ def parse_request(
     if deadline <= now:
         return reject("deadline exceeded", DEADLINE_EXCEEDED)
     if deadline > now + limits.max_horizon:
-        return reject(f"deadline too far ahead: more than {limits.max_horizon:g} s from now"
+        return reject(f"deadline too far ahead: more than {limits.max_horizon:.0f} s from now"
                       " (--max-deadline-horizon)")
     return Request(
         id=id_value,

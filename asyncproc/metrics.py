@@ -165,8 +165,6 @@ class _Server(WSGIServer):
         super().__init__(*args, **kwargs)
         self.slots = threading.BoundedSemaphore(MAX_SERVING_THREADS)
         self.heads: Dict[int, bytes] = {}     # id(connection) -> its head, for the handler
-        self.refused = 0                      # connections closed: all threads busy, or evicted
-        self.timed_out = 0                    # connections closed: no complete head in time
         self._stop = threading.Event()
         self._stopped = threading.Event()
 
@@ -186,7 +184,6 @@ class _Server(WSGIServer):
                             self._read_head(selector, pending, key.fileobj)
                     now = time.monotonic()
                     for conn in [c for c, p in pending.items() if p.deadline <= now]:
-                        self.timed_out += 1
                         self._drop(selector, pending, conn)
             finally:
                 for conn in list(pending):
@@ -205,7 +202,6 @@ class _Server(WSGIServer):
             return
         if len(pending) >= MAX_PENDING:
             oldest = min(pending, key=lambda c: pending[c].deadline)
-            self.refused += 1
             self._drop(selector, pending, oldest)
         conn.setblocking(False)
         pending[conn] = _Pending(address, time.monotonic() + CONNECTION_TIMEOUT)
@@ -228,7 +224,6 @@ class _Server(WSGIServer):
         selector.unregister(conn)
         del pending[conn]
         if not self.slots.acquire(blocking=False):
-            self.refused += 1
             self.shutdown_request(conn)
             return
         conn.setblocking(True)

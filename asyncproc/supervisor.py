@@ -302,6 +302,10 @@ class Supervisor:
             return
         now = self.clock()
         books, transport = self.books, self.transport
+        if books.unclaimed:
+            self.flush()  # results first: a claim that keeps failing must not hold them back
+            if not self.connected:
+                return
         try:
             if books.unclaimed:
                 books.claim_and_accept(transport, [])

@@ -76,7 +76,7 @@ class Transport(abc.ABC):
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         """Retries due by `now` (and work abandoned by dead holders), claimed atomically."""
 
-    def claim(self, keys: List[str], deliveries: Optional[List[Delivery]] = None) -> List[bool]:
+    def claim(self, keys: List[str], deliveries: List[Delivery]) -> List[bool]:
         """For each id key (of the delivery beside it): is it ours to process? (Replicas
         sharing a queue, redeliveries.) A transport that keeps nothing by itself records
         the delivery here, so that Redis has it before we depend on our memory."""

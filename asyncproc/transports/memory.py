@@ -3,7 +3,8 @@ dead letters in dicts and lists of this process. For in-process tests of the sup
 parts (with a fake clock and a fake pool); not a `--message-queue-impl`.
 
 It keeps what is not taken (like the sorted-set transport), records every result written
-(so a test sees a duplicate), and fails every call while `down` is set (an outage).
+(so a test sees a duplicate), and fails every call while `down` is set (an outage), or
+only claims while `refuse_claims` is.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Memory(Transport):
         self.cancelled_batches: FrozenSet[str] = frozenset()
         self.cancelled_ids: FrozenSet[str] = frozenset()
         self.down = False
+        self.refuse_claims = False   # claims fail, everything else works (a claim too large, ...)
         self.connects = 0
         self._serial = 0
 
@@ -76,6 +78,8 @@ class Memory(Transport):
 
     def claim(self, keys: List[str], deliveries: Optional[List[Delivery]] = None) -> List[bool]:
         self._check()
+        if self.refuse_claims:
+            raise TransportError("memory: claim refused")
         answered = {k for k, _ in self.results}
         return [key not in answered for key in keys]
 

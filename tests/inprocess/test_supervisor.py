@@ -347,3 +347,19 @@ def test_a_gate_whose_source_fails_holds_dispatch_unless_it_fails_open():
     opened.request("o")
     opened.run_until(answered(opened, ["o"]))
     assert opened.metric(opened.sup.metrics.gate_decisions, "batch-queue", "failed-open") >= 1
+
+
+def test_results_are_written_while_a_claim_keeps_failing():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=1), 1
+
+    rig = Rig(gateway=slow)
+    rig.request("a")
+    rig.run_until(lambda: rig.pool.in_flight() == 1)
+    rig.transport.refuse_claims = True
+    rig.request("b")
+    rig.run_until(answered(rig, ["a"]), seconds=60)
+    assert [item.id for item, _ in rig.sup.books.unclaimed] == ["b"]  # read, held unclaimed
+    rig.transport.refuse_claims = False
+    rig.run_until(answered(rig, ["a", "b"]), seconds=60)
+    exactly_once(rig, ["a", "b"])
