@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import gates, ledger, merge, messages, redact, retry
+from asyncproc import aimd, gates, ledger, merge, messages, redact, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams", "gcp-pubsub")
@@ -234,10 +234,10 @@ OPTIONS: Tuple[Option, ...] = (
            _above(0)),
     Option("--adaptive-concurrency", parse_bool, False,
            "adapt the in-flight limit: additive increase on successes, multiplicative decrease"
-           " when the gateway sheds (429/503) or is slow (true|false)"),
+           " when the gateway is overloaded (429 or 503) or slow (true|false)"),
     Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1)),
     Option("--adaptive-decrease", float, 0.8,
-           "adaptive concurrency: the limit is multiplied by this on a shed or slow answer",
+           "adaptive concurrency: the limit is multiplied by this on a 429, a 503 or a slow answer",
            lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})"),
     Option("--adaptive-latency-target", float, 0.0,
            "adaptive concurrency: seconds; a success slower than this counts as overload; 0 = off",
@@ -441,7 +441,7 @@ class Settings:
     log_format: str
     log_level: str
     default_gate: Any = gates.OPEN
-    adaptive: Optional[gates.Aimd] = None
+    adaptive: Optional[aimd.Policy] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
     gateway_headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
@@ -588,7 +588,7 @@ def parse_args(
         log_format=ns.log_format,
         log_level=ns.log_level,
         default_gate=default_gate,
-        adaptive=gates.Aimd(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
+        adaptive=aimd.Policy(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
         dispatch_order=ns.dispatch_order,
