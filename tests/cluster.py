@@ -158,6 +158,19 @@ class Cluster:
 
         wait_until(synced, timeout, 0.05, what=f"a replica in sync with {port}")
 
+    def wait_in_sync(self, timeout: float = 30.0) -> None:
+        """Until every live master's replicas have all it has (what the test wrote is safe)."""
+        def synced() -> bool:
+            for port in self.masters():
+                info = self.node(port).client(1).info("replication")
+                offset = int(info.get("master_repl_offset", 0))
+                replicas = [v for k, v in info.items() if re.match(r"slave\d+$", k)]
+                if not replicas or any(int(r.get("offset", -1)) < offset for r in replicas):
+                    return False
+            return True
+
+        wait_until(synced, timeout, 0.05, what="replicas in sync with their masters")
+
     def kill(self, port: int) -> None:
         node = self.node(port)
         kill_group(node.proc)
