@@ -171,6 +171,37 @@ class Cluster:
 
         wait_until(synced, timeout, 0.05, what="replicas in sync with their masters")
 
+    def node_id(self, port: int) -> str:
+        reply = self.node(port).client().execute_command("CLUSTER", "MYID")
+        return reply.decode() if isinstance(reply, bytes) else reply
+
+    def begin_migration(self, slot: int, src: int, dst: int) -> None:
+        """What `redis-cli --cluster reshard` does first: dst IMPORTING, src MIGRATING."""
+        self.node(dst).client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(src))
+        self.node(src).client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(dst))
+
+    def migrate_keys(self, slot: int, src: int, dst: int, count: int = 10) -> int:
+        """MIGRATE up to `count` keys of `slot` from src to dst; how many went."""
+        client = self.node(src).client()
+        keys = client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, count)
+        if keys:
+            client.execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
+        return len(keys)
+
+    def end_migration(self, slot: int, dst: int) -> None:
+        """The slot is dst's: told to every master (the last step of a reshard)."""
+        owner = self.node_id(dst)
+        for port in [dst] + [p for p in self.masters() if p != dst]:
+            self.node(port).client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner)
+        wait_until(lambda: all(self._owner(n.port, slot) == dst for n in self.nodes if n.alive), 30, 0.05,
+                   what=f"every node to see slot {slot} on {dst}")
+
+    def _owner(self, port: int, slot: int) -> Optional[int]:
+        for start, end, master, *_ in self.node(port).client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+        return None
+
     def kill(self, port: int) -> None:
         node = self.node(port)
         kill_group(node.proc)

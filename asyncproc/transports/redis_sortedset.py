@@ -10,7 +10,17 @@ from typing import Dict, List
 
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
-from asyncproc.transports.redisbase import Replication, ResultWriter, by_queue, execute, guarded, make_client, read_cancellations, refresh
+from asyncproc.transports.redisbase import (
+    Replication,
+    Resharding,
+    ResultWriter,
+    by_queue,
+    execute,
+    guarded,
+    make_client,
+    read_cancellations,
+    refresh,
+)
 
 
 def shares(names: List[str], limit: int, start: int) -> List[tuple]:
@@ -37,6 +47,7 @@ class RedisSortedSet(Transport):
                                     settings.result_dedupe_window)
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
+        self._resharding = Resharding()
         self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
 
     def connect(self) -> None:
@@ -52,7 +63,7 @@ class RedisSortedSet(Transport):
         for queue, share in shares(list(self.sets), limit, self._turn):
             if share <= 0:
                 continue
-            pairs = guarded(lambda q=queue, n=share: self.sets[q].claim(
+            pairs = self._resharding.claim(queue, lambda q=queue, n=share: self.sets[q].claim(
                 self._client, now, now + self.lease_seconds, n, take_new))
             out.extend(Delivery(member, queue, token=member, state=state) for member, state in pairs)
         if out:  # a claim a failover loses only hands its work out twice: not strict

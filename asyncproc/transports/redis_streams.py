@@ -21,6 +21,7 @@ from asyncproc.transports.leases import LeaseSet
 from asyncproc.transports.redis_sortedset import shares
 from asyncproc.transports.redisbase import (
     Replication,
+    Resharding,
     ResultWriter,
     by_queue,
     execute,
@@ -58,6 +59,7 @@ class RedisStreams(Transport):
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
         self._autoclaim_at = 0.0
+        self._resharding = Resharding()
         self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
         # One MULTI for results and acknowledgements needs them in one slot; on a cluster
         # they are written in two steps, results first (a repeat is deduplicated).
@@ -104,7 +106,7 @@ class RedisStreams(Transport):
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         out: List[Delivery] = []
         for queue, lease_set in self.sets.items():
-            pairs = guarded(lambda ls=lease_set, n=limit - len(out): ls.claim(
+            pairs = self._resharding.claim(queue, lambda ls=lease_set, n=limit - len(out): ls.claim(
                 self._client, now, now + self.lease_seconds, n, take_new=False))
             out.extend(Delivery(b"", queue, token=(LEASE, m), state=state) for m, state in pairs)
         if now >= self._autoclaim_at and len(out) < limit:

@@ -145,6 +145,40 @@ class Replication:
             log.warning("%s; going on (a failover may hand this work out twice)", message)
 
 
+RESHARD_PAUSE = 1.0  # seconds a queue whose slot is mid-migration is left alone
+
+
+class Resharding:
+    """Claims per queue that step aside while the queue's slot is being migrated.
+
+    A claim script touches a queue's keys together; while a resharding has moved some of
+    them and not the others, Redis answers TRYAGAIN (redis-py retries, then gives up). That
+    queue waits a moment; the other queues, and every write, go on: not an outage."""
+
+    def __init__(self) -> None:
+        self.until: Dict[str, float] = {}
+        self._logged = 0.0
+
+    def claim(self, queue: str, call: Callable[[], List[T]]) -> List[T]:
+        now = time.monotonic()
+        if self.until.get(queue, 0.0) > now:
+            return []
+        try:
+            return call()
+        except (redis.RedisError, OSError) as exc:
+            if not isinstance(exc, redis.exceptions.TryAgainError) and not (
+                    isinstance(exc, redis.exceptions.ClusterError)
+                    and not isinstance(exc, redis.exceptions.ClusterDownError)):
+                raise TransportError(describe(exc)) from None
+            self.until[queue] = now + RESHARD_PAUSE
+            if now >= self._logged + 10:
+                self._logged = now
+                log.warning("queue %s: its cluster slot is being migrated (%s); claiming from it again in"
+                            " %gs, the other queues go on", queue, f"{type(exc).__name__}: {redact.escape(str(exc))}",
+                            RESHARD_PAUSE)
+            return []
+
+
 def execute(pipe, replication: Optional[Replication] = None, keys=(), strict: bool = True):
     """Run a pipeline; then, with --redis.wait-replicas, WAIT for its writes to `keys`."""
     replies = pipe.execute()

@@ -141,3 +141,34 @@ def test_master_killed_mid_run(own_cluster, sim, processors, impl, wait_replicas
     except AssertionError:
         raise AssertionError(f"left behind: {setup.leftovers()}") from None
     assert all(p.proc.poll() is None for p in replicas)  # followed the failover, no restart
+
+
+def test_slot_of_a_queue_migrated_mid_run(shared_cluster, sim, processors, impl):
+    """The reshard steps (IMPORTING/MIGRATING, MIGRATE key by key, SETSLOT NODE) for the slot
+    of a queue while three replicas work on it: ASK and TRYAGAIN mid-way, MOVED after;
+    nothing lost, nothing doubled."""
+    cluster = shared_cluster
+    setup = Setup(cluster, impl)
+    moving = setup.names[0]
+    slot, src = cluster.slot(moving), cluster.master_port_of(moving)
+    dst = next(p for p in cluster.masters() if p != src)
+    ids = [f"m{i}" for i in range(900)]
+    for _ in range(3):
+        processors(cluster.url, sim.url, *setup.args("--concurrency", "8"))
+    setup.put(ids, latency=0.05)
+    wait_until(lambda: len(setup.results()) >= 100, 60, 0.05, what="some results")
+    cluster.begin_migration(slot, src, dst)
+    while True:  # one key at a time, some work done between: the slot is split for a while
+        before = len(setup.results())
+        if not cluster.migrate_keys(slot, src, dst, count=1):
+            break
+        wait_until(lambda b=before: len(setup.results()) >= min(b + 20, len(ids)), 60, 0.05,
+                   what="work going on mid-migration")
+    cluster.end_migration(slot, dst)
+    assert cluster.master_port_of(moving) == dst
+    assert_exactly_once(setup.wait_results(900, timeout=120), ids)
+    assert sim.stats()["requests"] >= 900
+    try:
+        wait_until(lambda: setup.leftovers() == {}, 60, 0.1, what="nothing left behind")
+    except AssertionError:
+        raise AssertionError(f"left behind: {setup.leftovers()}") from None
