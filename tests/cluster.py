@@ -171,6 +171,10 @@ class Cluster:
 
         wait_until(synced, timeout, 0.05, what="replicas in sync with their masters")
 
+    def replica_of(self, port: int) -> int:
+        info = self.node(port).client(1).info("replication")
+        return int(info["slave0"]["port"])
+
     def node_id(self, port: int) -> str:
         reply = self.node(port).client().execute_command("CLUSTER", "MYID")
         return reply.decode() if isinstance(reply, bytes) else reply

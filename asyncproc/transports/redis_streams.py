@@ -208,8 +208,10 @@ class RedisStreams(Transport):
                 lag = group.get("lag")
                 if lag is None:  # Redis without XINFO lag: count what is left, up to a cap
                     lag = len(self._client.xrange(queue, min=f"({after}", count=DEPTH_COUNT_CAP))
-                depth[queue] = lag
                 first = self._client.xrange(queue, min=f"({after}", count=1)
+                # nothing after the group's last id: none waiting, whatever `lag` says (Redis 7.0
+                # may overstate it on a replica promoted by a failover)
+                depth[queue] = lag if first else 0
                 oldest[queue] = max(now_ms - int(first[0][0].split(b"-")[0]), 0) / 1000 if first else 0
             return {"depth": depth, "leased": leased, "oldest_age_seconds": oldest}
 

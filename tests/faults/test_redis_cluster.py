@@ -1,5 +1,7 @@
 """asyncproc on a real Redis Cluster (3 masters + 3 replicas on free ports): queues spread
 over the masters, replicas sharing them, a master killed mid-run, a slot migrated mid-run."""
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -172,3 +174,29 @@ def test_slot_of_a_queue_migrated_mid_run(shared_cluster, sim, processors, impl)
         wait_until(lambda: setup.leftovers() == {}, 60, 0.1, what="nothing left behind")
     except AssertionError:
         raise AssertionError(f"left behind: {setup.leftovers()}") from None
+
+
+def test_wait_replicas_acknowledges_nothing_a_replica_does_not_have(shared_cluster, sim, processors):
+    """The result master's replica stopped (SIGSTOP): results reach the master but WAIT, on
+    the connection that wrote them, counts no replica, so no request is acknowledged; once
+    the replica runs again, each id gets exactly one result."""
+    cluster = shared_cluster
+    setup = Setup(cluster, "redis-streams")
+    master = cluster.master_port_of(setup.result_key)
+    replica = cluster.node(cluster.replica_of(master))
+    proc = processors(cluster.url, sim.url, *setup.args("--concurrency", "4", "--redis.wait-replicas", "1",
+                                                       "--redis.wait-timeout", "0.3"))
+    ids = [f"w{i}" for i in range(30)]
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        setup.put(ids, latency=0.01)
+        wait_until(lambda: "fewer replicas than --redis.wait-replicas 1" in proc.log.read_text(), 30,
+                   what="an unconfirmed write")
+        wait_until(lambda: len(setup.results()) >= len(ids), 30, what="every result on the master")
+        pending = sum(g["pending"] for q in setup.names for g in setup.client.xinfo_groups(q))
+        assert pending == len(ids)  # written, not confirmed: none acknowledged
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    assert_exactly_once(setup.wait_results(len(ids), timeout=60), ids)
+    wait_until(lambda: setup.leftovers() == {}, 60, 0.1, what="nothing left behind")
+    cluster.wait_replicated(master)
