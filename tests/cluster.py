@@ -105,6 +105,7 @@ class Cluster:
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         self.wait_ok()
+        self.wait_in_sync()  # cluster_state:ok comes before the replicas' first sync
         return self
 
     def wait_ok(self, timeout: float = 30.0) -> None:
