@@ -24,7 +24,7 @@ from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Assignment, Kind, Outcome
 from asyncproc.pool import BootFailure, Pool
-from asyncproc.transports import Delivery, Transport, TransportError, Writes, open_transport
+from asyncproc.transports import Delivery, Transport, TransportError, Unconfirmed, Writes, open_transport
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -422,6 +422,9 @@ class Supervisor:
         (over proto-max-bulk-len, ...): write the items one at a time and replace each one
         refused on its own by an error result (a dead letter: dropped, logged). True when
         everything is written; False when even a small write fails (an outage)."""
+        if isinstance(failure, Unconfirmed):  # written, not yet on enough replicas: wait
+            self.transport_down(failure)
+            return False
         try:
             self.transport.ping()
         except TransportError:

@@ -62,7 +62,7 @@ class ClusterNodeProcess(ServerProcess):
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-             "--appendonly", "yes", "--save", "", "--dir", str(self.dir)],
+             "--appendonly", "yes", "--save", "", "--repl-diskless-sync-delay", "0", "--dir", str(self.dir)],
             stdout=open(self.dir / self.log_name, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self.pings, 10, what=f"cluster node {self.port} to answer PING")
         return self
@@ -166,7 +166,8 @@ class Cluster:
                 info = self.node(port).client(1).info("replication")
                 offset = int(info.get("master_repl_offset", 0))
                 replicas = [v for k, v in info.items() if re.match(r"slave\d+$", k)]
-                if not replicas or any(int(r.get("offset", -1)) < offset for r in replicas):
+                if not replicas or any(r.get("state") != "online" or int(r.get("offset", -1)) < offset
+                                       for r in replicas):
                     return False
             return True
 
@@ -175,6 +176,21 @@ class Cluster:
     def replica_of(self, port: int) -> int:
         info = self.node(port).client(1).info("replication")
         return int(info["slave0"]["port"])
+
+    def cut_replication(self, master: int) -> ClusterNodeProcess:
+        """Drop the link from `master` to its replica, which cannot come back (its AUTH to the
+        master fails): from here on the replica falls behind. Its replica, still running."""
+        replica = self.node(self.replica_of(master))
+        replica.client().config_set("masteruser", "no-such-user")
+        replica.client().config_set("masterauth", "wrong")
+        self.node(master).client().execute_command("CLIENT", "KILL", "TYPE", "replica")
+        wait_until(lambda: int(self.node(master).client(1).info("replication").get("connected_slaves", 0)) == 0,
+                   10, 0.05, what=f"{master} without its replica")
+        return replica
+
+    def mend_replication(self, replica: ClusterNodeProcess) -> None:
+        replica.client().config_set("masteruser", "")
+        replica.client().config_set("masterauth", "")
 
     def node_id(self, port: int) -> str:
         reply = self.node(port).client().execute_command("CLUSTER", "MYID")

@@ -1,7 +1,7 @@
 """Queue transports behind one small interface (see base.py)."""
 from __future__ import annotations
 
-from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
+from asyncproc.transports.base import Delivery, Transport, TransportError, Unconfirmed, Writes
 
 
 def open_transport(settings) -> Transport:
@@ -25,4 +25,4 @@ def open_transport(settings) -> Transport:
     raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
 
 
-__all__ = ["Delivery", "Transport", "TransportError", "Writes", "open_transport"]
+__all__ = ["Delivery", "Transport", "TransportError", "Unconfirmed", "Writes", "open_transport"]

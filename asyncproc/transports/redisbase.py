@@ -13,7 +13,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.credentials import CredentialProvider
 
 from asyncproc import redact
-from asyncproc.transports.base import TransportError
+from asyncproc.transports.base import TransportError, Unconfirmed
 from asyncproc.transports.keys import aux_key, cancel_key
 from asyncproc.transports.retryset import in_pipeline, load_script, preload
 
@@ -138,7 +138,7 @@ class Replication:
         message = (f"redis: fewer replicas than --redis.wait-replicas {self.replicas} acknowledged"
                    f" the writes within {self.timeout_ms} ms ({text})")
         if strict:
-            raise TransportError(message)
+            raise Unconfirmed(message)
         now = time.monotonic()
         if now >= self._warned_at + 10:
             self._warned_at = now
