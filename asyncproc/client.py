@@ -104,8 +104,9 @@ class Client:
 
     def _send(self, chunk: List[dict], forget: bool) -> int:
         pipe = self.redis.pipeline(transaction=False)
-        if forget:
-            pipe.delete(*(key for r in chunk for key in self._markers(messages.id_key(r["id"]))))
+        if forget:  # one key per DEL: a cluster pipeline takes no other
+            for key in (key for r in chunk for key in self._markers(messages.id_key(r["id"]))):
+                pipe.delete(key)
         for request in chunk:
             raw = orjson.dumps(request)
             if self.impl == "redis-pubsub":

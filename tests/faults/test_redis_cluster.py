@@ -2,16 +2,19 @@
 over the masters, replicas sharing them, a master killed mid-run, a slot migrated mid-run."""
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
 
+import orjson
 import pytest
 import redis
 
 from asyncproc.transports.keys import aux_key
 from tests.cluster import Cluster, cluster_redis_binary, free_slot_key
-from tests.harness import Queue, request, wait_until
+from tests.harness import ROOT, Queue, request, wait_until
 
 BINARY = cluster_redis_binary()
 pytestmark = pytest.mark.skipif(BINARY is None, reason="no redis-server 7 or later (apt-get install redis-server)")
@@ -221,3 +224,25 @@ def test_wait_replicas_acknowledges_nothing_a_replica_does_not_have(shared_clust
     assert_exactly_once(setup.wait_results(len(ids), timeout=60), ids)
     wait_until(lambda: setup.leftovers() == {}, 60, 0.1, what="nothing left behind")
     cluster.wait_replicated(master)
+
+
+def test_batch_tools_on_a_cluster(shared_cluster, sim, processors, tmp_path):
+    """run-batch and status through the cluster client, queues on two masters."""
+    cluster = shared_cluster
+    setup = Setup(cluster, "redis-streams")
+    processors(cluster.url, sim.url, *setup.args("--concurrency", "8"))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(orjson.dumps({"id": f"b{i}", "payload": {"prompt": f"p{i}"}})
+                                  for i in range(200)) + b"\n")
+    out = tmp_path / "out.jsonl"
+    common = ["--redis-url", cluster.url, "--message-queue-impl", "redis-streams",
+              "--redis.request-queue-name", setup.names[1], "--redis.result-queue-name", setup.result_key]
+    done = subprocess.run([sys.executable, "-m", "asyncproc", "run-batch", str(source), "--output", str(out),
+                           "--no-progress", *common], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(orjson.loads(line)["id"] for line in out.read_bytes().splitlines()) == sorted(
+        f"b{i}" for i in range(200))
+    status = subprocess.run([sys.executable, "-m", "asyncproc", "status", "--json", *common],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert orjson.loads(status.stdout)["batches"][0]["state"] == "complete"
