@@ -246,3 +246,27 @@ def test_batch_tools_on_a_cluster(shared_cluster, sim, processors, tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert status.returncode == 0, status.stderr
     assert orjson.loads(status.stdout)["batches"][0]["state"] == "complete"
+
+
+def test_wait_replicas_on_one_redis(tmp_path, sim, processors):
+    """Not a cluster: one Redis whose replica comes late. Until it is there nothing is
+    acknowledged; then every id gets exactly one result."""
+    from tests.harness import RedisServer
+
+    primary = RedisServer(tmp_path / "primary").start()
+    replica = RedisServer(tmp_path / "replica")
+    try:
+        queue = Queue(primary.client(), "redis-sortedset")
+        ids = [f"s{i}" for i in range(50)]
+        queue.put([request(i) for i in ids])
+        proc = processors(primary.url, sim.url, "--message-queue-impl", "redis-sortedset", "--concurrency", "8",
+                          "--redis.wait-replicas", "1", "--redis.wait-timeout", "0.3")
+        wait_until(lambda: "unreachable: redis: fewer replicas" in proc.log.read_text(), 30,
+                   what="an unconfirmed write")
+        assert queue.leftovers()  # nothing acknowledged without a replica
+        replica.start("--replicaof", "127.0.0.1", str(primary.port))
+        assert_exactly_once(queue.wait_results(len(ids)), ids)
+        wait_until(lambda: queue.leftovers() == {}, 30, what="nothing left behind")
+    finally:
+        replica.stop()
+        primary.stop()
