@@ -16,13 +16,12 @@ import time
 from typing import Dict, Iterable, Iterator, List, Optional
 
 import orjson
-import redis
 
 from asyncproc import messages, redact
 from asyncproc.config import Settings
 from asyncproc.transports import TransportError, open_transport
 from asyncproc.transports.keys import aux_key, cancel_key, pubsub_marker
-from asyncproc.transports.redisbase import make_client
+from asyncproc.transports.redisbase import ERRORS, make_client
 
 CHUNK = 500                          # messages per pipeline round trip
 CANCEL_RETENTION = 7 * 24 * 3600.0   # seconds a cancellation stays in force
@@ -48,7 +47,7 @@ class Client:
         self.impl = settings.message_queue_impl
         self.queue = queue or settings.queue_names[0]
         self.prefix = settings.key_prefix
-        self.errors: tuple = (redis.RedisError, OSError)
+        self.errors: tuple = ERRORS
         self.gcp = None
         if self.impl == "gcp-pubsub":
             from asyncproc import client_gcp

@@ -10,7 +10,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.credentials import CredentialProvider
+from redis.exceptions import RedisClusterException
 
 from asyncproc import redact
 from asyncproc.transports.base import TransportError, Unconfirmed
@@ -21,6 +23,7 @@ SOCKET_TIMEOUT = 5.0
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 T = TypeVar("T")
 log = logging.getLogger("asyncproc.redis")
+ERRORS = (redis.RedisError, RedisClusterException, OSError)  # what a Redis call may raise
 
 
 class PasswordFile(CredentialProvider):
@@ -88,12 +91,36 @@ def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TI
     if cluster:
         url, seeds = seed_nodes(url)
         others = [ClusterNode(host, port) for host, port in seeds[1:]]
-        return RedisCluster.from_url(url, startup_nodes=others or None, **kwargs)
+        return LazyCluster(lambda: RedisCluster.from_url(url, startup_nodes=others or None, **kwargs))
     return redis.Redis.from_url(url, **kwargs)
 
 
+class LazyCluster:
+    """A RedisCluster made on first use: making one asks the seed nodes for the slot map,
+    and asyncproc must start (and keep retrying) while no node answers, as with one Redis."""
+
+    def __init__(self, make: Callable[[], RedisCluster]) -> None:
+        self._make, self._client = make, None
+
+    @property
+    def cluster(self) -> RedisCluster:
+        if self._client is None:
+            self._client = self._make()
+        return self._client
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script.encode())  # bytes: its SHA needs no connection
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.cluster, name)
+
+
 def is_cluster(client) -> bool:
-    return isinstance(client, RedisCluster)
+    return isinstance(client, (RedisCluster, LazyCluster))
 
 
 def refresh(client) -> None:
@@ -165,7 +192,7 @@ class Resharding:
             return []
         try:
             return call()
-        except (redis.RedisError, OSError) as exc:
+        except ERRORS as exc:
             if not isinstance(exc, redis.exceptions.TryAgainError) and not (
                     isinstance(exc, redis.exceptions.ClusterError)
                     and not isinstance(exc, redis.exceptions.ClusterDownError)):
@@ -195,7 +222,7 @@ def guarded(call: Callable[[], T]) -> T:
     """Run a Redis call; its errors become TransportError (the edge of the transport)."""
     try:
         return call()
-    except (redis.RedisError, OSError) as exc:
+    except ERRORS as exc:
         raise TransportError(describe(exc)) from None
 
 

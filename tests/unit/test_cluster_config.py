@@ -68,3 +68,15 @@ def test_a_queue_and_its_keys_share_a_slot(name):
 def test_slot_is_redis_cluster_keyslot():
     assert slot("{zz}:requests") == 14415  # the slot of the report
     assert slot("foo") == 12182 and slot("{user1000}.following") == slot("{user1000}.followers")
+
+
+def test_a_cluster_client_is_made_on_first_use_and_its_errors_are_transport_errors():
+    from asyncproc.transports.base import TransportError
+    from asyncproc.transports.redisbase import guarded, is_cluster, make_client
+
+    client = make_client("redis+cluster://127.0.0.1:1", timeout=0.5)  # no node there: no error yet
+    assert is_cluster(client)
+    script = client.register_script("return 1")
+    assert len(script.sha) == 40
+    with pytest.raises(TransportError, match="connection refused"):
+        guarded(client.ping)
