@@ -47,7 +47,7 @@ class Client:
         self.impl = settings.message_queue_impl
         self.queue = queue or settings.queue_names[0]
         self.prefix = settings.key_prefix
-        self.errors: tuple = ERRORS
+        self.errors: tuple = (*ERRORS, TransportError)
         self.gcp = None
         if self.impl == "gcp-pubsub":
             from asyncproc import client_gcp

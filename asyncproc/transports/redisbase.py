@@ -105,7 +105,10 @@ class LazyCluster:
     @property
     def cluster(self) -> RedisCluster:
         if self._client is None:
-            self._client = self._make()
+            try:
+                self._client = self._make()
+            except ERRORS as exc:  # wherever it is first touched, it fails like a Redis call
+                raise TransportError(describe(exc)) from None
         return self._client
 
     def register_script(self, script: str) -> Script:
