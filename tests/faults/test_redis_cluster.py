@@ -126,11 +126,11 @@ def test_master_killed_mid_run(own_cluster, sim, processors, impl, wait_replicas
     victim = cluster.master_port_of(setup.result_key)
     assert victim in {cluster.master_port_of(n) for n in setup.names}
     ids = [f"f{i}" for i in range(600)]
+    setup.put(ids, latency=0.4)  # about 10 s of work for 24 in flight
+    cluster.wait_in_sync()  # what the producer wrote is on the replicas: not what is measured
     procs = [processors(cluster.url, sim.url, *setup.args("--concurrency", "8",
                                                            "--redis.wait-replicas", str(wait_replicas)))
              for _ in range(3)]
-    setup.put(ids, latency=0.4)  # about 10 s of work for 24 in flight
-    cluster.wait_in_sync()  # what the producer wrote is on the replicas: not what is measured
     wait_until(lambda: len(setup.results()) >= 100, 60, 0.05, what="some results")
     replica = cluster.cut_replication(victim)
     try:
