@@ -6,6 +6,7 @@ fast with one line naming the option (exit 2). Nothing reads the environment at 
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import gates, ledger, merge, messages, redact, retry
+from asyncproc import aimd, gates, ledger, merge, messages, redact, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams", "gcp-pubsub")
@@ -196,7 +197,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
            "where messages with no usable id go: a list (a stream for redis-streams)"),
     Option("--redis.key-prefix", str, "asyncproc",
-           "prefix of asyncproc's own Redis keys (claims, result markers)"),
+           "prefix of asyncproc's own Redis keys (claims, result markers, leases, held messages)"),
     Option("--redis.claim", parse_bool, True,
            "claim each request id in Redis at intake so replicas on one channel process it once"
            " (true|false)"),
@@ -205,8 +206,8 @@ OPTIONS: Tuple[Option, ...] = (
            "seconds during which a second result for the same id is not published; 0 = off",
            _at_least(0)),
     Option("--redis.lease-seconds", float, 60.0,
-           "redis-sortedset / redis-streams: a claimed request not kept alive this long (its holder"
-           " died) is taken up again", _at_least(1)),
+           "a request held but not kept alive this long (its holder died) is taken up again: sorted-set"
+           " and stream entries, pub/sub messages received and retries taken", _at_least(1)),
     Option("--redis.consumer-group", str, "asyncproc", "redis-streams: the consumer group"),
     Option("--max-deliveries", int, 5,
            "redis-streams: an entry delivered more often goes to the dead-letter stream", _at_least(1)),
@@ -228,7 +229,7 @@ OPTIONS: Tuple[Option, ...] = (
            "gcp-pubsub: seconds of each lease asyncproc takes and keeps extending (10-600)", _between(10, 600)),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
-           " priority)"),
+           " priority, gate, max_in_flight, allowed_endpoints, headers, token, token_file)"),
     Option("--dispatch-order", str, "arrival",
            "order inside a queue: arrival, or deadline (earliest deadline first among the requests held)",
            choices=ledger.ORDERS),
@@ -242,10 +243,10 @@ OPTIONS: Tuple[Option, ...] = (
            _above(0)),
     Option("--adaptive-concurrency", parse_bool, False,
            "adapt the in-flight limit: additive increase on successes, multiplicative decrease"
-           " when the gateway sheds (429/503) or is slow (true|false)"),
+           " when the gateway is overloaded (429 or 503) or slow (true|false)"),
     Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1)),
     Option("--adaptive-decrease", float, 0.8,
-           "adaptive concurrency: the limit is multiplied by this on a shed or slow answer",
+           "adaptive concurrency: the limit is multiplied by this on a 429, a 503 or a slow answer",
            lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})"),
     Option("--adaptive-latency-target", float, 0.0,
            "adaptive concurrency: seconds; a success slower than this counts as overload; 0 = off",
@@ -261,9 +262,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--max-attempts", int, 0, "attempts per request; 0 = until the deadline",
            _at_least(0)),
     Option("--request-timeout", float, 300.0,
-           "seconds: cap on one attempt (also bounded by the deadline)", _above(0)),
+           "seconds: cap on one whole attempt, connect, headers and body (also bounded by the deadline)", _above(0)),
     Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
            _above(0)),
+    Option("--max-response-bytes", int, 64 * 1024 * 1024,
+           "a larger gateway response gets the error result \"response too large\" (not retried)",
+           _at_least(1024)),
     Option("--max-message-bytes", int, 1048576,
            "larger request messages are not parsed: an error result when the id opens the message,"
            " else a dead letter", _at_least(64)),
@@ -317,6 +321,16 @@ class _Parser(configargparse.ArgumentParser):
         raise ConfigError(line)
 
 
+class _RedactingFormatter(configargparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, some from the environment (REDIS_URL): never their passwords."""
+
+    def _expand_help(self, action):  # type: ignore[override]
+        if isinstance(action.default, str) and "://" in action.default:
+            action = copy.copy(action)
+            action.default = redact.url(action.default)
+        return super()._expand_help(action)
+
+
 DESCRIPTION = ("Pull LLM requests from queues, dispatch them to an inference gateway,"
                " retry until the deadline, write one result each.")
 
@@ -325,7 +339,7 @@ def build_parser(environ: Mapping[str, str], prog: str = "asyncproc", descriptio
     parser = _Parser(
         prog=prog,
         description=description,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_RedactingFormatter,
         config_file_parser_class=configargparse.DefaultConfigFileParser,
     )
     parser.add_argument("-c", "--config", is_config_file=True, env_var=env_var("--config"),
@@ -436,7 +450,7 @@ class Settings:
     log_format: str
     log_level: str
     default_gate: Any = gates.OPEN
-    adaptive: Optional[gates.Aimd] = None
+    adaptive: Optional[aimd.Policy] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
     gateway_headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
@@ -444,6 +458,7 @@ class Settings:
     gateway_token_file: str = ""
     gateway_tls: TlsFiles = TlsFiles()
     redis_auth: RedisAuth = RedisAuth()
+    max_response_bytes: int = 64 * 1024 * 1024
     redis_cluster: bool = False
     wait_replicas: int = 0
     wait_timeout: float = 2.0
@@ -535,10 +550,12 @@ def parse_args(
         raise ConfigError("--redis-ca-file/--redis-client-cert: need a rediss:// --redis-url")
     token_file = ns.gateway_token_file
     check_token_file(token_file, "--gateway-token-file")
+    check_token(ns.gateway_token, "--gateway-token")
     check_gateway_auth("--inference-gateway", ns.inference_gateway, gateway_headers, ns.gateway_token, token_file)
     for q in queues:
         if q.gateway or q.headers or q.token or q.token_file:
             check_token_file(q.token_file, f"--queues-file: queue {q.name} token_file")
+            check_token(q.token, f"--queues-file: queue {q.name} token")
             merged = dict(gateway_headers, **q.headers)
             token = q.token if q.token is not None else ns.gateway_token
             check_gateway_auth(f"--queues-file: queue {q.name} gateway", q.gateway or ns.inference_gateway,
@@ -587,7 +604,7 @@ def parse_args(
         log_format=ns.log_format,
         log_level=ns.log_level,
         default_gate=default_gate,
-        adaptive=gates.Aimd(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
+        adaptive=aimd.Policy(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
         dispatch_order=ns.dispatch_order,
@@ -596,6 +613,7 @@ def parse_args(
         gateway_token_file=token_file,
         gateway_tls=gateway_tls,
         redis_auth=redis_auth,
+        max_response_bytes=ns.max_response_bytes,
         redis_cluster=cluster,
         wait_replicas=ns.redis_wait_replicas,
         wait_timeout=ns.redis_wait_timeout,
@@ -654,11 +672,19 @@ def check_token_file(path: Optional[str], where: str) -> None:
         return
     try:
         with open(path, "rb") as handle:
-            empty = not handle.read().strip()
+            token = handle.read().decode("utf-8", "replace").strip()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read {path} ({exc.strerror})") from None
-    if empty:
+    if not token:
         raise ConfigError(f"{where}: {path} is empty")
+    check_token(token, f"{where} {path}")
+
+
+def check_token(token: Optional[str], where: str) -> None:
+    """A token goes into a header: one printable line (a line break would fail every request
+    and put the token in a traceback)."""
+    if token and not token.strip().isprintable():
+        raise ConfigError(f"{where}: the token holds control characters (a line break?)")
 
 
 def check_gateway_auth(where: str, url: str, headers: Sequence[Tuple[str, str]], token: str,

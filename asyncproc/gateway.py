@@ -1,15 +1,24 @@
 """Worker-side HTTP: urllib3 connection pools (one per gateway origin, one connection per
 thread kept alive), timeouts bounded by the deadline, no hidden retries.
 
+Bounded whatever the gateway does: the body is read in chunks up to `max_response_bytes`
+(more: a final "response too large", the connection discarded), and one attempt, headers
+and body, ends within min(request timeout, time left to the deadline). Socket timeouts
+alone do not bound a gateway that trickles a byte at a time, so each attempt records the
+socket it uses and the worker's main loop calls `expire_overdue()`: it shuts down the
+socket of an attempt past its budget, the blocked read fails, and the attempt is a
+retryable "attempt timed out".
+
 urllib3's pool directly, not requests: requests' per-call machinery (hooks, cookie jars,
 proxy lookup in the environment, header merging) cost more CPU than the whole rest of a
 dispatch (see the README's performance section).
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import urllib3
 from urllib3 import exceptions as u3
@@ -20,6 +29,57 @@ from asyncproc.outcomes import Assignment, Outcome
 #: Never start an attempt with less time than this before the deadline.
 MIN_ATTEMPT_SECONDS = 0.05
 BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "asyncproc"}
+#: The body is read this much at a time (and the size and time checked in between).
+READ_CHUNK = 256 * 1024
+TIMED_OUT = "attempt timed out"
+
+
+class Attempt:
+    """One attempt in flight: when its budget ends (monotonic) and the socket it reads."""
+
+    __slots__ = ("ends_at", "sock", "expired", "done")
+
+    def __init__(self, ends_at: float) -> None:
+        self.ends_at = ends_at
+        self.sock: Optional[socket.socket] = None
+        self.expired = False
+        self.done = False
+
+
+_current = threading.local()   # .attempt: the calling thread's Attempt, for the connection class
+
+
+def _record_socket(sock: Optional[socket.socket]) -> None:
+    attempt = getattr(_current, "attempt", None)
+    if attempt is not None and sock is not None:
+        attempt.sock = sock
+
+
+class _Tracked:
+    """Mixed into the pool's connection class: tells the calling thread's attempt which
+    socket it uses (a fresh one after connect, a kept-alive one at request)."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _record_socket(self.sock)  # type: ignore[attr-defined]
+
+    def request(self, *args, **kwargs) -> None:
+        _record_socket(self.sock)  # type: ignore[attr-defined]
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+_tracked_classes: Dict[type, type] = {}
+
+
+def tracked(connection_cls: type) -> type:
+    """`connection_cls` (HTTP or HTTPS, whatever the pool uses) with socket tracking."""
+    if issubclass(connection_cls, _Tracked):
+        return connection_cls
+    cls = _tracked_classes.get(connection_cls)
+    if cls is None:
+        cls = _tracked_classes[connection_cls] = type(
+            f"Tracked{connection_cls.__name__}", (_Tracked, connection_cls), {})
+    return cls
 
 
 class Gateway:
@@ -31,6 +91,8 @@ class Gateway:
         self._pools: Dict[str, urllib3.HTTPConnectionPool] = {}
         self._timeouts: Dict[tuple, urllib3.Timeout] = {}
         self._lock = threading.Lock()
+        self._attempts: Dict[int, Attempt] = {}   # thread ident -> its attempt in flight
+        self._attempts_lock = threading.Lock()
 
     def pool(self, origin: str) -> urllib3.HTTPConnectionPool:
         pool = self._pools.get(origin)
@@ -40,14 +102,16 @@ class Gateway:
                 if pool is None:
                     extra = self.tls_options if origin.startswith("https:") else {}
                     pool = urllib3.connection_from_url(origin, maxsize=self.pool_size, block=True, **extra)
+                    pool.ConnectionCls = tracked(pool.ConnectionCls)
                     self._pools[origin] = pool
         return pool
 
     def post(self, job: Assignment, clock: Callable[[], float] = time.time) -> Outcome:
-        """POST the payload once and classify what came back (SPEC §4)."""
+        """POST the payload once and classify what came back (README: Dispatch and retries)."""
         remaining = job.deadline - clock()
         if remaining < MIN_ATTEMPT_SECONDS:
             return outcomes.expired()
+        budget = min(job.request_timeout, remaining)
         if remaining > job.request_timeout and remaining > job.connect_timeout:
             timeout = self._timeouts.get((job.connect_timeout, job.request_timeout))
             if timeout is None:  # the common case: the deadline is further than both caps
@@ -55,13 +119,26 @@ class Gateway:
                     (job.connect_timeout, job.request_timeout),
                     urllib3.Timeout(connect=job.connect_timeout, read=job.request_timeout))
         else:
-            timeout = urllib3.Timeout(connect=min(job.connect_timeout, remaining),
-                                      read=min(job.request_timeout, remaining))
+            timeout = urllib3.Timeout(connect=min(job.connect_timeout, remaining), read=budget)
         started = time.monotonic()
+        attempt = Attempt(started + budget)
+        ident = threading.get_ident()
+        with self._attempts_lock:
+            self._attempts[ident] = attempt
+        _current.attempt = attempt
+        try:
+            return self._attempt(job, timeout, attempt, started)
+        finally:
+            _current.attempt = None
+            with self._attempts_lock:
+                attempt.done = True
+                self._attempts.pop(ident, None)
+
+    def _attempt(self, job: Assignment, timeout: urllib3.Timeout, attempt: Attempt, started: float) -> Outcome:
         try:
             response = self.pool(job.origin).urlopen(
                 "POST", job.path, body=job.body, headers=job.headers, retries=False, redirect=False,
-                timeout=timeout, preload_content=True, assert_same_host=False,
+                timeout=timeout, preload_content=False, assert_same_host=False,
             )
         except u3.NewConnectionError as exc:  # before ConnectTimeoutError: it is a subclass
             return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
@@ -70,9 +147,79 @@ class Gateway:
         except u3.ReadTimeoutError:
             return outcomes.connection_failure("read timeout", time.monotonic() - started)
         except (u3.ProtocolError, u3.HTTPError, OSError) as exc:
+            if attempt.expired:
+                return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
             return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
-        return outcomes.from_response(response.status, response.data, response.headers.get("Retry-After"),
+        clean = False
+        try:
+            limit = job.max_response_bytes
+            declared = _content_length(response)
+            if declared is not None and declared > limit:
+                return outcomes.too_large(response.status, limit, time.monotonic() - started)
+            if declared is not None and 0 < declared <= READ_CHUNK and "Content-Encoding" not in response.headers:
+                body = response.read(declared)  # the common case: one read, no loop
+            else:
+                body = self._read(response, attempt, limit)
+            if body is None:
+                return outcomes.too_large(response.status, limit, time.monotonic() - started)
+            if attempt.expired:  # a body read "to the end" because its socket was shut
+                return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
+            clean = True
+        except u3.ReadTimeoutError:
+            return outcomes.connection_failure(
+                TIMED_OUT if attempt.expired else "read timeout", time.monotonic() - started)
+        except (u3.ProtocolError, u3.HTTPError, OSError) as exc:
+            if attempt.expired:
+                return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
+            return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
+        finally:
+            if not clean:
+                response.close()  # the connection is discarded, never reused
+            response.release_conn()  # its slot in the pool (a closed one reconnects)
+        return outcomes.from_response(response.status, body, response.headers.get("Retry-After"),
                                       time.monotonic() - started)
+
+    @staticmethod
+    def _read(response, attempt: Attempt, limit: int) -> Optional[bytes]:
+        """The body, or None when it grows past `limit`; ReadTimeoutError past the budget."""
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            left = attempt.ends_at - time.monotonic()
+            if left <= 0 or attempt.expired:
+                attempt.expired = True
+                raise u3.ReadTimeoutError(None, None, TIMED_OUT)  # type: ignore[arg-type]
+            if chunks and attempt.sock is not None:
+                try:
+                    attempt.sock.settimeout(left)  # no single read outlives the budget either
+                except OSError:
+                    pass
+            chunk = response.read(min(READ_CHUNK, limit - size + 1))
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+
+    def expire_overdue(self, now: Optional[float] = None) -> List[Attempt]:
+        """Shut the sockets of attempts past their budget (called by the worker's main loop,
+        at least every half second): their blocked reads fail and they end as timeouts."""
+        now = time.monotonic() if now is None else now
+        expired = []
+        with self._attempts_lock:
+            for attempt in self._attempts.values():
+                if attempt.done or attempt.ends_at > now:
+                    continue
+                if not attempt.expired:
+                    attempt.expired = True
+                    expired.append(attempt)
+                if attempt.sock is not None:
+                    try:
+                        attempt.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass  # already closed
+        return expired
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -90,6 +237,16 @@ def tls_options(tls: Optional[Any]) -> Dict[str, Any]:
         options.update(cert_reqs="CERT_NONE", assert_hostname=False)
         urllib3.disable_warnings(u3.InsecureRequestWarning)  # said once at start, not per request
     return options
+
+
+def _content_length(response) -> Optional[int]:
+    value = response.headers.get("Content-Length")
+    if value is None:
+        return None
+    try:
+        return int(value.split(",")[0].strip())
+    except ValueError:
+        return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ import orjson
 #: How much of a message we keep in a dead-letter entry or an error excerpt.
 RAW_EXCERPT_BYTES = 4096
 
-#: Path chosen from the payload's shape when nothing else names one (SPEC §4).
+#: Path chosen from the payload's shape when nothing else names one (README: Dispatch and retries).
 PATH_BY_PAYLOAD_KEY = (
     ("messages", "/v1/chat/completions"),
     ("prompt", "/v1/completions"),
@@ -43,6 +43,9 @@ _HEAD_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,%d}"|-
 #: a batch's results can be told apart, and `asyncproc cancel --batch` can name them.
 BATCH_KEY = "asyncproc.batch"
 CANCELLED = "cancelled"
+#: Why a message is rejected, as a code (the results metric's label), beside its reason text.
+INVALID = "invalid"
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class Rejected:
     reason: str
     metadata: Optional[dict] = None
     attempts: int = 0
+    code: str = INVALID      # INVALID or DEADLINE_EXCEEDED
 
     @property
     def key(self) -> str:
@@ -279,8 +283,8 @@ def parse_request(
     metadata = obj.get("metadata")
     good_metadata = metadata if _is_metadata(metadata) else None
 
-    def reject(reason: str) -> Rejected:
-        return Rejected(id_value, queue, reason, good_metadata, attempts or 0)
+    def reject(reason: str, code: str = INVALID) -> Rejected:
+        return Rejected(id_value, queue, reason, good_metadata, attempts or 0, code)
 
     if attempts is None:
         return reject(f"internal.retry_count must be an integer from 0 to {MAX_RETRY_COUNT}")
@@ -306,9 +310,9 @@ def parse_request(
     if created is not None and created_at is None:
         return reject("created must be Unix seconds")
     if deadline <= now:
-        return reject("deadline exceeded")
+        return reject("deadline exceeded", DEADLINE_EXCEEDED)
     if deadline > now + limits.max_horizon:
-        return reject(f"deadline too far ahead: more than {limits.max_horizon:g} s from now"
+        return reject(f"deadline too far ahead: more than {limits.max_horizon:.0f} s from now"
                       " (--max-deadline-horizon)")
     return Request(
         id=id_value,
@@ -337,7 +341,7 @@ def _optional_number(value: Any) -> Optional[float]:
 
 
 def request_path(request: Request, queue_path: Optional[str], gateway_path: Optional[str]) -> str:
-    """SPEC §4: message endpoint, queue path, gateway URL path, else the payload's shape."""
+    """README, Dispatch and retries: message endpoint, queue path, gateway URL path, else the payload's shape."""
     for candidate in (request.endpoint, queue_path, gateway_path):
         if candidate:
             return candidate

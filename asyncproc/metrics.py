@@ -2,14 +2,22 @@
 
 The server runs in one daemon thread and only reads `Health`, which the supervisor loop
 writes each tick; it never touches the loop's state.
+
+Slow clients cost no thread: that thread accepts connections and reads their request heads
+itself (non-blocking, one selector); a client gets CONNECTION_TIMEOUT seconds to send its
+head, at most MAX_PENDING connections wait for theirs (a new one closes the oldest), and a
+complete request is answered by one of at most MAX_SERVING_THREADS short-lived threads (a
+connection finding them all busy is closed).
 """
 from __future__ import annotations
 
+import io
+import selectors
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from typing import Optional
+from typing import Dict, Iterable, Mapping, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -17,6 +25,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 #: /healthz fails when the loop has not ticked for this long.
 STALL_SECONDS = 30.0
+#: Seconds a client has to send its request head, and for each send of the answer.
+CONNECTION_TIMEOUT = 10.0
+#: Connections still sending their heads, at most; one more closes the oldest.
+MAX_PENDING = 256
+#: Requests answered at once (one thread each).
+MAX_SERVING_THREADS = 8
+#: A request head longer than this is cut there (and rejected by the parser).
+MAX_HEAD_BYTES = 16384
 
 
 class Metrics:
@@ -89,6 +105,21 @@ class Metrics:
             "Requests waiting that dispatch holds back although worker threads are free, by reason:"
             " gate, queue_limit, adaptive", ["queue", "reason"], registry=r)
 
+    def observe(self, in_flight: Mapping[str, int], queues: Iterable[str], waiting: int,
+                adaptive_limit: Optional[int], held: Mapping[tuple, int], alive: int, outbox: int) -> None:
+        """The gauges of the supervisor's state, set a few times a second (not per message)."""
+        queues = list(queues)
+        for queue in set(in_flight) | set(queues):
+            self.in_flight.labels(queue).set(in_flight.get(queue, 0))
+        self.waiting.set(waiting)
+        if adaptive_limit is not None:
+            self.adaptive_limit.set(adaptive_limit)
+        for queue in queues:
+            for reason in HELD_REASONS:
+                self.of(self.held_back, queue, reason).set(held.get((queue, reason), 0))
+        self.workers_alive.set(alive)
+        self.outbox.set(outbox)
+
     def of(self, metric, *labels: str):
         """The labelled child of `metric`, looked up once (labels() is costly per message)."""
         key = (id(metric), labels)
@@ -96,6 +127,10 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+
+#: Why dispatch holds a waiting request back although threads are free (the held-back gauge).
+HELD_REASONS = ("gate", "queue_limit", "adaptive")
 
 
 @dataclass
@@ -110,12 +145,125 @@ class Health:
         return time.monotonic() - self.last_tick < STALL_SECONDS
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _Pending:
+    __slots__ = ("address", "deadline", "head")
+
+    def __init__(self, address, deadline: float) -> None:
+        self.address = address
+        self.deadline = deadline
+        self.head = bytearray()
+
+
+class _Server(WSGIServer):
+    """WSGIServer with its own serve loop: heads read without a thread per connection,
+    answers by a bounded number of threads."""
+
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: a burst of connections is not dropped
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_SERVING_THREADS)
+        self.heads: Dict[int, bytes] = {}     # id(connection) -> its head, for the handler
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stopped.clear()
+        pending: Dict[socket.socket, _Pending] = {}
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            try:
+                while not self._stop.is_set():
+                    now = time.monotonic()
+                    wake = min((p.deadline for p in pending.values()), default=now + poll_interval)
+                    for key, _ in selector.select(max(min(wake - now, poll_interval), 0.0)):
+                        if key.fileobj is self.socket:
+                            self._accept(selector, pending)
+                        else:
+                            self._read_head(selector, pending, key.fileobj)
+                    now = time.monotonic()
+                    for conn in [c for c, p in pending.items() if p.deadline <= now]:
+                        self._drop(selector, pending, conn)
+            finally:
+                for conn in list(pending):
+                    self._drop(selector, pending, conn)
+                self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._stopped.wait()
+
+    def _accept(self, selector, pending: Dict[socket.socket, _Pending]) -> None:
+        try:
+            conn, address = self.socket.accept()
+        except OSError:  # out of descriptors, or the client left: try again next turn
+            time.sleep(0.01)
+            return
+        if len(pending) >= MAX_PENDING:
+            oldest = min(pending, key=lambda c: pending[c].deadline)
+            self._drop(selector, pending, oldest)
+        conn.setblocking(False)
+        pending[conn] = _Pending(address, time.monotonic() + CONNECTION_TIMEOUT)
+        selector.register(conn, selectors.EVENT_READ)
+
+    def _read_head(self, selector, pending: Dict[socket.socket, _Pending], conn) -> None:
+        entry = pending[conn]
+        try:
+            data = conn.recv(MAX_HEAD_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(selector, pending, conn)
+            return
+        entry.head += data
+        if b"\r\n\r\n" not in entry.head and len(entry.head) < MAX_HEAD_BYTES:
+            return
+        selector.unregister(conn)
+        del pending[conn]
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(conn)
+            return
+        conn.setblocking(True)
+        conn.settimeout(CONNECTION_TIMEOUT)
+        self.heads[id(conn)] = bytes(entry.head[:MAX_HEAD_BYTES])
+        try:
+            threading.Thread(target=self._answer, args=(conn, entry.address), name="metrics-answer",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had
+            self.heads.pop(id(conn), None)
+            self.slots.release()
+            self.shutdown_request(conn)
+
+    def _answer(self, conn: socket.socket, address) -> None:
+        try:
+            self.finish_request(conn, address)
+        except Exception:
+            pass  # the client left or was too slow: nothing to report
+        finally:
+            self.heads.pop(id(conn), None)
+            self.shutdown_request(conn)
+            self.slots.release()
+
+    def _drop(self, selector, pending: Dict[socket.socket, _Pending], conn: socket.socket) -> None:
+        pending.pop(conn, None)
+        try:
+            selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT  # each send of the answer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BytesIO(self.server.heads.get(id(self.request), b""))
+
     def log_message(self, format, *args):  # noqa: A002 - probes would flood the log
         pass
 

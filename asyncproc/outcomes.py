@@ -1,4 +1,4 @@
-"""What one dispatch attempt came to, and how an HTTP status is classified (SPEC §4).
+"""What one dispatch attempt came to, and how an HTTP status is classified (README: Dispatch and retries).
 
 Pure values: the worker builds an `Outcome`, sends it over its pipe, and the supervisor's
 retry policy decides what to do with it.
@@ -14,6 +14,8 @@ from asyncproc import redact
 RETRYABLE_STATUSES = frozenset({408, 425, 500, 502, 503, 504})
 SHED_STATUS = 429
 BODY_EXCERPT_CHARS = 200
+#: --max-response-bytes' default: a larger gateway response is an error result.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 class Kind(str, enum.Enum):
@@ -66,8 +68,13 @@ def from_response(status: int, body: bytes, retry_after: Optional[str], elapsed:
 
 
 def connection_failure(reason: str, elapsed: float) -> Outcome:
-    """Connection errors and timeouts are retried (SPEC §4)."""
+    """Connection errors and timeouts are retried (README: Dispatch and retries)."""
     return Outcome(Kind.RETRY, None, None, reason, None, elapsed)
+
+
+def too_large(status: Optional[int], limit: int, elapsed: float) -> Outcome:
+    """A response over --max-response-bytes: final (the same request would get it again)."""
+    return Outcome(Kind.FATAL, status, None, f"response too large (over {limit} bytes)", None, elapsed)
 
 
 def expired() -> Outcome:
@@ -85,3 +92,4 @@ class Assignment(NamedTuple):
     deadline: float
     connect_timeout: float
     request_timeout: float
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES

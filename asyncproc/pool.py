@@ -47,6 +47,7 @@ class Handle:
     retiring: bool = False
     stop_sent: bool = False
     abort_sent: Optional[float] = None
+    killed: bool = False
     served: int = 0
     pid: Optional[int] = None
     poller: Any = None   # select.poll on the pipe: asks "more to read?" in one syscall
@@ -206,8 +207,9 @@ class Pool:
             )
             slot.restart_at = now + delay
             log.warning(
-                "worker %d (pid %s) %s; restarting in %.1fs",
-                handle.index, handle.pid, describe_exit(handle.process.exitcode), delay,
+                "worker %d (pid %s) %s; restarting in %.1fs", handle.index, handle.pid,
+                "killed: it held work past its attempt budget" if handle.killed
+                else describe_exit(handle.process.exitcode), delay,
             )
         return dead
 
@@ -245,6 +247,18 @@ class Pool:
                 pass
             signalled.append(handle)
         return signalled
+
+    def kill(self, handle: Handle) -> bool:
+        """SIGKILL a worker that must go now (it holds work past any budget); reap() sees it
+        die and restarts it. False when it was killed already."""
+        if handle.killed:
+            return False
+        handle.killed = True
+        try:
+            os.kill(handle.pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
+        return True
 
     def stop(self, timeout: float) -> None:
         """Ask every worker to finish, wait up to `timeout`, then kill what remains."""

@@ -5,6 +5,7 @@ Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the su
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
 its pipe reaches EOF (the supervisor is gone: nobody would read the outcomes). Jobs arrive
 and outcomes leave in batches, so a busy worker makes one pipe write for many requests.
+The main loop also ends attempts past their time budget (`Gateway.expire_overdue`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import queue
 import select
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, List, Optional
@@ -25,6 +27,9 @@ log = logging.getLogger("asyncproc.worker")
 # Messages on the pipe. Supervisor → worker: (JOBS, [Assignment, ...]) | (STOP,).
 # Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
 JOBS, STOP, READY, DONE, BEAT = "jobs", "stop", "ready", "done", "beat"
+#: How often the main loop looks for attempts past their budget, at most (it wakes at least
+#: every half second anyway).
+EXPIRY_CHECK_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     # One poll object for the pipe: Connection.poll() builds a selector on every call.
     pipe_ready = select.poll()
     pipe_ready.register(conn.fileno(), select.POLLIN)
+    expiry_check_at = 0.0
     while not stopping.is_set():
         try:
             if pipe_ready.poll(poll_ms):
@@ -112,12 +118,20 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
                     stopping.set()
             else:
                 out.send((BEAT,))
+            # Attempts past their budget (a gateway trickling bytes): shut their sockets.
+            now = time.monotonic()
+            if now >= expiry_check_at:
+                expiry_check_at = now + EXPIRY_CHECK_SECONDS
+                http.expire_overdue(now)
         except (EOFError, OSError):
             os._exit(0)
     for _ in threads:
         jobs.put(None)
     for thread in threads:
-        thread.join()
+        thread.join(EXPIRY_CHECK_SECONDS)
+        while thread.is_alive():  # finishing in-flight attempts, still within their budgets
+            http.expire_overdue()
+            thread.join(EXPIRY_CHECK_SECONDS)
     http.close()
     log.info("worker %d finished its in-flight requests and exits", spec.index)
     conn.close()

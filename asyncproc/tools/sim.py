@@ -8,9 +8,10 @@ faults injected at the given rates. A request may also script its own fate with 
     {"x_sim": {"key": "a1", "script": [503, 429, 200], "retry_after": "1", "latency": 0.1}}
 
 The n-th request with key "a1" gets script[n] (the last entry repeats); an entry may be a
-status code or "drop" (the connection is closed without an answer). Every success carries
-`x_sim` with the path, the objective header, the attempt number and the time it was seen.
-`GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
+status code, "drop" (the connection is closed without an answer) or a hostile mode.
+
+Every success carries `x_sim` with the path, the objective header, the attempt number and
+the time it was seen. `GET /sim/stats` returns counts; `GET /metrics` returns vLLM-style gauges. One event loop
 serves thousands of connections, so a latency of seconds costs no thread per request.
 
 With `--capacity N` it models an inference server's limits: N requests are served at once,
@@ -18,12 +19,31 @@ the rest wait in arrival order (so latency grows with the queue), and with `--qu
 a request that finds M already waiting is shed at once (`--shed-status`, 429 by default).
 `/metrics` then reports running, waiting and KV-cache usage (running / capacity) as vLLM
 names them, and `sim_running_requests{objective}` per inference objective as a gateway would.
+
+A hostile gateway, for tests of asyncproc's bounds: `{"x_sim": {"hostile": MODE}}` (or a
+script entry naming MODE) makes the answer misbehave, whatever the other options say:
+
+- "drip": 200, Content-Length 1000000, the body one byte a second (`interval` seconds);
+- "trickle": the status line and headers one byte a second, never finished;
+- "huge": 200 with Content-Length 200 MB (`bytes`), then that many bytes as fast as read;
+- "huge-chunked": 200 MB (`bytes`) in chunks, no length announced;
+- "endless": a chunked body of 64-byte chunks every 50 ms, never ending;
+- "reset": Content-Length 1000, 100 bytes, then a TCP reset;
+- "short": Content-Length 1000, 100 bytes, then a clean close (less than declared);
+- "long": a well-formed completion whose Content-Length covers it, then more bytes
+  (more than declared; asyncproc must take the declared body and not reuse the rest).
+
+Every mode but "long" should end as an error result ("response too large", final) or in
+retries until the deadline ("attempt timed out", "read timeout" or a connection error), each
+attempt within --request-timeout (and the deadline). `/sim/stats` counts them under by_status "hostile-MODE".
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import random
+import socket
+import struct
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -31,9 +51,12 @@ from typing import Any, Dict, Optional
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAULTS = ("429", "503", "500", "400", "drop")
+HOSTILE = ("drip", "trickle", "huge", "huge-chunked", "endless", "reset", "short", "long")
 USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
 
 
@@ -54,6 +77,8 @@ class Sim:
         self.busy: Counter = Counter()          # seconds of service, by objective
         self.running_by: Counter = Counter()    # requests being served, by objective
         self.fault_rates = [(f, getattr(args, f"rate_{f}")) for f in FAULTS if getattr(args, f"rate_{f}")]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     def latency(self, scripted: Optional[float]) -> float:
         if scripted is not None:
@@ -131,6 +156,12 @@ class Sim:
         serial = self.requests
         arrived = time.time()
         label = objective or ""
+        mode = directive.get("hostile")
+        script = directive.get("script")
+        if mode is None and isinstance(script, list) and script and script[min(attempt, len(script) - 1)] in HOSTILE:
+            mode = script[min(attempt, len(script) - 1)]
+        if mode is not None:
+            return await self.hostile(request, str(mode), directive, payload, serial)
         if not await self.acquire():
             self.shed += 1
             status = self.args.shed_status
@@ -170,6 +201,58 @@ class Sim:
             self.running_by[label] -= 1
             self.release()
 
+    # -- hostile modes ---------------------------------------------------------------------
+    async def hostile(self, request: web.Request, mode: str, directive: Dict[str, Any], payload: Dict[str, Any],
+                      serial: int) -> web.StreamResponse:
+        """Misbehave as `mode` says (see the module's help); the connection is closed after."""
+        if mode not in HOSTILE:
+            self.by_status[400] += 1
+            return _json(400, {"error": {"message": f"unknown hostile mode {mode!r}; known: {', '.join(HOSTILE)}"}})
+        self.by_status[f"hostile-{mode}"] += 1
+        interval = float(directive.get("interval", 1.0))
+        size = int(directive.get("bytes", 200_000_000))
+        transport = request.transport
+        try:
+            if mode == "long":
+                doc = orjson.dumps(completion(request.path, payload.get("model", "sim"), serial) or {})
+                await _raw(request, _head(len(doc)) + doc + b"EXTRA BYTES BEYOND THE CONTENT-LENGTH " * 5)
+            elif mode in ("reset", "short"):
+                await _raw(request, _head(1000) + b"z" * 100)
+                if mode == "reset" and transport is not None:
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif mode == "trickle":
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 1_000_000:
+                    await _raw(request, bytes([byte]))
+                    await asyncio.sleep(interval)
+            elif mode == "drip":
+                await _raw(request, _head(1_000_000))
+                for _ in range(1_000_000):
+                    await asyncio.sleep(interval)
+                    await _raw(request, b" ")
+            elif mode in ("huge", "huge-chunked", "endless"):
+                chunked = mode != "huge"
+                await _raw(request, _head(None if chunked else size))
+                block = b"x" * (64 if mode == "endless" else 1 << 20)
+                sent = 0
+                while mode == "endless" or sent < size:
+                    piece = block if mode == "endless" else block[:size - sent]
+                    await _raw(request, b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    sent += len(piece)
+                    if mode == "endless":
+                        await asyncio.sleep(0.05)
+                if chunked:
+                    await _raw(request, b"0\r\n\r\n")
+        except (ConnectionError, OSError):
+            pass  # the client gave up: what the bounds are for
+        if transport is not None:
+            if mode == "reset":
+                transport.abort()
+            else:
+                transport.close()
+        raise asyncio.CancelledError  # answered by hand: aiohttp sends nothing more
+
     async def stats(self, _request: web.Request) -> web.Response:
         return _json(200, {
             "requests": self.requests,
@@ -192,28 +275,27 @@ class Sim:
         return _json(200, {"status": "ok"})
 
     async def metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    def collect(self):
+        """vLLM's gauge names, read from the sim's state at each scrape (prometheus_client)."""
         capacity = self.args.capacity
         usage = min(self.running / capacity, 1.0) if capacity else 0.0
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f'vllm:num_requests_running{{model_name="sim"}} {self.running}',
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f'vllm:num_requests_waiting{{model_name="sim"}} {len(self.waiters)}',
-            "# HELP vllm:gpu_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:gpu_cache_usage_perc gauge",
-            f'vllm:gpu_cache_usage_perc{{model_name="sim"}} {usage}',
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{{model_name="sim"}} {usage}',
-            "# HELP sim_running_requests Requests being served, by inference objective ('' = none).",
-            "# TYPE sim_running_requests gauge",
-        ]
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", self.running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", len(self.waiters)),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(["sim"], value)
+            yield family
+        by_objective = GaugeMetricFamily("sim_running_requests",
+                                         "Requests being served, by inference objective ('' = none).",
+                                         labels=["objective"])
         for objective, count in sorted(self.running_by.items()):
-            escaped = objective.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            lines.append(f'sim_running_requests{{objective="{escaped}"}} {count}')
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            by_objective.add_metric([objective], count)
+        yield by_objective
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -240,12 +322,31 @@ def completion(path: str, model: Any, serial: int) -> Optional[Dict[str, Any]]:
     return None
 
 
+def _head(length: Optional[int]) -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
+
+
+async def _raw(request: web.Request, data: bytes) -> None:
+    """Bytes straight onto the connection, waiting while the client reads slower."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client gone")
+    transport.write(data)
+    while transport.get_write_buffer_size() > (1 << 20):  # the client reads slower
+        await asyncio.sleep(0.01)
+        if transport.is_closing():
+            raise ConnectionResetError("client gone")
+
+
 def _json(status: int, doc: Any, headers: Optional[Dict[str, str]] = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asyncproc sim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="asyncproc sim", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__[__doc__.index("A hostile gateway"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")
     p.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")

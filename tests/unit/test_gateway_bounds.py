@@ -1,0 +1,154 @@
+"""Bounded gateways: a hostile HTTP server thread (tests/hostile.py) against the worker's
+Gateway, with a watchdog thread calling `expire_overdue` as the worker's main loop does."""
+import threading
+import time
+
+import pytest
+
+from asyncproc.gateway import BASE_HEADERS, TIMED_OUT, Gateway
+from asyncproc.outcomes import Assignment, Kind
+from tests.harness import wait_until
+from tests.hostile import OK_BODY, HostileServer
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    server = HostileServer(interval=0.2, huge_bytes=8 * 1024 * 1024)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway():
+    """A Gateway whose overdue attempts are expired every 50 ms (the worker loop's job)."""
+    http = Gateway(2)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(0.05):
+            http.expire_overdue()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    yield http
+    stop.set()
+    watcher.join()
+    http.close()
+
+
+def job(origin, path, request_timeout=1.0, deadline_in=60.0, max_bytes=1024 * 1024):
+    return Assignment("k", origin, path, b'{"prompt": "hi"}', dict(BASE_HEADERS), time.time() + deadline_in,
+                      5.0, request_timeout, max_bytes)
+
+
+def timed(gateway, assignment):
+    started = time.monotonic()
+    outcome = gateway.post(assignment)
+    return outcome, time.monotonic() - started
+
+
+@pytest.mark.parametrize("path", ["/drip", "/trickle", "/endless"])
+def test_a_trickling_gateway_cannot_hold_an_attempt_past_the_request_timeout(hostile, gateway, path):
+    outcome, took = timed(gateway, job(hostile.url, path, request_timeout=1.0))
+    assert (outcome.kind, outcome.error) == (Kind.RETRY, TIMED_OUT)
+    assert 0.9 < took < 1.6
+
+
+def test_the_deadline_cuts_the_budget_when_it_is_nearer(hostile, gateway):
+    outcome, took = timed(gateway, job(hostile.url, "/drip", request_timeout=30.0, deadline_in=1.0))
+    assert (outcome.kind, outcome.error) == (Kind.RETRY, TIMED_OUT)
+    assert took < 1.6
+
+
+def test_a_declared_length_over_the_limit_fails_fast_without_reading(hostile, gateway):
+    outcome, took = timed(gateway, job(hostile.url, "/huge", max_bytes=1024 * 1024))
+    assert outcome.kind is Kind.FATAL and outcome.status == 200
+    assert outcome.error == f"response too large (over {1024 * 1024} bytes)"
+    assert outcome.body is None and took < 0.5
+
+
+def test_a_streamed_body_over_the_limit_is_cut_off(hostile, gateway):
+    outcome, _ = timed(gateway, job(hostile.url, "/huge-chunked", max_bytes=1024 * 1024))
+    assert outcome.kind is Kind.FATAL and outcome.error.startswith("response too large")
+
+
+def test_the_limit_counts_inflated_bytes_not_compressed_ones(hostile, gateway):
+    outcome, _ = timed(gateway, job(hostile.url, "/gzip", max_bytes=1024 * 1024))
+    assert outcome.kind is Kind.FATAL and outcome.error.startswith("response too large")
+    outcome, _ = timed(gateway, job(hostile.url, "/gzip", max_bytes=hostile.huge_bytes))
+    assert outcome.kind is Kind.OK and len(outcome.body) == hostile.huge_bytes
+
+
+def test_a_body_at_the_limit_is_read_whole(hostile, gateway):
+    outcome, _ = timed(gateway, job(hostile.url, "/ok", max_bytes=len(OK_BODY)))
+    assert outcome.kind is Kind.OK and outcome.body == OK_BODY
+    outcome, _ = timed(gateway, job(hostile.url, "/ok", max_bytes=len(OK_BODY) - 1))
+    assert outcome.kind is Kind.FATAL
+
+
+def test_the_connection_of_a_response_too_large_is_discarded_and_its_pool_slot_returned(hostile):
+    http = Gateway(1)  # one connection slot: a leaked slot would block the next post for ever
+    try:
+        assert timed(http, job(hostile.url, "/ok"))[0].kind is Kind.OK
+        before = hostile.connections
+        assert timed(http, job(hostile.url, "/ok"))[0].kind is Kind.OK
+        assert hostile.connections == before  # kept alive and reused
+        assert timed(http, job(hostile.url, "/huge-chunked", max_bytes=100_000))[0].kind is Kind.FATAL
+        assert timed(http, job(hostile.url, "/ok"))[0].kind is Kind.OK
+        assert hostile.connections == before + 1  # the one that sent too much was not reused
+    finally:
+        http.close()
+
+
+@pytest.mark.parametrize("path", ["/reset", "/short"])
+def test_a_body_cut_short_is_a_retryable_connection_error(hostile, gateway, path):
+    outcome, took = timed(gateway, job(hostile.url, path))
+    assert outcome.kind is Kind.RETRY and outcome.error.startswith("connection error")
+    assert took < 0.5
+
+
+def test_bytes_beyond_the_declared_length_are_not_read_as_the_next_answer(hostile):
+    http = Gateway(1)
+    try:
+        first, _ = timed(http, job(hostile.url, "/long"))
+        assert first.kind is Kind.OK and first.body == OK_BODY
+        second, _ = timed(http, job(hostile.url, "/ok"))
+        assert second.kind is Kind.OK and second.body == OK_BODY
+    finally:
+        http.close()
+
+
+def test_after_a_timed_out_attempt_the_pool_still_serves(hostile, gateway):
+    for _ in range(3):  # more attempts than pool slots: a leaked slot would block
+        assert timed(gateway, job(hostile.url, "/drip", request_timeout=0.3))[0].error == TIMED_OUT
+    assert timed(gateway, job(hostile.url, "/ok"))[0].kind is Kind.OK
+    wait_until(lambda: gateway._attempts == {}, 5, what="no attempt left registered")
+
+
+def test_expire_overdue_touches_only_attempts_past_their_budget(hostile):
+    http = Gateway(2)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(http.post(job(hostile.url, "/drip", 30.0))))
+    thread.start()
+    try:
+        wait_until(lambda: any(a.sock is not None for a in list(http._attempts.values())), 5,
+                   what="the attempt's socket recorded")
+        assert http.expire_overdue() == []  # 30 s left
+        [attempt] = list(http._attempts.values())
+        assert http.expire_overdue(now=attempt.ends_at + 0.01) == [attempt]
+        thread.join(5)
+        assert [r.error for r in results] == [TIMED_OUT]
+    finally:
+        thread.join(5)
+        http.close()
+
+
+def test_max_response_bytes_option():
+    from asyncproc import config
+
+    assert config.load_settings([], {}, cpu_count=1).max_response_bytes == 64 * 1024 * 1024
+    assert config.load_settings(["--max-response-bytes", "5000"], {}, cpu_count=1).max_response_bytes == 5000
+    for bad in ("0", "lots"):
+        with pytest.raises(config.ConfigError) as err:
+            config.load_settings(["--max-response-bytes", bad], {}, cpu_count=1)
+        assert "--max-response-bytes" in str(err.value) and "\n" not in str(err.value)
