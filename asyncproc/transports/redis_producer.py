@@ -8,7 +8,6 @@ import time
 from typing import Dict, List, Optional
 
 import orjson
-import redis
 
 from asyncproc import messages, redact
 from asyncproc.transports.base import Producer, ProducerError, ResultReader, TransportError
