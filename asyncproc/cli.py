@@ -1,13 +1,15 @@
 """Entry point: `asyncproc [options]` runs the processor; `asyncproc demo|sim|bench|top|
 run-batch|submit|collect|status|cancel` run the tools.
 
-Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot.
+Exit status: 0 clean stop, 2 bad configuration (one line naming the option), 3 cannot boot,
+1 internal error in the loop (what was held is put back first).
 """
 from __future__ import annotations
 
 import sys
 from typing import List, Optional
 
+TOOL_DEPENDENCIES = ("aiohttp", "tqdm")  # the tools extra
 TOOLS = ("demo", "sim", "bench", "top", "run-batch", "submit", "collect", "status", "cancel")
 
 
@@ -29,6 +31,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run_tool(name: str, argv: List[str]) -> int:
+    try:
+        return _tool(name, argv)
+    except ModuleNotFoundError as exc:
+        if exc.name not in TOOL_DEPENDENCIES:
+            raise
+        print(f"asyncproc {name}: needs {exc.name}, which the daemon does not install:"
+              " pip install 'asyncproc[tools]'", file=sys.stderr)
+        return 2
+
+
+def _tool(name: str, argv: List[str]) -> int:
     if name == "sim":
         from asyncproc.tools import sim
 

@@ -6,6 +6,7 @@ fast with one line naming the option (exit 2). Nothing reads the environment at 
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import configargparse
 import orjson
 
-from asyncproc import gates, ledger, merge, messages, redact, retry
+from asyncproc import aimd, gates, ledger, merge, messages, redact, retry
 
 ENV_PREFIX = "ASYNCPROC_"
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams", "gcp-pubsub")
@@ -71,10 +72,11 @@ def _http_url(v: str) -> Optional[str]:
 
 def _redis_url(v: str) -> Optional[str]:
     try:
-        ok = urlsplit(v).scheme in ("redis", "rediss", "unix")
+        ok = urlsplit(v).scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
     except ValueError:
         ok = False
-    return None if ok else f"must be a redis://, rediss:// or unix:// URL (got {redact.url(v)!r})"
+    return None if ok else (f"must be a redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+                            f" URL (got {redact.url(v)!r})")
 
 
 def _readable_file(v: str) -> Optional[str]:
@@ -187,7 +189,15 @@ OPTIONS: Tuple[Option, ...] = (
            " (Google Cloud Pub/Sub; the gcp extra)",
            choices=TRANSPORTS),
     Option("--redis-url", str, "redis://localhost:6379/0",
-           "Redis URL (redis://, rediss://, unix://); REDIS_URL is honoured too", _redis_url),
+           "Redis URL (redis://, rediss://, unix://; redis+cluster:// or rediss+cluster:// for a Redis"
+           " Cluster, seed nodes host:port[,host:port...]); REDIS_URL is honoured too", _redis_url),
+    Option("--redis.cluster", parse_bool, False,
+           "--redis-url names a seed node of a Redis Cluster (as redis+cluster:// does) (true|false)"),
+    Option("--redis.wait-replicas", int, 0,
+           "WAIT until this many replicas have each claim, result, retry and acknowledgement; a"
+           " write they do not confirm in --redis.wait-timeout is repeated; 0 = do not wait", _at_least(0)),
+    Option("--redis.wait-timeout", float, 2.0, "seconds --redis.wait-replicas waits for the replicas",
+           _above(0)),
     Option("--redis.request-queue-name", str, None,
            "request queue (channel, sorted set or stream); give it several times to consume several"
            " (default batch-queue)",
@@ -199,7 +209,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
            "where messages with no usable id go: a list (a stream for redis-streams)"),
     Option("--redis.key-prefix", str, "asyncproc",
-           "prefix of asyncproc's own Redis keys (claims, result markers)"),
+           "prefix of asyncproc's own Redis keys (claims, result markers, leases, held messages)"),
     Option("--redis.claim", parse_bool, True,
            "claim each request id in Redis at intake so replicas on one channel process it once"
            " (true|false)"),
@@ -208,8 +218,8 @@ OPTIONS: Tuple[Option, ...] = (
            "seconds during which a second result for the same id is not published; 0 = off",
            _at_least(0)),
     Option("--redis.lease-seconds", float, 60.0,
-           "redis-sortedset / redis-streams: a claimed request not kept alive this long (its holder"
-           " died) is taken up again", _at_least(1)),
+           "a request held but not kept alive this long (its holder died) is taken up again: sorted-set"
+           " and stream entries, pub/sub messages received and retries taken", _at_least(1)),
     Option("--redis.consumer-group", str, "asyncproc", "redis-streams: the consumer group"),
     Option("--max-deliveries", int, 5,
            "redis-streams: an entry delivered more often goes to the dead-letter stream", _at_least(1)),
@@ -231,7 +241,7 @@ OPTIONS: Tuple[Option, ...] = (
            "gcp-pubsub: seconds of each lease asyncproc takes and keeps extending (10-600)", _between(10, 600)),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
-           " priority)"),
+           " priority, gate, max_in_flight, allowed_endpoints, headers, token, token_file)"),
     Option("--dispatch-order", str, "arrival",
            "order inside a queue: arrival, or deadline (earliest deadline first among the requests held)",
            choices=ledger.ORDERS),
@@ -245,10 +255,10 @@ OPTIONS: Tuple[Option, ...] = (
            _above(0)),
     Option("--adaptive-concurrency", parse_bool, False,
            "adapt the in-flight limit: additive increase on successes, multiplicative decrease"
-           " when the gateway sheds (429/503) or is slow (true|false)"),
+           " when the gateway is overloaded (429 or 503) or slow (true|false)"),
     Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1)),
     Option("--adaptive-decrease", float, 0.8,
-           "adaptive concurrency: the limit is multiplied by this on a shed or slow answer",
+           "adaptive concurrency: the limit is multiplied by this on a 429, a 503 or a slow answer",
            lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})"),
     Option("--adaptive-latency-target", float, 0.0,
            "adaptive concurrency: seconds; a success slower than this counts as overload; 0 = off",
@@ -339,6 +349,16 @@ class _Parser(configargparse.ArgumentParser):
         raise ConfigError(line)
 
 
+class _RedactingFormatter(configargparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, some from the environment (REDIS_URL): never their passwords."""
+
+    def _expand_help(self, action):  # type: ignore[override]
+        if isinstance(action.default, str) and "://" in action.default:
+            action = copy.copy(action)
+            action.default = redact.url(action.default)
+        return super()._expand_help(action)
+
+
 DESCRIPTION = ("Pull LLM requests from queues, dispatch them to an inference gateway,"
                " retry until the deadline, write one result each.")
 
@@ -347,7 +367,7 @@ def build_parser(environ: Mapping[str, str], prog: str = "asyncproc", descriptio
     parser = _Parser(
         prog=prog,
         description=description,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_RedactingFormatter,
         config_file_parser_class=configargparse.DefaultConfigFileParser,
     )
     parser.add_argument("-c", "--config", is_config_file=True, env_var=env_var("--config"),
@@ -460,7 +480,7 @@ class Settings:
     log_format: str
     log_level: str
     default_gate: Any = gates.OPEN
-    adaptive: Optional[gates.Aimd] = None
+    adaptive: Optional[aimd.Policy] = None
     priority_aging: float = 0.0
     dispatch_order: str = "arrival"
     gateway_headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
@@ -469,6 +489,9 @@ class Settings:
     gateway_tls: TlsFiles = TlsFiles()
     redis_auth: RedisAuth = RedisAuth()
     max_response_bytes: int = 64 * 1024 * 1024
+    redis_cluster: bool = False
+    wait_replicas: int = 0
+    wait_timeout: float = 2.0
     request_headers: bool = True
     fairness_header: str = "x-llm-d-inference-fairness-id"
     fairness_metadata_key: str = "userid"
@@ -521,7 +544,10 @@ def parse_args(
                 raise ConfigError(f"{opt.flag}: {problem}")
     gcp = ns.message_queue_impl == "gcp-pubsub"
     flag_names = _dedupe((ns.gcp_subscription if gcp else ns.redis_request_queue_name) or [])
-    gate_defaults = gates.Defaults(ns.redis_url, ns.gate_interval, ns.gate_timeout)
+    gate_url = ns.redis_url  # a Redis gate on --redis-url's server: a cluster client there too
+    if ns.redis_cluster and urlsplit(gate_url).scheme in ("redis", "rediss"):
+        gate_url = gate_url.replace("://", "+cluster://", 1)
+    gate_defaults = gates.Defaults(gate_url, ns.gate_interval, ns.gate_timeout)
     default_gate = gates.OPEN
     if ns.gate.strip():
         try:
@@ -557,14 +583,17 @@ def parse_args(
     redis_auth = RedisAuth(ns.redis_username, ns.redis_password, ns.redis_password_file,
                            TlsFiles(ns.redis_ca_file, ns.redis_client_cert, ns.redis_client_key))
     check_tls(redis_auth.tls, "--redis")
-    if redis_auth.tls.configured and not ns.redis_url.startswith("rediss://"):
+    cluster = check_cluster(ns, queues)
+    if redis_auth.tls.configured and not ns.redis_url.startswith(("rediss://", "rediss+cluster://")):
         raise ConfigError("--redis-ca-file/--redis-client-cert: need a rediss:// --redis-url")
     token_file = ns.gateway_token_file
     check_token_file(token_file, "--gateway-token-file")
+    check_token(ns.gateway_token, "--gateway-token")
     check_gateway_auth("--inference-gateway", ns.inference_gateway, gateway_headers, ns.gateway_token, token_file)
     for q in queues:
         if q.gateway or q.headers or q.token or q.token_file:
             check_token_file(q.token_file, f"--queues-file: queue {q.name} token_file")
+            check_token(q.token, f"--queues-file: queue {q.name} token")
             merged = dict(gateway_headers, **q.headers)
             token = q.token if q.token is not None else ns.gateway_token
             check_gateway_auth(f"--queues-file: queue {q.name} gateway", q.gateway or ns.inference_gateway,
@@ -619,7 +648,7 @@ def parse_args(
         log_format=ns.log_format,
         log_level=ns.log_level,
         default_gate=default_gate,
-        adaptive=gates.Aimd(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
+        adaptive=aimd.Policy(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
         if ns.adaptive_concurrency else None,
         priority_aging=ns.priority_aging,
         dispatch_order=ns.dispatch_order,
@@ -629,6 +658,9 @@ def parse_args(
         gateway_tls=gateway_tls,
         redis_auth=redis_auth,
         max_response_bytes=ns.max_response_bytes,
+        redis_cluster=cluster,
+        wait_replicas=ns.redis_wait_replicas,
+        wait_timeout=ns.redis_wait_timeout,
         request_headers=ns.request_headers,
         fairness_header=ns.fairness_header,
         fairness_metadata_key=ns.fairness_metadata_key,
@@ -636,6 +668,35 @@ def parse_args(
         tracing=ns.tracing,
     )
     return settings, ns
+
+
+def check_cluster(ns, queues) -> bool:
+    """Whether --redis-url is a Redis Cluster; if it is, refuse what cannot run there."""
+    from asyncproc.transports.keys import slot_problem
+
+    scheme = urlsplit(ns.redis_url).scheme
+    cluster = ns.redis_cluster or scheme.endswith("+cluster")
+    if not cluster or ns.message_queue_impl == "gcp-pubsub":
+        return False
+    if scheme == "unix":
+        raise ConfigError("--redis.cluster: a Redis Cluster is reached over TCP (redis+cluster://host:port),"
+                          " not a unix:// socket")
+    if urlsplit(ns.redis_url).path.strip("/") not in ("", "0"):
+        raise ConfigError("--redis-url: a Redis Cluster has only database 0")
+    if ns.message_queue_impl == "redis-pubsub":
+        raise ConfigError("--message-queue-impl: redis-pubsub does not run on a Redis Cluster (a PUBLISH there"
+                          " goes to every node, and asyncproc does not use sharded pub/sub); use"
+                          " redis-streams or redis-sortedset")
+    problem = slot_problem(ns.redis_key_prefix, "q")
+    if problem:
+        raise ConfigError(f"--redis.key-prefix: {problem}")
+    named = [("--redis.request-queue-name", q.name) for q in queues]
+    named += [("--redis.result-queue-name", ns.redis_result_queue_name)]
+    for flag, name in named:
+        problem = slot_problem(ns.redis_key_prefix, name)
+        if problem:
+            raise ConfigError(f"{flag}: {problem}")
+    return True
 
 
 def check_tls(tls: TlsFiles, prefix: str) -> None:
@@ -660,11 +721,19 @@ def check_token_file(path: Optional[str], where: str) -> None:
         return
     try:
         with open(path, "rb") as handle:
-            empty = not handle.read().strip()
+            token = handle.read().decode("utf-8", "replace").strip()
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read {path} ({exc.strerror})") from None
-    if empty:
+    if not token:
         raise ConfigError(f"{where}: {path} is empty")
+    check_token(token, f"{where} {path}")
+
+
+def check_token(token: Optional[str], where: str) -> None:
+    """A token goes into a header: one printable line (a line break would fail every request
+    and put the token in a traceback)."""
+    if token and not token.strip().isprintable():
+        raise ConfigError(f"{where}: the token holds control characters (a line break?)")
 
 
 def check_gateway_auth(where: str, url: str, headers: Sequence[Tuple[str, str]], token: str,

@@ -40,6 +40,8 @@ class TokenFile:
                 token = handle.read().decode("utf-8", "replace").strip()
             if not token:
                 raise OSError("the file is empty")
+            if not token.isprintable():
+                raise OSError("the token holds control characters (a line break?)")
         except OSError as exc:
             if not self._failing:
                 self._failing = True

@@ -1,5 +1,5 @@
 """Dispatch budget policy: gate values, how readings become a budget, how a budget and the
-adaptive limit bound in-flight work. Pure: the readings come from `gate_sources`.
+adaptive limit bound in-flight work. Pure: the readings come from `gate_sources`; the adaptive limit is in `aimd`.
 
 A gate gives each queue a budget in [0, 1]; the queue may have ceil(budget x its in-flight
 limit) requests in flight, so 0 stops new dispatch (waiting requests stay queued) and any
@@ -9,7 +9,7 @@ file's `gate`, or `--gate`); a misspelled type or parameter is an error, never "
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from asyncproc import redact
@@ -153,8 +153,10 @@ def parse(doc: Any, defaults: Defaults, where: str = "gate") -> Gate:
     if kind == "redis":
         key = _string(doc.get("key"), f"{where}.key")
         url = doc.get("url", defaults.redis_url)
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise GateError(f"{where}.url: must be a redis://, rediss:// or unix:// URL")
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                                                          "rediss+cluster://")):
+            raise GateError(f"{where}.url: must be a redis://, rediss://, unix://, redis+cluster:// or"
+                            " rediss+cluster:// URL")
         return RedisGate(interval, fail_open, RedisKey(url, key, timeout))
     if kind == "prometheus-query":
         url = _http(doc.get("url"), f"{where}.url")
@@ -343,59 +345,6 @@ def allowed_in_flight(budget: float, limit: int) -> int:
     if budget <= 0 or limit <= 0:
         return 0
     return min(limit, max(1, math.ceil(budget * limit - 1e-9)))
-
-
-# -- adaptive concurrency (AIMD) ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Aimd:
-    """Additive increase on successes, multiplicative decrease on a shed or a slow answer,
-    between `floor` and `ceiling`. Until the first decrease the limit grows by one per
-    success (slow start: doubling per round trip); after, by one per round trip, and
-    `probe` times slower within one request of where the gateway last shed (as CUBIC
-    lingers near its last maximum), so a steady gateway sheds rarely."""
-
-    floor: float
-    ceiling: float
-    decrease: float = 0.8
-    latency_target: float = 0.0     # seconds; 0: latency is not a signal
-    probe: float = 8.0
-
-
-@dataclass(frozen=True)
-class AimdState:
-    limit: float
-    slow_start: bool = True
-    decreased_at: float = field(default=float("-inf"))
-    shed_at: float = 0.0            # the limit when the gateway last said "too much"
-
-    @property
-    def in_flight(self) -> int:
-        return int(self.limit)
-
-
-SHED_STATUSES = (429, 503)
-
-
-def start(policy: Aimd) -> AimdState:
-    return AimdState(float(policy.floor))
-
-
-def adapt(state: AimdState, policy: Aimd, status: Optional[int], ok: bool, elapsed: float,
-          dispatched_at: float, now: float) -> AimdState:
-    """The limit after one outcome. A signal about a request dispatched before the last
-    decrease says nothing new (it was sent under the old limit), so it does not decrease again."""
-    shed = status in SHED_STATUSES
-    slow = ok and policy.latency_target > 0 and elapsed > policy.latency_target
-    if shed or slow:
-        if dispatched_at <= state.decreased_at:
-            return state
-        return AimdState(max(policy.floor, state.limit * policy.decrease), False, now, state.limit)
-    if not ok:
-        return state  # other failures say nothing about capacity
-    step = 1.0 if state.slow_start else 1.0 / max(state.limit, 1.0)
-    if not state.slow_start and abs(state.limit - state.shed_at) < 1.0:
-        step /= policy.probe
-    return replace(state, limit=min(policy.ceiling, state.limit + step))
 
 
 def limits(names: Sequence[str], queue_limits: Mapping[str, int], budgets: Mapping[str, float],

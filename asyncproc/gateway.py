@@ -125,7 +125,7 @@ class Gateway:
         return pool
 
     def post(self, job: Assignment, clock: Callable[[], float] = time.time) -> Outcome:
-        """POST the payload once and classify what came back (SPEC §4)."""
+        """POST the payload once and classify what came back (README: Dispatch and retries)."""
         remaining = job.deadline - clock()
         if remaining < MIN_ATTEMPT_SECONDS:
             return outcomes.expired()

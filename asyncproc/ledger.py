@@ -3,10 +3,11 @@
 Invariants it keeps:
 - waiting requests leave their queue in arrival order, or earliest deadline first;
 - one entry per id at a time, so an id is dispatched once and answered once;
-- a request is waiting (per queue, in arrival order), assigned to one worker, or settling
-  (its outcome is in; the result or retry is not yet written);
+- a request is waiting (per queue, in its dispatch order), assigned to one worker, or
+  settling (its outcome is in; the result or retry is not yet written);
 - an id is forgotten only when what settles it has been written (`forget`);
-- what a dead worker held goes back to the front of its queue (`release_worker`);
+- what a dead worker held waits again: first in line under arrival order, in its place by
+  deadline under deadline order (`release_worker`);
 - on drain, `unfinished()` names everything that must be put back.
 Pure bookkeeping: no I/O.
 """

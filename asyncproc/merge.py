@@ -1,4 +1,4 @@
-"""Request merge policies: which queue's message goes next (SPEC §6). Pure.
+"""Request merge policies: which queue's message goes next (README: Merge policies and per-queue limits). Pure.
 
 A policy is called with the queues that have a request waiting *and* room to dispatch it
 (gates and in-flight limits are applied before), the random source and the clock.

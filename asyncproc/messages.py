@@ -19,7 +19,7 @@ from asyncproc import llmd
 #: How much of a message we keep in a dead-letter entry or an error excerpt.
 RAW_EXCERPT_BYTES = 4096
 
-#: Path chosen from the payload's shape when nothing else names one (SPEC §4).
+#: Path chosen from the payload's shape when nothing else names one (README: Dispatch and retries).
 PATH_BY_PAYLOAD_KEY = (
     ("messages", "/v1/chat/completions"),
     ("prompt", "/v1/completions"),
@@ -45,6 +45,9 @@ _HEAD_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,%d}"|-
 #: a batch's results can be told apart, and `asyncproc cancel --batch` can name them.
 BATCH_KEY = "asyncproc.batch"
 CANCELLED = "cancelled"
+#: Why a message is rejected, as a code (the results metric's label), beside its reason text.
+INVALID = "invalid"
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,9 @@ class Rejected:
     reason: str
     metadata: Optional[dict] = None
     attempts: int = 0
+    code: str = INVALID      # INVALID or DEADLINE_EXCEEDED
     reply_to: Optional[str] = None
     token: Optional[str] = field(default=None, repr=False)
-    code: str = llmd.INVALID_REQUEST
 
     @property
     def key(self) -> str:
@@ -334,8 +337,8 @@ def parse_request(
     good_metadata = metadata if _is_metadata(metadata) else None
     reply_to, token, routing_problem = envelope_routing(envelope, obj, limits)
 
-    def reject(reason: str, code: str = llmd.INVALID_REQUEST) -> Rejected:
-        return Rejected(id_value, queue, reason, good_metadata, attempts or 0, reply_to, token, code)
+    def reject(reason: str, code: str = INVALID) -> Rejected:
+        return Rejected(id_value, queue, reason, good_metadata, attempts or 0, code, reply_to, token)
 
     if attempts is None:
         return reject(f"internal.retry_count must be an integer from 0 to {MAX_RETRY_COUNT}")
@@ -372,9 +375,9 @@ def parse_request(
     if created is not None and created_at is None:
         return reject("created must be Unix seconds")
     if deadline <= now:
-        return reject("deadline exceeded", llmd.DEADLINE_EXCEEDED)
+        return reject("deadline exceeded", DEADLINE_EXCEEDED)
     if deadline > now + limits.max_horizon:
-        return reject(f"deadline too far ahead: more than {limits.max_horizon:g} s from now"
+        return reject(f"deadline too far ahead: more than {limits.max_horizon:.0f} s from now"
                       " (--max-deadline-horizon)")
     return Request(
         id=id_value,
@@ -407,7 +410,7 @@ def _optional_number(value: Any) -> Optional[float]:
 
 
 def request_path(request: Request, queue_path: Optional[str], gateway_path: Optional[str]) -> str:
-    """SPEC §4: message endpoint, queue path, gateway URL path, else the payload's shape."""
+    """README, Dispatch and retries: message endpoint, queue path, gateway URL path, else the payload's shape."""
     for candidate in (request.endpoint, queue_path, gateway_path):
         if candidate:
             return candidate
@@ -558,4 +561,5 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
 
 
 def rejected_result(rejected: Rejected) -> Result:
-    return result_of(rejected, False, rejected.reason, code=rejected.code)
+    code = llmd.DEADLINE_EXCEEDED if rejected.code == DEADLINE_EXCEEDED else llmd.INVALID_REQUEST
+    return result_of(rejected, False, rejected.reason, code=code)

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Iterable, Mapping, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -114,6 +114,21 @@ class Metrics:
             "Requests waiting that dispatch holds back although worker threads are free, by reason:"
             " gate, queue_limit, adaptive", ["queue", "reason"], registry=r)
 
+    def observe(self, in_flight: Mapping[str, int], queues: Iterable[str], waiting: int,
+                adaptive_limit: Optional[int], held: Mapping[tuple, int], alive: int, outbox: int) -> None:
+        """The gauges of the supervisor's state, set a few times a second (not per message)."""
+        queues = list(queues)
+        for queue in set(in_flight) | set(queues):
+            self.in_flight.labels(queue).set(in_flight.get(queue, 0))
+        self.waiting.set(waiting)
+        if adaptive_limit is not None:
+            self.adaptive_limit.set(adaptive_limit)
+        for queue in queues:
+            for reason in HELD_REASONS:
+                self.of(self.held_back, queue, reason).set(held.get((queue, reason), 0))
+        self.workers_alive.set(alive)
+        self.outbox.set(outbox)
+
     def of(self, metric, *labels: str):
         """The labelled child of `metric`, looked up once (labels() is costly per message)."""
         key = (id(metric), labels)
@@ -121,6 +136,10 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+
+#: Why dispatch holds a waiting request back although threads are free (the held-back gauge).
+HELD_REASONS = ("gate", "queue_limit", "adaptive")
 
 
 @dataclass
@@ -155,8 +174,6 @@ class _Server(WSGIServer):
         super().__init__(*args, **kwargs)
         self.slots = threading.BoundedSemaphore(MAX_SERVING_THREADS)
         self.heads: Dict[int, bytes] = {}     # id(connection) -> its head, for the handler
-        self.refused = 0                      # connections closed: all threads busy, or evicted
-        self.timed_out = 0                    # connections closed: no complete head in time
         self._stop = threading.Event()
         self._stopped = threading.Event()
 
@@ -176,7 +193,6 @@ class _Server(WSGIServer):
                             self._read_head(selector, pending, key.fileobj)
                     now = time.monotonic()
                     for conn in [c for c, p in pending.items() if p.deadline <= now]:
-                        self.timed_out += 1
                         self._drop(selector, pending, conn)
             finally:
                 for conn in list(pending):
@@ -195,7 +211,6 @@ class _Server(WSGIServer):
             return
         if len(pending) >= MAX_PENDING:
             oldest = min(pending, key=lambda c: pending[c].deadline)
-            self.refused += 1
             self._drop(selector, pending, oldest)
         conn.setblocking(False)
         pending[conn] = _Pending(address, time.monotonic() + CONNECTION_TIMEOUT)
@@ -218,7 +233,6 @@ class _Server(WSGIServer):
         selector.unregister(conn)
         del pending[conn]
         if not self.slots.acquire(blocking=False):
-            self.refused += 1
             self.shutdown_request(conn)
             return
         conn.setblocking(True)

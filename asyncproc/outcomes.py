@@ -1,4 +1,4 @@
-"""What one dispatch attempt came to, and how an HTTP status is classified (SPEC §4).
+"""What one dispatch attempt came to, and how an HTTP status is classified (README: Dispatch and retries).
 
 Pure values: the worker builds an `Outcome`, sends it over its pipe, and the supervisor's
 retry policy decides what to do with it.
@@ -69,7 +69,7 @@ def from_response(status: int, body: bytes, retry_after: Optional[str], elapsed:
 
 
 def connection_failure(reason: str, elapsed: float) -> Outcome:
-    """Connection errors and timeouts are retried (SPEC §4)."""
+    """Connection errors and timeouts are retried (README: Dispatch and retries)."""
     return Outcome(Kind.RETRY, None, None, reason, None, elapsed)
 
 

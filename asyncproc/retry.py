@@ -1,4 +1,4 @@
-"""Back-off policies and the retry decision (SPEC §5). Pure: clock and random source passed in."""
+"""Back-off policies and the retry decision (README: Dispatch and retries). Pure: clock and random source passed in."""
 from __future__ import annotations
 
 import email.utils
@@ -7,10 +7,11 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from asyncproc.messages import DEADLINE_EXCEEDED
 from asyncproc.outcomes import Kind, Outcome
 
 POLICIES = ("exponential", "fixed")
-DEADLINE = "deadline_exceeded"
+DEADLINE = DEADLINE_EXCEEDED  # the results metric's code, as for a message that arrives late
 CANCELLED = "cancelled"
 
 

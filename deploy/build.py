@@ -97,10 +97,13 @@ ROWS = [
             q(f"sum by (instance) (increase(asyncproc_worker_restarts_total{{{J}}}[{RATE}]))",
               "restarts {{instance}}"),
         ], 8),
-        ("Queue system", "Errors talking to Redis / Pub/Sub per second, and writes (results,"
-                         " retries, acks) waiting in the outbox.", "short", [
+        ("Queue system", "Errors talking to Redis / Pub/Sub per second, writes (results,"
+                         " retries, acks) waiting in the outbox, and pub/sub subscriptions Redis"
+                         " closed (what it held was lost).", "short", [
             q(f"sum by (instance) (rate(asyncproc_transport_errors_total{{{J}}}[{RATE}]))", "errors/s {{instance}}"),
             q(f"sum by (instance) (asyncproc_outbox{{{J}}})", "outbox {{instance}}"),
+            q(f"sum by (instance) (increase(asyncproc_subscriber_dropped_total{{{J}}}[{RATE}]))",
+              "pub/sub subscription dropped by Redis {{instance}}"),
         ], 8),
         ("Dead letters and bad input", "Messages dead-lettered, invalid messages by kind, and"
                                        " deliveries skipped (already in flight or answered elsewhere).", "short", [

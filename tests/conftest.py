@@ -1,6 +1,6 @@
 import pytest
 
-from tests.harness import Processor, PubSubEmulator, PubSubQueues, RedisServer, Results, Sim, pubsub_emulator_missing
+from tests.harness import PERSISTENT, Processor, PubSubEmulator, PubSubQueues, RedisServer, Results, Sim, pubsub_emulator_missing
 
 
 def pytest_collection_modifyitems(items):
@@ -12,10 +12,18 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
+def redis_server(request, tmp_path):
+    """This test's redis-server (persistent when the test asks for `persistent_redis`)."""
+    server = RedisServer(tmp_path / "redis").start(*(PERSISTENT if "persistent_redis" in request.fixturenames else ()))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def persistent_redis(redis_server):
+    """This test's redis-server with an append-only file synced on every write: a test that
+    stops, kills or restarts it loses nothing Redis acknowledged."""
+    return redis_server
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -79,6 +80,21 @@ class ServerProcess:
         return (self.dir / self.log_name).read_text(errors="replace")
 
 
+#: redis-server options for tests that restart it: a SIGKILL then loses nothing.
+PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def assert_exactly_once(results, ids, ok: bool = True) -> None:
+    """Every id answered, none twice (and, with `ok`, every one a success). `results`: a
+    list of result objects, or a `Results` collector."""
+    items = list(results.items) if isinstance(results, Results) else list(results)
+    counts = Counter(r["id"] for r in items)
+    assert set(counts) == set(ids), f"missing {sorted(set(ids) - set(counts), key=str)[:10]}, extra {set(counts) - set(ids)}"
+    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:10]
+    if ok:
+        assert all("payload" in r for r in items), [r for r in items if "payload" not in r][:3]
+
+
 class RedisServer(ServerProcess):
     """redis-server on a free port in the test's own dir. Fault tests that restart it
     pass `--appendonly yes --appendfsync always`, so a SIGKILL loses nothing."""
@@ -141,14 +157,25 @@ class Sim:
         self.proc.wait(10)
 
 
+def pinned_workers(args) -> tuple:
+    """`args` with --workers pinned (2, at most --concurrency) unless the test sets it or a
+    config file might: a test runs alike on any machine, whatever its CPU count."""
+    args = tuple(args)
+    if any(a.startswith(("--workers", "-c", "--config")) for a in args):
+        return args
+    concurrency = int(args[args.index("--concurrency") + 1]) if "--concurrency" in args else 8
+    return ("--workers", str(min(2, concurrency)), *args)
+
+
 class Processor:
-    """`bin/asyncproc` as a process tree of its own."""
+    """`bin/asyncproc` as a process tree of its own (--workers pinned: see pinned_workers)."""
 
     def __init__(self, redis_url: str, gateway: str, *args: str, log: Path,
                  env: Optional[Dict[str, str]] = None, command: Optional[List[str]] = None,
                  cwd: Optional[Path] = None) -> None:
         self.metrics_port = free_port()
         self.log = log
+        args = pinned_workers(args)
         argv = [*(command or [sys.executable, str(BIN)]), "--redis-url", redis_url, "--inference-gateway", gateway,
                 "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", *args]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

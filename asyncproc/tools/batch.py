@@ -249,9 +249,24 @@ def _report_input(path: str, found: Input, strict: bool) -> bool:
     return True
 
 
-def _progress(total: int, initial: int, disable: bool):
-    from tqdm import tqdm
+class _NoProgress:
+    """Without tqdm (the tools extra): no bar."""
 
+    def update(self, _n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, *_args, **_kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, disable: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
     return tqdm(total=total, initial=initial, unit="req", dynamic_ncols=True, disable=disable,
                 smoothing=0.1, file=sys.stderr)
 
@@ -361,14 +376,16 @@ def collect(argv: List[str]) -> int:
     parser.add_argument("--wait", action="store_true", help="wait until the batch is complete (needs --batch)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds --wait waits at most")
     settings, ns = config.parse_args(argv, parser=parser)
-    if settings.message_queue_impl == "redis-pubsub":
+    client = Client(settings)
+    if not client.persisted:
+        client.close()
         print("asyncproc: collect needs a transport that keeps results (redis-sortedset or redis-streams);"
-              " with redis-pubsub use run-batch, which listens while it submits", file=sys.stderr)
+              f" with {settings.message_queue_impl} use run-batch, which listens while it submits", file=sys.stderr)
         return 2
     if ns.wait and not ns.batch:
+        client.close()
         print("asyncproc: --wait: needs --batch", file=sys.stderr)
         return 2
-    client = Client(settings)
     output = Output(ns.output, ns.output_format or "asyncproc", read_output(ns.output))
     try:
         total = int(client.batch(ns.batch).get("total", 0)) if ns.batch else 0
@@ -382,9 +399,9 @@ def collect(argv: List[str]) -> int:
 
         bar = _progress(total or None, 0, ns.no_progress)
         end = None if ns.timeout is None else time.monotonic() + ns.timeout
-        if client.gcp is not None and not ns.batch:
-            print("asyncproc: --batch: required with gcp-pubsub (each batch has its own results subscription)",
-                  file=sys.stderr)
+        if client.results_per_batch and not ns.batch:
+            print(f"asyncproc: --batch: required with {settings.message_queue_impl} (each batch has its own"
+                  " results subscription)", file=sys.stderr)
             return 2
         with client.results(batch=ns.batch) as results:
             while True:

@@ -442,6 +442,9 @@ def main(argv=None) -> int:
                         help="instead of the scenarios: G1, online traffic with no batch, ungated and gated batch")
     parser.add_argument("--online-seconds", type=float, default=Online.seconds, help="G1: seconds measured per phase")
     parser.add_argument("--reserved", type=float, default=Online.reserved, help="G1: the gates' reserved share")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead of the scenarios: 1, 2, 3 replicas on a 3-master Redis Cluster and on one Redis")
+    parser.add_argument("--replicas", default="1,2,3", help="--cluster: the replica counts")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the processes a run started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -451,6 +454,11 @@ def main(argv=None) -> int:
         return 2
     print(f"# {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
           f"{sys.version.split()[0]}; gw alone = the stand-in gateway's own rate at the same concurrency")
+    if args.cluster:
+        from asyncproc.tools import bench_cluster
+
+        return bench_cluster.main(redis_server, args.messages or 6000, args.concurrency or 16,
+                                  [int(x) for x in args.replicas.split(",")], args.json)
     if args.online:
         o = Online(seconds=args.online_seconds, reserved=args.reserved, concurrency=args.concurrency or Online.concurrency)
         print(f"# G1: sim capacity {o.capacity}, latency {o.latency} s, online {o.rate:.0f}/s at a fixed rate"

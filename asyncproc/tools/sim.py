@@ -52,6 +52,8 @@ from typing import Any, Dict, Optional
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAULTS = ("429", "503", "500", "400", "drop")
@@ -76,6 +78,8 @@ class Sim:
         self.busy: Counter = Counter()          # seconds of service, by objective
         self.running_by: Counter = Counter()    # requests being served, by objective
         self.fault_rates = [(f, getattr(args, f"rate_{f}")) for f in FAULTS if getattr(args, f"rate_{f}")]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     def latency(self, scripted: Optional[float]) -> float:
         if scripted is not None:
@@ -274,28 +278,27 @@ class Sim:
         return _json(200, {"status": "ok"})
 
     async def metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    def collect(self):
+        """vLLM's gauge names, read from the sim's state at each scrape (prometheus_client)."""
         capacity = self.args.capacity
         usage = min(self.running / capacity, 1.0) if capacity else 0.0
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f'vllm:num_requests_running{{model_name="sim"}} {self.running}',
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f'vllm:num_requests_waiting{{model_name="sim"}} {len(self.waiters)}',
-            "# HELP vllm:gpu_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:gpu_cache_usage_perc gauge",
-            f'vllm:gpu_cache_usage_perc{{model_name="sim"}} {usage}',
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{{model_name="sim"}} {usage}',
-            "# HELP sim_running_requests Requests being served, by inference objective ('' = none).",
-            "# TYPE sim_running_requests gauge",
-        ]
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", self.running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", len(self.waiters)),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(["sim"], value)
+            yield family
+        by_objective = GaugeMetricFamily("sim_running_requests",
+                                         "Requests being served, by inference objective ('' = none).",
+                                         labels=["objective"])
         for objective, count in sorted(self.running_by.items()):
-            escaped = objective.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            lines.append(f'sim_running_requests{{objective="{escaped}"}} {count}')
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            by_objective.add_metric([objective], count)
+        yield by_objective
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from asyncproc import redact
+
 Labels = Tuple[Tuple[str, str], ...]
 FAILED = ("gateway_error", "invalid", "deadline_exceeded", "max_attempts")
 HELD_REASONS = ("gate", "queue_limit", "adaptive")
@@ -76,14 +78,14 @@ def fetch(base: str, timeout: float) -> Reading:
         with urllib.request.urlopen(base + "/metrics", timeout=timeout) as reply:
             reading = parse(reply.read().decode("utf-8", "replace"), now)
     except (OSError, ValueError) as exc:
-        return Reading(now, error=f"unreachable: {getattr(exc, 'reason', exc)}")
+        return Reading(now, error=redact.scrub(f"unreachable: {getattr(exc, 'reason', exc)}"))
     try:
         with urllib.request.urlopen(base + "/readyz", timeout=timeout) as reply:
             reading.ready = reply.read().decode().strip()
     except urllib.error.HTTPError as exc:
         reading.ready = "not ready: " + exc.read().decode(errors="replace").strip()
     except OSError as exc:
-        reading.ready = f"/readyz: {exc}"
+        reading.ready = redact.scrub(f"/readyz: {exc}")
     return reading
 
 
@@ -122,7 +124,7 @@ class View:
 
     def lines(self, cur: Reading, prev: Optional[Reading], width: int) -> List[str]:
         stamp = time.strftime("%H:%M:%S")
-        head = f"asyncproc top  {self.base}  {cur.error or cur.ready}"
+        head = f"asyncproc top  {redact.url(self.base)}  {cur.error or cur.ready}"
         out = [head + " " * max(width - len(head) - len(stamp) - 11, 2) + stamp + "  q quits", ""]
         if cur.error:
             return out + ["waiting for asyncproc to answer..."]
@@ -242,6 +244,7 @@ def main(argv=None) -> int:
     if args.interval <= 0:
         build_parser().error("--interval must be above 0")
     base = base_url(args.target)
+    redact.register_url(base)
     view = View(base)
     screen = sys.stdout.isatty()
     keys = Keys()

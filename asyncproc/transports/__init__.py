@@ -1,7 +1,17 @@
 """Queue transports behind one small interface (see base.py)."""
 from __future__ import annotations
 
-from asyncproc.transports.base import Delivery, ResultRoute, Transport, TransportError, Writes
+from asyncproc.transports.base import (
+    Delivery,
+    Producer,
+    ProducerError,
+    ResultReader,
+    ResultRoute,
+    Transport,
+    TransportError,
+    Unconfirmed,
+    Writes,
+)
 
 
 def open_transport(settings) -> Transport:
@@ -25,4 +35,18 @@ def open_transport(settings) -> Transport:
     raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
 
 
-__all__ = ["Delivery", "ResultRoute", "Transport", "TransportError", "Writes", "open_transport"]
+def open_producer(settings, queue: str) -> Producer:
+    """The producer's side of the transport `--message-queue-impl` names, for `queue`."""
+    if settings.message_queue_impl == "gcp-pubsub":
+        from asyncproc.transports.gcp_producer import GcpProducer
+
+        return GcpProducer(settings, queue)
+    from asyncproc.transports.redis_producer import PRODUCERS
+
+    if settings.message_queue_impl not in PRODUCERS:
+        raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
+    return PRODUCERS[settings.message_queue_impl](settings, queue)
+
+
+__all__ = ["Delivery", "Producer", "ProducerError", "ResultReader", "ResultRoute", "Transport", "TransportError", "Unconfirmed",
+           "Writes", "open_producer", "open_transport"]

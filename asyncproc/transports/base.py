@@ -1,13 +1,24 @@
-"""The whole queue interface the supervisor sees. Queue errors become TransportError here."""
+"""The whole queue interface, both sides: what the supervisor consumes (Transport) and what
+producers ask (Producer). Queue errors become TransportError (or ProducerError) here."""
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Tuple
+
+import orjson
+
+from asyncproc import redact
 
 
 class TransportError(Exception):
     """The queue system is unreachable or refused an operation; the caller retries later."""
+
+
+class Unconfirmed(TransportError):
+    """Written, but fewer replicas than asked confirmed it (--redis.wait-replicas): no item
+    is at fault, so the whole write waits and is repeated (repeats are deduplicated)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ class Transport(abc.ABC):
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         """Retries due by `now` (and work abandoned by dead holders), claimed atomically."""
 
-    def claim(self, keys: List[str], deliveries: Optional[List[Delivery]] = None) -> List[bool]:
+    def claim(self, keys: List[str], deliveries: List[Delivery]) -> List[bool]:
         """For each id key (of the delivery beside it): is it ours to process? (Replicas
         sharing a queue, redeliveries.) A transport that keeps nothing by itself records
         the delivery here, so that Redis has it before we depend on our memory."""
@@ -105,9 +116,13 @@ class Transport(abc.ABC):
         generation (`request-cancel:<id>` holds the token)? One read for all of them."""
         return [False] * len(pairs)
 
+    def tidy(self, now: float) -> None:
+        """Forget local state that has lapsed (called every few seconds, before stats())."""
+
     @abc.abstractmethod
     def stats(self) -> Dict[str, Dict[str, float]]:
-        """Gauges by name, each by queue: retry_set, depth, leased, oldest_age_seconds."""
+        """Gauges by name, each by queue: retry_set, depth, leased, oldest_age_seconds. No
+        side effects (forgetting lapsed state is tidy()'s)."""
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -116,6 +131,101 @@ class Transport(abc.ABC):
     def fileno(self) -> Optional[int]:
         """A socket that becomes readable when messages arrive, for the supervisor's wait."""
         return None
+
+    def close(self) -> None:
+        pass
+
+
+# -- the producer's side: what asyncproc.client and the batch commands ask a transport ------
+class ResultReader:
+    """Decoded result objects as they arrive; poll() never blocks longer than asked."""
+
+    def poll(self, timeout: float) -> List[dict]:
+        raise NotImplementedError
+
+    def wait(self, timeout: Optional[float] = None, idle: float = 0.5) -> Iterator[dict]:
+        """Results until `timeout` seconds pass (None: forever)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while end is None or time.monotonic() < end:
+            yield from self.poll(idle)
+
+    def __enter__(self) -> "ResultReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def decode(raw: bytes) -> Optional[dict]:
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) and "id" in value else None
+
+
+class ProducerError(Exception):
+    """Something the user asked cannot be done (one line, no traceback)."""
+
+
+class Producer(abc.ABC):
+    """Submit requests, read results, cancel, look: one queue system, seen from outside."""
+
+    #: Results wait (a list, a stream, a batch's own subscription) instead of being
+    #: published once to whoever listens.
+    persisted: bool = True
+    #: Results can be read without taking them (for status).
+    counts_results: bool = False
+    #: Results are read per batch (a batch must be named to read them).
+    results_per_batch: bool = False
+    #: What a failed call raises, and where it went (for the one-line error).
+    errors: tuple = ()
+    where: str = ""
+
+    def run(self, call):
+        """`call()`, its queue-system errors as one ProducerError line (credentials redacted)."""
+        try:
+            return call()
+        except self.errors as exc:
+            text = redact.scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise ProducerError(f"{self.where}: {redact.cause(text)}: {text}") from None
+
+    @abc.abstractmethod
+    def submit(self, requests: List[dict], forget: bool = False) -> int:
+        """Put request messages (tagged already) on the request queue; returns how many."""
+
+    def open_batch(self, batch: str, total: int) -> None:
+        """Called before a batch's requests are submitted (its results can then not be missed)."""
+
+    @abc.abstractmethod
+    def record_batch(self, batch: str, count: int, total: Optional[int]) -> None:
+        """Remember the batch for status: its total grows by `count`, or is `total`."""
+
+    @abc.abstractmethod
+    def results(self, from_start: bool = True, batch: Optional[str] = None, total: int = 0) -> ResultReader:
+        ...
+
+    @abc.abstractmethod
+    def cancel(self, members: Dict[str, float], batch: Optional[str], now: float) -> None:
+        """Record cancellations (`id:<key>` or `batch:<tag>`, each with when it lapses)."""
+
+    def finish_batch(self, batch: str) -> None:
+        """Every result of `batch` is out of the queues: drop what only served to read them."""
+
+    @abc.abstractmethod
+    def batch(self, batch: str) -> Dict[str, str]:
+        ...
+
+    @abc.abstractmethod
+    def batch_ids(self) -> List[str]:
+        ...
+
+    @abc.abstractmethod
+    def queue_stats(self) -> Dict[str, Dict[str, float]]:
+        ...
 
     def close(self) -> None:
         pass

@@ -328,8 +328,8 @@ class GcpPubSub(Transport):
         for path, ack_ids in self._ack_ids(deliveries).items():
             self._modack(path, ack_ids, self.ack_deadline)
 
-    def stats(self) -> Dict[str, Dict[str, float]]:
-        now = time.time()
+    def tidy(self, now: float) -> None:
+        """Forget retry state and leases that have lapsed."""
         for token in [t for t, (_, due) in self._waiting.items() if due < now - STALE_RETRY_SECONDS]:
             del self._waiting[token]
         # A lease nobody has kept alive for two ack deadlines has run out at Pub/Sub: forget
@@ -338,6 +338,8 @@ class GcpPubSub(Transport):
         for token in [t for t, lease in self._held.items() if lease.touched < now - 2 * self.ack_deadline]:
             log.warning("forgetting message %s of %s: held but not kept alive", token[1], token[0])
             del self._held[token]
+
+    def stats(self) -> Dict[str, Dict[str, float]]:
         leased = {q: 0.0 for q in self.subscriptions}
         waiting = {q: 0.0 for q in self.subscriptions}
         for queue, _ in self._held:

@@ -30,6 +30,7 @@ from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, pr
 log = logging.getLogger("asyncproc.redis")
 
 REPLY_COMPLETION = 1.0  # seconds the rest of a partly arrived reply may take
+CLAIM_CALL_BYTES = 8 * 1024 * 1024  # messages recorded per claim call, at most (Redis's query buffer)
 
 
 class Held:
@@ -63,10 +64,11 @@ class RedisPubSub(Transport):
         self.channels = settings.queue_names
         self.result_channel = settings.result_queue
         self.dead_letter_key = settings.dead_letter_queue
-        self._client = make_client(settings.redis_url, settings.redis_auth)
+        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
         self._retries = RetrySet(self._client, settings.retry_queue, settings.key_prefix)
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3
+        self._max_record = settings.max_message_bytes
         self._held = pubsub_key(settings.key_prefix, settings.result_queue, "held")
         self._held_messages = pubsub_key(settings.key_prefix, settings.result_queue, "held-messages")
         self._pubsub: Optional[redis.client.PubSub] = None
@@ -98,7 +100,7 @@ class RedisPubSub(Transport):
                 if reply[0] in (b"subscribe", "subscribe"):
                     confirmed += 1
             self._pubsub = pubsub
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
 
     def receive(self, limit: int) -> List[Delivery]:
@@ -165,26 +167,38 @@ class RedisPubSub(Transport):
                 queue, raw = decode_record(flat[i + 1] or b"")
                 out.append(Delivery(raw, queue, token=Held(flat[i].decode())))
             members = self._retries.claim_due(now, until, limit - len(out))
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
         if out:
             log.warning("taking up %d messages whose holder let their lease run out", len(out))
         return out + [Delivery(m, "", token=("retry", m), state=m) for m in members]
 
-    def claim(self, keys: List[str], deliveries: Optional[List[Delivery]] = None) -> List[bool]:
-        """Claim each id (one replica processes it) and record its message under a lease."""
+    def claim(self, keys: List[str], deliveries: List[Delivery]) -> List[bool]:
+        """Claim each id (one replica processes it) and record its message under a lease,
+        in calls of at most CLAIM_CALL_BYTES. A message over --max-message-bytes is answered
+        at once without being parsed; its record holds no copy (taken up after a crash, it
+        is dead-lettered)."""
         if not keys:
             return []
-        deliveries = deliveries or [Delivery(b"", "")] * len(keys)
-        redis_keys = [self._held, self._held_messages]
-        args = [self._owner, self._claim_ttl, repr(time.time() + self.lease_seconds), "1" if self._claims else "0"]
-        for key, delivery in zip(keys, deliveries):
-            redis_keys += [self._marker("claim", key), self._marker("done", key)]
-            args += [key, encode_record(delivery.queue, delivery.raw)]
-        try:
-            flags = self._claim_script(keys=redis_keys, args=args)
-        except redis.RedisError as exc:
-            raise TransportError(describe(exc)) from None
+        until = repr(time.time() + self.lease_seconds)
+        flags: List[int] = []
+        start = 0
+        while start < len(keys):
+            redis_keys = [self._held, self._held_messages]
+            args = [self._owner, self._claim_ttl, until, "1" if self._claims else "0"]
+            size, end = 0, start
+            while end < len(keys) and (end == start or size < CLAIM_CALL_BYTES):
+                key, delivery = keys[end], deliveries[end]
+                raw = delivery.raw if len(delivery.raw) <= self._max_record else b""
+                redis_keys += [self._marker("claim", key), self._marker("done", key)]
+                args += [key, encode_record(delivery.queue, raw)]
+                size += len(raw)
+                end += 1
+            try:
+                flags += self._claim_script(keys=redis_keys, args=args)
+            except (redis.RedisError, OSError) as exc:
+                raise TransportError(describe(exc)) from None
+            start = end
         for flag, key, delivery in zip(flags, keys, deliveries):
             if flag and isinstance(delivery.token, Held):
                 delivery.token.key = key
@@ -226,7 +240,7 @@ class RedisPubSub(Transport):
                 pipe.hdel(self._held_messages, *held)
             self._retries.settle(pipe, taken)
             pipe.execute()
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
@@ -254,14 +268,14 @@ class RedisPubSub(Transport):
         try:
             waiting, taken = self._retries.sizes()
             held = self._client.zcard(self._held)
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
         return {"retry_set": {self._retries.key: waiting}, "leased": {self.result_channel: held + taken}}
 
     def ping(self) -> None:
         try:
             self._client.ping()
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
 
     def fileno(self) -> Optional[int]:

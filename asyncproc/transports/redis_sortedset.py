@@ -12,7 +12,18 @@ from typing import Dict, List
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
 from asyncproc.transports.markers import Markers
-from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, read_cancellations
+from asyncproc.transports.redisbase import (
+    Replication,
+    Resharding,
+    ResultWriter,
+    by_queue,
+    execute,
+    group_by_destination,
+    guarded,
+    make_client,
+    read_cancellations,
+    refresh,
+)
 
 
 def shares(names: List[str], limit: int, start: int) -> List[tuple]:
@@ -28,7 +39,7 @@ class RedisSortedSet(Transport):
     must_drain = False
 
     def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url, settings.redis_auth)
+        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
         self._prefix = settings.key_prefix
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3
@@ -41,9 +52,12 @@ class RedisSortedSet(Transport):
         self.markers = Markers(self._client)
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
+        self._resharding = Resharding()
+        self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
 
     def connect(self) -> None:
         def run() -> None:
+            refresh(self._client)
             self.results.preload(self._client)
             self.markers.preload(self._client)
 
@@ -55,9 +69,11 @@ class RedisSortedSet(Transport):
         for queue, share in shares(list(self.sets), limit, self._turn):
             if share <= 0:
                 continue
-            pairs = guarded(lambda q=queue, n=share: self.sets[q].claim(
+            pairs = self._resharding.claim(queue, lambda q=queue, n=share: self.sets[q].claim(
                 self._client, now, now + self.lease_seconds, n, take_new))
             out.extend(Delivery(member, queue, token=member, state=state) for member, state in pairs)
+        if out:  # a claim a failover loses only hands its work out twice: not strict
+            guarded(lambda: self._replication.confirm({d.queue for d in out}, strict=False))
         return out
 
     def receive(self, limit: int) -> List[Delivery]:
@@ -75,7 +91,9 @@ class RedisSortedSet(Transport):
                 if writes.dead_letters:
                     pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
                 self.markers.release(pipe, (writes.routes.get(k) for k, _, _ in writes.results))
-                pipe.execute()  # what replaces a request is written before the request goes
+                # what replaces a request is written (and replicated, if asked) before it goes
+                execute(pipe, self._replication, list(group_by_destination(writes.results, writes.routes, self.results.key))
+                        + [self.dead_letter_key] * bool(writes.dead_letters))
             pipe = self._client.pipeline(transaction=False)
             for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
                 for state, due, delivery in items:
@@ -83,7 +101,8 @@ class RedisSortedSet(Transport):
             done = writes.drops + [d for _, _, d in writes.results] + [d for _, d in writes.dead_letters]
             for queue, deliveries in by_queue(done, lambda d: d).items():
                 self.sets[queue].settle(pipe, (d.token for d in deliveries))
-            pipe.execute()
+            touched = {d.queue for d in done if d is not None} | {d.queue for _, _, d in writes.retries if d}
+            execute(pipe, self._replication, touched & set(self.sets))
 
         guarded(run)
 

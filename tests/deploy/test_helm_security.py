@@ -77,6 +77,7 @@ def test_keda_authenticates_with_the_same_secrets():
     (trigger,) = kinds["ScaledObject"]["spec"]["triggers"]
     assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
     assert trigger["metadata"]["enableTLS"] == "true"
+    assert trigger["metadata"]["usernameFromEnv"] == "ASYNCPROC_REDIS_USERNAME"  # the ACL user
 
 
 def test_network_policy_limits_egress_and_metrics_ingress():

@@ -1,21 +1,10 @@
 """Drain on signals, Redis outages and restarts, bursts, replicas, one result per id."""
 import signal
-import time
-from collections import Counter
 
 import orjson
 import psutil
 
-from tests.harness import Results, Sim, request, wait_subscribed, wait_until
-
-PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
-
-
-def assert_exactly_once(results, ids):
-    counts = Counter(results.ids())
-    assert set(counts) == set(ids), f"missing {sorted(set(ids) - set(counts))[:10]}, extra {set(counts) - set(ids)}"
-    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]
-    assert all("payload" in r for r in results.items), [r for r in results.items if "payload" not in r][:3]
+from tests.harness import Results, Sim, assert_exactly_once, request, wait_subscribed, wait_until
 
 
 def publish_many(client, raws, channel="batch-queue", chunk=1000):
@@ -44,43 +33,24 @@ def test_sigterm_then_restart_finishes_everything_once(redis_server, sim, result
     assert_exactly_once(results, ids)
 
 
-def test_second_sigint_stops_at_once_and_still_puts_back(redis_server, sim, results, start_processor):
-    first = start_processor(sim.url, "--concurrency", "4", "--shutdown-grace-period", "60")
-    ids, raws = slow_requests(20, 5.0)
-    publish_many(redis_server.client(), raws)
-    wait_until(lambda: first.metric("asyncproc_in_flight") == 4, what="four in flight")
-    began = time.monotonic()
-    first.proc.send_signal(signal.SIGINT)
-    wait_until(lambda: first.get("/readyz").status_code == 503, what="draining")
-    first.proc.send_signal(signal.SIGINT)
-    assert first.proc.wait(30) == 0
-    assert time.monotonic() - began < 10  # not the 60 s grace, nor the 5 s requests
-    client = redis_server.client()
-    assert client.zcard("batch-sortedset-retry") == 20
-    start_processor(sim.url, "--concurrency", "20")
-    results.wait_for(20, timeout=60)
-    assert_exactly_once(results, ids)
 
-
-def test_redis_restart_with_requests_in_flight(tmp_path, sim, start_processor, redis_server):
-    redis_server.stop()
-    redis_server.start(*PERSISTENT)
-    results = Results(redis_server.port)
+def test_redis_restart_with_requests_in_flight(tmp_path, sim, start_processor, persistent_redis):
+    results = Results(persistent_redis.port)
     try:
         proc = start_processor(sim.url, "--concurrency", "4")
         ids, raws = slow_requests(4, 4.0, prefix="o")
-        publish_many(redis_server.client(), raws)
+        publish_many(persistent_redis.client(), raws)
         wait_until(lambda: proc.metric("asyncproc_in_flight") == 4, what="four in flight")
-        redis_server.stop()
+        persistent_redis.stop()
         wait_until(lambda: proc.get("/readyz").status_code == 503, what="not ready without Redis")
         assert proc.get("/healthz").status_code == 200 and proc.proc.poll() is None
-        redis_server.start()
-        wait_subscribed(redis_server.client(), "batch-queue-result")  # the collector is back
+        persistent_redis.start()
+        wait_subscribed(persistent_redis.client(), "batch-queue-result")  # the collector is back
         wait_until(proc.ready, what="asyncproc ready again")
         results.wait_for(4, timeout=30)  # held in the outbox across the outage
         more_ids, more = slow_requests(10, 0.0, prefix="after")
-        wait_subscribed(redis_server.client(), "batch-queue")
-        publish_many(redis_server.client(), more)
+        wait_subscribed(persistent_redis.client(), "batch-queue")
+        publish_many(persistent_redis.client(), more)
         results.wait_for(14)
         assert_exactly_once(results, ids + more_ids)
         assert proc.metric("asyncproc_transport_errors_total") >= 1
@@ -89,21 +59,19 @@ def test_redis_restart_with_requests_in_flight(tmp_path, sim, start_processor, r
         results.close()
 
 
-def test_retries_survive_a_redis_crash_with_persistence(sim, start_processor, redis_server):
-    redis_server.stop()
-    redis_server.start(*PERSISTENT)
-    results = Results(redis_server.port)
+def test_retries_survive_a_redis_crash_with_persistence(sim, start_processor, persistent_redis):
+    results = Results(persistent_redis.port)
     try:
         proc = start_processor(sim.url, "--concurrency", "4", "--retry-policy", "fixed",
                                "--retry-base-delay", "3", "--retry-max-delay", "3")
-        client = redis_server.client()
+        client = persistent_redis.client()
         ids = [f"r{i}" for i in range(30)]
         publish_many(client, [request(i, {"prompt": "x", "x_sim": {"key": i, "script": [503, 200]}}) for i in ids])
         wait_until(lambda: client.zcard("batch-sortedset-retry") == 30, what="30 waiting retries")
-        redis_server.stop()  # SIGKILL
-        redis_server.start()
-        wait_subscribed(redis_server.client(), "batch-queue-result")  # the collector is back
-        assert redis_server.client().zcard("batch-sortedset-retry") + len(results.items) == 30
+        persistent_redis.stop()  # SIGKILL
+        persistent_redis.start()
+        wait_subscribed(persistent_redis.client(), "batch-queue-result")  # the collector is back
+        assert persistent_redis.client().zcard("batch-sortedset-retry") + len(results.items) == 30
         results.wait_for(30, timeout=60)
         assert_exactly_once(results, ids)
         assert all(r["attempts"] == 2 for r in results.items)
@@ -189,22 +157,20 @@ def test_put_back_entries_are_the_whole_request_state(redis_server, sim, results
     assert state["payload"]["x_sim"] == {"latency": 30}
 
 
-def test_stop_waits_for_redis_to_write_what_it_holds(sim, start_processor, redis_server):
-    redis_server.stop()
-    redis_server.start(*PERSISTENT)
+def test_stop_waits_for_redis_to_write_what_it_holds(sim, start_processor, persistent_redis):
     proc = start_processor(sim.url, "--concurrency", "2", "--shutdown-grace-period", "20")
     ids, raws = slow_requests(2, 1.0, prefix="h")
-    publish_many(redis_server.client(), raws)
+    publish_many(persistent_redis.client(), raws)
     wait_until(lambda: proc.metric("asyncproc_in_flight") == 2, what="two in flight")
-    redis_server.stop()
+    persistent_redis.stop()
     proc.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "draining -> stopping" in proc.log.read_text(), what="stopping with results held")
     assert proc.proc.poll() is None  # waiting for Redis, not dropping the results
-    redis_server.start()
+    persistent_redis.start()
     assert proc.proc.wait(30) == 0
     # Nobody may be subscribed at that instant (pub/sub), but the publish script marks each
     # id it published, atomically with the PUBLISH.
-    client = redis_server.client()
+    client = persistent_redis.client()
     for rid in ids:
         assert client.exists(f'asyncproc:{{batch-queue-result}}:done:"{rid}"')
     assert "not written" not in proc.log.read_text()

@@ -9,7 +9,7 @@ import os
 import signal
 from collections import Counter
 
-from tests.harness import kill_group, request, wait_until
+from tests.harness import assert_exactly_once, kill_group, request, wait_until
 
 ARGS = ("--retry-base-delay", "0.1", "--retry-max-delay", "0.3", "--gcp.ack-deadline", "10")
 
@@ -19,13 +19,6 @@ def work(ids, latency=0.1):
     return [request(i, {"prompt": "x", "x_sim": {"key": i, "latency": latency,
                                                  "script": [503, 200] if n % 5 == 0 else [200]}})
             for n, i in enumerate(ids)]
-
-
-def assert_exactly_once(results, ids):
-    counts = Counter(r["id"] for r in results)
-    assert set(counts) == set(ids), f"missing {sorted(set(ids) - set(counts))[:10]}"
-    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:10]
-    assert all("payload" in r for r in results), [r for r in results if "payload" not in r][:3]
 
 
 def test_sigkill_of_workers_loses_and_doubles_nothing(pubsub, sim, start_gcp_processor):

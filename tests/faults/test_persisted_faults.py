@@ -1,11 +1,10 @@
 """kill -9 of the whole tree, replicas sharing a queue, takeover and dead-lettering."""
 import signal
-from collections import Counter
 
 import orjson
 import pytest
 
-from tests.harness import Queue, kill_group, request, wait_until
+from tests.harness import Queue, assert_exactly_once, kill_group, request, wait_until
 
 IMPLS = ["redis-sortedset", "redis-streams"]
 
@@ -18,13 +17,6 @@ def impl(request):
 def start(start_processor, sim, impl, *args, **kw):
     return start_processor(sim.url, "--message-queue-impl", impl, "--redis.lease-seconds", "2",
                            "--retry-base-delay", "0.1", "--retry-max-delay", "0.3", *args, **kw)
-
-
-def assert_exactly_once(results, ids):
-    counts = Counter(r["id"] for r in results)
-    assert set(counts) == set(ids), f"missing {sorted(set(ids) - set(counts))[:10]}"
-    assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:10]
-    assert all("payload" in r for r in results), [r for r in results if "payload" not in r][:3]
 
 
 def test_kill_9_of_the_whole_tree_then_restart(redis_server, sim, start_processor, impl):

@@ -13,7 +13,6 @@ import orjson
 
 from tests.harness import Results, request, wait_subscribed, wait_until
 
-PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 COUNT = 4000
 OPTIONS = ("--concurrency", "32", "--redis.lease-seconds", "2", "--retry-base-delay", "0.1",
            "--retry-max-delay", "0.3")
@@ -66,40 +65,36 @@ def test_kill_9_of_the_whole_tree_during_a_burst_loses_nothing(redis_server, sim
     assert_nothing_lost(client, results, ids)
 
 
-def test_redis_stopped_and_started_again_during_a_burst_loses_nothing(redis_server, sim, start_processor):
-    redis_server.stop()
-    redis_server.start(*PERSISTENT)
-    results = Results(redis_server.port)
+def test_redis_stopped_and_started_again_during_a_burst_loses_nothing(persistent_redis, sim, start_processor):
+    results = Results(persistent_redis.port)
     try:
         proc = start_processor(sim.url, *OPTIONS)
-        ids = burst(redis_server.client(), "r")
+        ids = burst(persistent_redis.client(), "r")
         results.wait_for(COUNT // 2)
-        redis_server.stop()  # SIGKILL; with appendfsync always nothing written is lost
+        persistent_redis.stop()  # SIGKILL; with appendfsync always nothing written is lost
         wait_until(lambda: proc.get("/readyz").status_code == 503, what="not ready without Redis")
-        redis_server.start()
-        wait_subscribed(redis_server.client(), "batch-queue-result")
-        assert_nothing_lost(redis_server.client(), results, ids)
+        persistent_redis.start()
+        wait_subscribed(persistent_redis.client(), "batch-queue-result")
+        assert_nothing_lost(persistent_redis.client(), results, ids)
         assert proc.proc.poll() is None
     finally:
         results.close()
 
 
-def test_kill_9_and_redis_restart_at_once_with_two_replicas(redis_server, sim, start_processor):
-    redis_server.stop()
-    redis_server.start(*PERSISTENT)
-    results = Results(redis_server.port)
+def test_kill_9_and_redis_restart_at_once_with_two_replicas(persistent_redis, sim, start_processor):
+    results = Results(persistent_redis.port)
     try:
         victim = start_processor(sim.url, *OPTIONS)
         survivor = start_processor(sim.url, *OPTIONS)
-        ids = burst(redis_server.client(), "b")
+        ids = burst(persistent_redis.client(), "b")
         results.wait_for(COUNT * 3 // 10)
         victim.kill()
-        redis_server.stop()
+        persistent_redis.stop()
         time.sleep(0.5)  # a fault's length, not a wait for a condition
-        redis_server.start()
-        wait_subscribed(redis_server.client(), "batch-queue-result")
+        persistent_redis.start()
+        wait_subscribed(persistent_redis.client(), "batch-queue-result")
         start_processor(sim.url, *OPTIONS)  # the killed replica comes back too
-        assert_nothing_lost(redis_server.client(), results, ids)
+        assert_nothing_lost(persistent_redis.client(), results, ids)
         assert survivor.proc.poll() is None
     finally:
         results.close()

@@ -22,23 +22,6 @@ def test_process_shape_and_endpoints(redis_server, sim, results, start_processor
     assert "asyncproc_gateway_latency_seconds_bucket" in proc.get("/metrics").text
 
 
-def test_killed_worker_is_replaced_and_its_work_dispatched_again(redis_server, sim, results, start_processor):
-    proc = start_processor(sim.url, "--concurrency", "2", "--workers", "2")
-    client = redis_server.client()
-    # both held for 3s by the gateway, so both are in flight when a worker dies
-    client.publish("batch-queue", request("slow-a", {"prompt": "a", "x_sim": {"latency": 3}}))
-    client.publish("batch-queue", request("slow-b", {"prompt": "b", "x_sim": {"latency": 3}}))
-    wait_until(lambda: proc.metric("asyncproc_in_flight") == 2, what="two in flight")
-    victim = proc.children()[0]
-    os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: victim not in proc.children() and len(proc.children()) == 2, what="a new worker")
-    results.wait_for(2, timeout=30)
-    assert sorted(results.by_id()) == ["slow-a", "slow-b"]
-    assert len(results.items) == 2 and all("payload" in r for r in results.items)
-    wait_until(lambda: proc.metric("asyncproc_worker_restarts_total") == 1, what="restart counter")
-    assert "killed by SIGKILL" in proc.log.read_text()
-
-
 def test_sigterm_drains_and_exits_0(redis_server, sim, results, start_processor):
     proc = start_processor(sim.url, "--concurrency", "2", "--shutdown-grace-period", "10")
     redis_server.client().publish("batch-queue", request("inflight", {"prompt": "x", "x_sim": {"latency": 1}}))
@@ -49,16 +32,6 @@ def test_sigterm_drains_and_exits_0(redis_server, sim, results, start_processor)
     assert proc.proc.wait(20) == 0
     assert [r["id"] for r in results.wait_for(1)] == ["inflight"]  # it was allowed to finish
 
-
-def test_drain_puts_back_what_did_not_finish(redis_server, sim, results, start_processor):
-    proc = start_processor(sim.url, "--concurrency", "1", "--workers", "1", "--shutdown-grace-period", "0.5")
-    client = redis_server.client()
-    client.publish("batch-queue", request("long", {"prompt": "x", "x_sim": {"latency": 30}}))
-    wait_until(lambda: proc.metric("asyncproc_in_flight") == 1, what="one in flight")
-    assert proc.terminate() == 0
-    entries = client.zrange("batch-sortedset-retry", 0, -1)
-    assert [__import__("orjson").loads(e)["id"] for e in entries] == ["long"]
-    assert results.items == []
 
 
 def test_bad_configuration_exits_2(tmp_path):

@@ -120,14 +120,6 @@ def test_unreachable_gateway_ends_in_deadline_exceeded(redis_server, results, st
     assert result["attempts"] >= 2
 
 
-def test_max_attempts(redis_server, sim, results, start_processor):
-    start_processor(sim.url, "--concurrency", "2", "--max-attempts", "2", "--retry-base-delay", "0.05",
-                    "--retry-max-delay", "0.05")
-    publish(redis_server.client(), [request("m", {"prompt": "x", "x_sim": {"key": "m", "script": [500]}})])
-    result = results.wait_for(1)[0]
-    assert result["error"] == "max attempts (2) reached (last failure: HTTP 500)"
-    assert sim.stats()["attempts"]["m"] == 2
-
 
 def test_several_request_channels_are_all_consumed(redis_server, sim, results, start_processor):
     proc = start_processor(sim.url, "--concurrency", "4", "--redis.request-queue-name", "qa",

@@ -4,7 +4,7 @@ import sys
 import orjson
 import pytest
 
-from asyncproc import config, gates
+from asyncproc import aimd, config, gates
 from asyncproc.config import ConfigError
 
 
@@ -155,7 +155,7 @@ def test_gates_limits_and_merge_options(tmp_path):
     online, bulk = s.request_queues
     assert s.gate_of(online) == gates.Constant(0.5) and online.max_in_flight == 3
     assert s.gate_of(bulk) == gates.RedisGate(2.0, True, gates.RedisKey("redis://r:1/0", "bulk-budget", 0.1))
-    assert s.adaptive == gates.Aimd(2, 8, 0.8, 0.0)
+    assert s.adaptive == aimd.Policy(2, 8, 0.8, 0.0)
     assert s.request_merge_policy == "priority" and s.priority_aging == 30
     assert load().adaptive is None and load().default_gate == gates.OPEN
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from asyncproc import gates
+from asyncproc import aimd, gates
 from asyncproc.gates import Failed, Sample
 
 D = gates.Defaults("redis://localhost:6379/0", interval=1.0, timeout=0.25)
@@ -147,19 +147,19 @@ def test_queue_limits():
     assert gates.limits(["a", "b", "c"], {"a": 2, "b": 0}, {"b": 0.5, "c": 0.0}, 8) == {"a": 2, "b": 4, "c": 0}
 
 
-AIMD = gates.Aimd(floor=1, ceiling=32, decrease=0.5, latency_target=2.0)
+AIMD = aimd.Policy(floor=1, ceiling=32, decrease=0.5, latency_target=2.0)
 
 
 def test_aimd_slow_start_doubles_then_halves_once_per_round():
-    state = gates.start(AIMD)
+    state = aimd.start(AIMD)
     for _ in range(7):
-        state = gates.adapt(state, AIMD, 200, True, 0.1, dispatched_at=1.0, now=2.0)
+        state = aimd.adapt(state, AIMD, 200, True, 0.1, dispatched_at=1.0, now=2.0)
     assert state.limit == 8 and state.slow_start
-    state = gates.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.0, now=4.0)
-    assert state.limit == 4 and not state.slow_start and state.decreased_at == 4.0 and state.shed_at == 8
+    state = aimd.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.0, now=4.0)
+    assert state.limit == 4 and not state.slow_start and state.decreased_at == 4.0 and state.overloaded_at == 8
     # more sheds of requests sent before that decrease do not decrease again
-    assert gates.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.5, now=4.1) == state
-    assert gates.adapt(state, AIMD, 503, False, 0.0, dispatched_at=4.2, now=4.3).limit == 2
+    assert aimd.adapt(state, AIMD, 429, False, 0.0, dispatched_at=3.5, now=4.1) == state
+    assert aimd.adapt(state, AIMD, 503, False, 0.0, dispatched_at=4.2, now=4.3).limit == 2
 
 
 @pytest.mark.parametrize("status, ok, elapsed, limit", [
@@ -170,22 +170,22 @@ def test_aimd_slow_start_doubles_then_halves_once_per_round():
     (429, False, 0.0, 2.0),
 ])
 def test_aimd_signals(status, ok, elapsed, limit):
-    state = gates.AimdState(4.0, slow_start=False)
-    assert gates.adapt(state, AIMD, status, ok, elapsed, 1.0, 2.0).limit == limit
+    state = aimd.State(4.0, slow_start=False)
+    assert aimd.adapt(state, AIMD, status, ok, elapsed, 1.0, 2.0).limit == limit
 
 
-def test_aimd_probes_slowly_near_where_the_gateway_shed():
-    policy = gates.Aimd(floor=1, ceiling=32, decrease=0.5, probe=8)
-    far = gates.AimdState(4.0, slow_start=False, shed_at=8.0)
-    near = gates.AimdState(7.5, slow_start=False, shed_at=8.0)
-    assert gates.adapt(far, policy, 200, True, 0.1, 1, 2).limit == 4.25
-    assert gates.adapt(near, policy, 200, True, 0.1, 1, 2).limit == 7.5 + 1 / 7.5 / 8
+def test_aimd_probes_slowly_near_where_the_gateway_was_overloaded():
+    policy = aimd.Policy(floor=1, ceiling=32, decrease=0.5, probe=8)
+    far = aimd.State(4.0, slow_start=False, overloaded_at=8.0)
+    near = aimd.State(7.5, slow_start=False, overloaded_at=8.0)
+    assert aimd.adapt(far, policy, 200, True, 0.1, 1, 2).limit == 4.25
+    assert aimd.adapt(near, policy, 200, True, 0.1, 1, 2).limit == 7.5 + 1 / 7.5 / 8
 
 
 def test_aimd_bounds():
-    policy = gates.Aimd(floor=2, ceiling=3, decrease=0.5)
-    state = gates.AimdState(2.0, slow_start=False)
-    assert gates.adapt(state, policy, 429, False, 0, 1, 2).limit == 2
-    state = gates.AimdState(3.0)
-    assert gates.adapt(state, policy, 200, True, 0, 1, 2).limit == 3
-    assert gates.AimdState(2.9).in_flight == 2
+    policy = aimd.Policy(floor=2, ceiling=3, decrease=0.5)
+    state = aimd.State(2.0, slow_start=False)
+    assert aimd.adapt(state, policy, 429, False, 0, 1, 2).limit == 2
+    state = aimd.State(3.0)
+    assert aimd.adapt(state, policy, 200, True, 0, 1, 2).limit == 3
+    assert aimd.State(2.9).in_flight == 2

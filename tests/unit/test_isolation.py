@@ -50,7 +50,7 @@ class RefusingTransport(Transport):
 def make(transport):
     settings = config.load_settings(["--workers", "1", "--metrics-port", "0"], environ={})
     sup = supervisor.Supervisor(settings, transport)
-    sup.redis_ok = True
+    sup.connected = True
     return sup
 
 
@@ -66,20 +66,20 @@ def written_ids(transport):
 def test_one_refused_result_is_replaced_and_the_rest_written():
     transport = RefusingTransport(max_item=1000)
     sup = make(transport)
-    sup.outbox.results.extend([result_item("a"), result_item("big", 5000), result_item("b")])
-    sup.outbox.retries.append((messages.encode_state(Request("r", NOW + 60, {}, "q", NOW)), NOW, None))
+    sup.books.outbox.results.extend([result_item("a"), result_item("big", 5000), result_item("b")])
+    sup.books.outbox.retries.append((messages.encode_state(Request("r", NOW + 60, {}, "q", NOW)), NOW, None))
     sup.flush()
     assert sorted(written_ids(transport)) == ["a", "b", "big"]
     big = [orjson.loads(raw) for _, raw, _ in transport.written.results if b'"big"' in raw][0]
     assert "refused by the queue system" in big["error"]
-    assert len(transport.written.retries) == 1 and not sup.outbox and sup.redis_ok
+    assert len(transport.written.retries) == 1 and not sup.books.outbox and sup.connected
     assert sup.metrics.writes_refused.labels("result")._value.get() == 1
 
 
 def test_a_refused_retry_answers_its_request():
     transport = RefusingTransport(max_item=1000)
     sup = make(transport)
-    sup.outbox.retries.append((messages.encode_state(Request("r", NOW + 60, {"p": "x" * 2000}, "q", NOW,
+    sup.books.outbox.retries.append((messages.encode_state(Request("r", NOW + 60, {"p": "x" * 2000}, "q", NOW,
                                                              attempts=2)), NOW, None))
     sup.flush()
     (result,) = [orjson.loads(raw) for _, raw, _ in transport.written.results]
@@ -90,16 +90,16 @@ def test_an_outage_keeps_everything_and_the_back_off_grows_until_a_write_succeed
     transport = RefusingTransport()
     transport.down = True
     sup = make(transport)
-    sup.outbox.results.extend([result_item("a"), result_item("b")])
+    sup.books.outbox.results.extend([result_item("a"), result_item("b")])
     delays = []
     for _ in range(4):
-        sup.redis_ok = True  # as after a successful reconnect
+        sup.connected = True  # as after a successful reconnect
         sup.flush()
         delays.append(sup.reconnect_delay)
     assert delays == sorted(delays) and delays[-1] > delays[0]  # a connect alone resets nothing
-    assert len(sup.outbox.results) == 2 and transport.written.results == []
+    assert len(sup.books.outbox.results) == 2 and transport.written.results == []
     transport.down = False
-    sup.redis_ok = True
+    sup.connected = True
     sup.flush()
     assert sorted(written_ids(transport)) == ["a", "b"]
     assert sup.reconnect_delay == supervisor.RECONNECT_MIN and not sup.outage
@@ -108,10 +108,10 @@ def test_an_outage_keeps_everything_and_the_back_off_grows_until_a_write_succeed
 def test_even_a_small_write_refused_is_an_outage_not_the_items_fault():
     transport = RefusingTransport(max_item=5)  # refuses every result, replacements included
     sup = make(transport)
-    sup.outbox.results.extend([result_item("a"), result_item("b")])
+    sup.books.outbox.results.extend([result_item("a"), result_item("b")])
     sup.flush()
-    assert not sup.redis_ok and len(sup.outbox.results) == 2
-    assert all(b"payload" in raw for _, raw, _ in sup.outbox.results)  # not turned into errors
+    assert not sup.connected and len(sup.books.outbox.results) == 2
+    assert all(b"payload" in raw for _, raw, _ in sup.books.outbox.results)  # not turned into errors
 
 
 @pytest.mark.parametrize("stage", ["accept", "settle", "retry"])
@@ -123,8 +123,8 @@ def test_an_unexpected_error_costs_one_error_result(stage):
     def boom(*_):
         raise TypeError("Integer exceeds 64-bit range")
 
-    sup.isolated(stage, request, delivery, boom)
-    ((key, raw, settles),) = sup.outbox.results
+    sup.books.isolated(stage, request, delivery, boom)
+    ((key, raw, settles),) = sup.books.outbox.results
     assert orjson.loads(raw) == {"id": "p", "error": f"internal error while {stage} (TypeError)", "attempts": 1}
     assert settles is delivery
     assert sup.metrics.internal_errors.labels("q", stage)._value.get() == 1
@@ -132,8 +132,8 @@ def test_an_unexpected_error_costs_one_error_result(stage):
 
 def test_an_unexpected_error_without_an_id_is_a_dead_letter():
     sup = make(RefusingTransport())
-    sup.isolated("accept", None, Delivery(b"garbage", "q", token="t"), lambda: 1 / 0)
-    ((entry, _),) = sup.outbox.dead_letters
+    sup.books.isolated("accept", None, Delivery(b"garbage", "q", token="t"), lambda: 1 / 0)
+    ((entry, _),) = sup.books.outbox.dead_letters
     assert orjson.loads(entry)["raw"] == "garbage" and "ZeroDivisionError" in orjson.loads(entry)["reason"]
 
 
@@ -143,7 +143,7 @@ def test_a_held_request_that_fails_is_answered_once_and_forgotten_after_the_writ
     request = Request("h", NOW + 60, {}, "q", NOW)
     sup.ledger.admit(request, None)
     sup.ledger.assign(request.key, 0, NOW)
-    sup.isolated("settle", request.key, None, lambda: 1 / 0)
+    sup.books.isolated("settle", request.key, None, lambda: 1 / 0)
     sup.settle(request.key, None)  # a late outcome for it is stale now: ignored
     sup.flush()
     assert written_ids(transport) == ["h"] and not sup.ledger.holds(request.key)

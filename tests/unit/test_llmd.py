@@ -74,7 +74,7 @@ def test_envelope_fields_are_parsed_and_checked():
 ])
 def test_bad_envelope_fields_get_an_invalid_request_result(fields, internal, reason):
     parsed = messages.parse_request(envelope(data(**fields), **{"request_token": "tok", **internal}), "q", NOW)
-    assert isinstance(parsed, Rejected) and reason in parsed.reason and parsed.code == llmd.INVALID_REQUEST
+    assert isinstance(parsed, Rejected) and reason in parsed.reason and parsed.code == messages.INVALID
     result = orjson.loads(messages.encode_result(messages.rejected_result(parsed), "llm-d-async"))
     assert result["error_code"] == "INVALID_REQUEST" and result["id"] == "r1"
 

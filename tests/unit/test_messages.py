@@ -71,6 +71,8 @@ def test_bad_field_with_usable_id_is_rejected(obj, reason):
     assert isinstance(rejected, Rejected)
     assert rejected.id == "a"
     assert reason in rejected.reason
+    late = reason == "deadline exceeded"
+    assert rejected.code == (messages.DEADLINE_EXCEEDED if late else messages.INVALID)  # a code, not the text
 
 
 def test_oversize_message_is_rejected_with_its_id():

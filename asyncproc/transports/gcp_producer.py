@@ -1,4 +1,4 @@
-"""asyncproc.client on Google Cloud Pub/Sub: requests published to the topic behind the
+"""The producer's side of gcp-pubsub: requests published to the topic behind the
 request subscription; each batch's results read from a subscription of its own on the
 result topic, created before its requests are published (so no result can be missed) and
 named `asyncproc-results-<batch>`. Imported only for `gcp-pubsub` (the `gcp` extra).
@@ -9,10 +9,12 @@ import os
 import time
 from typing import Dict, List, Optional
 
+import orjson
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 from google.pubsub_v1 import PubsubMessage
 
+from asyncproc.transports.base import Producer, ProducerError, ResultReader
 from asyncproc.transports.gcp_pubsub import (
     MAX_IDS_PER_CALL,
     MAX_PUBLISH,
@@ -83,17 +85,68 @@ class GcpQueues:
             pass
 
 
-class GcpResults:
+class GcpProducer(Producer):
+    """Batches are subscriptions on the result topic; there is no shared store for
+    cancellations or queue statistics (those are the service's: Cloud Monitoring)."""
+
+    persisted = True
+    results_per_batch = True
+    errors = ERRORS + (OSError,)
+    where = "pubsub"
+
+    def __init__(self, settings, queue: str) -> None:
+        self.queues = self.run(lambda: GcpQueues(settings, queue))
+
+    def submit(self, requests: List[dict], forget: bool = False) -> int:
+        self.run(lambda: self.queues.publish([orjson.dumps(r) for r in requests]))
+        return len(requests)
+
+    def open_batch(self, batch: str, total: int) -> None:
+        self.run(lambda: self.queues.open_batch(batch, total))
+
+    def record_batch(self, batch: str, count: int, total: Optional[int]) -> None:
+        pass  # the batch's results subscription, labelled at open_batch, is its record
+
+    def results(self, from_start: bool = True, batch: Optional[str] = None, total: int = 0) -> ResultReader:
+        """The results of `batch` (required), from its own subscription, acknowledged once read."""
+        if batch is None:
+            raise ProducerError("gcp-pubsub keeps results per batch: give a batch")
+        self.open_batch(batch, total)
+        return GcpResults(self, batch)
+
+    def cancel(self, members: Dict[str, float], batch: Optional[str], now: float) -> None:
+        raise ProducerError("cancel needs a Redis transport: with gcp-pubsub asyncproc has no shared store to"
+                            " read cancellations from")
+
+    def finish_batch(self, batch: str) -> None:
+        self.run(lambda: self.queues.close_batch(batch))
+
+    def batch(self, batch: str) -> Dict[str, str]:
+        return self.run(lambda: self.queues.batch(batch))
+
+    def batch_ids(self) -> List[str]:
+        return self.run(self.queues.batch_ids)
+
+    def queue_stats(self) -> Dict[str, Dict[str, float]]:
+        return {}  # held by the service: see Cloud Monitoring (README, gcp-pubsub)
+
+
+class GcpResults(ResultReader):
     """Pulls a batch's results subscription. What one poll returned is acknowledged at the
     next poll (or close), after the caller has written it: a crash in between redelivers,
     and the output file already knows those ids."""
 
-    def __init__(self, queues: GcpQueues, batch: str) -> None:
-        self.queues = queues
-        self.path = queues.results_subscription(batch)
+    def __init__(self, producer: GcpProducer, batch: str) -> None:
+        self.producer = producer
+        self.queues = producer.queues
+        self.path = self.queues.results_subscription(batch)
         self.unacked: List[str] = []
 
-    def poll(self, timeout: float) -> List[bytes]:
+    def poll(self, timeout: float) -> List[dict]:
+        raws = self.producer.run(lambda: self._pull(timeout))
+        return [r for r in map(self.decode, raws) if r is not None]
+
+    def _pull(self, timeout: float) -> List[bytes]:
         self._ack()
         end = time.monotonic() + timeout
         while True:
@@ -112,4 +165,4 @@ class GcpResults:
         self.unacked = []
 
     def close(self) -> None:
-        self._ack()
+        self.producer.run(self._ack)

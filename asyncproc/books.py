@@ -1,0 +1,373 @@
+"""The books: the ledger of held requests, the outbox of writes not yet made, and the
+cancellations in force. Deliveries are accepted here, outcomes settled, unfinished work put
+back, overflow staged, and what is written forgotten.
+
+The one owner of "publish before acknowledge" (README: delivery guarantees): a delivery is
+settled in the same write as what replaces it (result, retry, dead letter), and the ledger
+forgets an id only after that write succeeded. One message's unexpected error costs that
+message an error result (or a dead letter), never the loop or another message. The clock
+is passed in; the transport is handed to the two calls that use it (claim, flush).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Callable, Dict, List, Optional
+
+import orjson
+
+from asyncproc import cancelwatch, llmd, messages, metrics, outbox, retry, tracing
+from asyncproc.config import Settings
+from asyncproc.ledger import Entry, Ledger
+from asyncproc.messages import DeadLetter, Rejected, Request, Result
+from asyncproc.outcomes import Kind, Outcome
+from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Unconfirmed, Writes
+
+log = logging.getLogger("asyncproc.supervisor")
+
+
+class Books:
+    def __init__(self, settings: Settings, metrics_: metrics.Metrics, clock: Callable[[], float],
+                 rng: random.Random) -> None:
+        self.settings = settings
+        self.metrics = metrics_
+        self.clock = clock
+        self.rng = rng
+        self.ledger = Ledger(settings.dispatch_order)
+        self.outbox = Writes()
+        self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
+        self.cancelled = messages.Cancellations()
+        self.unclaimed: List[tuple] = []     # (parsed, delivery) read while the claim failed
+        self.limits = settings.message_limits()
+        self.aborting: set = set()           # keys whose in-flight attempt is being aborted (cancelled)
+        self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
+        self.result_queues = {q.name: q.result_queue for q in settings.request_queues if q.result_queue}
+        self.tracing: tracing.Off = tracing.Off()   # the Supervisor hands in the Dispatcher's
+
+    # -- intake ------------------------------------------------------------------------------
+    def accept_new(self, transport: Transport, deliveries: List[Delivery], now: float) -> None:
+        """Parse a batch, claim its ids (one replica processes each), accept what is ours.
+        Raises TransportError when the claim fails (what was read waits unclaimed)."""
+        fresh = []
+        for delivery in deliveries:
+            if delivery.state is not None:  # a due retry handed over with new work
+                self.isolated("retry", None, delivery, self.accept_retry, delivery, now)
+            else:
+                fresh.append(delivery)
+        if not fresh:
+            return
+        pairs = []
+        for delivery in fresh:
+            self.metrics.of(self.metrics.received, delivery.queue).inc()
+            item = self.parse(delivery, now)
+            if isinstance(item, DeadLetter):
+                self.isolated("accept", item, delivery, self.accept, item, delivery)
+            else:
+                pairs.append((item, delivery))
+        self.check_markers(transport, [item for item, _ in pairs if isinstance(item, Request)])
+        try:
+            self.claim_and_accept(transport, pairs)
+        finally:
+            self.marked.clear()  # what was not accepted now (claimed elsewhere, claim failed) is checked later
+
+    def check_markers(self, transport: Transport, requests: List[Request]) -> None:
+        """llm-d-async's cancel markers of arriving requests, one read (best effort: the
+        check just before dispatch is the one that counts)."""
+        tokened = cancelwatch.with_tokens(requests)
+        if not tokened:
+            return
+        try:
+            hits = transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened])
+        except TransportError:
+            return
+        self.marked.update(r.key for r, hit in zip(tokened, hits) if hit)
+
+    def claim_and_accept(self, transport: Transport, pairs: List[tuple]) -> None:
+        """Claim the ids (one replica processes each; pub/sub also records each message in
+        Redis), then accept what is ours. If the claim fails, they wait unclaimed for the
+        reconnect and TransportError is raised: nothing read is processed before the queue
+        system has it."""
+        pairs = self.unclaimed + pairs
+        self.unclaimed = []
+        if not pairs:
+            return
+        try:
+            ours = transport.claim([item.key for item, _ in pairs], [d for _, d in pairs])
+        except TransportError:
+            self.unclaimed = pairs
+            raise
+        except Exception as exc:  # a bug on this batch's ids: process them unclaimed
+            self.metrics.of(self.metrics.internal_errors, pairs[0][1].queue, "claim").inc()
+            log.error("internal error while claiming %d ids (%s); processing them unclaimed",
+                      len(pairs), type(exc).__name__)
+            ours = [True] * len(pairs)
+        for (item, delivery), mine in zip(pairs, ours):
+            if mine:
+                self.isolated("accept", item, delivery, self.accept, item, delivery)
+            else:
+                self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
+                log.debug("id=%s is claimed by another replica or already answered", item.key,
+                          extra={"id": item.id})
+
+    def release_unclaimed(self) -> None:
+        """Draining: what was read but never claimed is accepted, to be put back with the rest."""
+        for item, delivery in self.unclaimed:
+            self.isolated("accept", item, delivery, self.accept, item, delivery)
+        self.unclaimed = []
+
+    def parse(self, delivery: Delivery, now: float):
+        try:
+            return messages.parse_request(delivery.raw, delivery.queue, now, self.limits)
+        except Exception as exc:  # parse_request never raises; if it does, one message pays
+            self.metrics.of(self.metrics.internal_errors, delivery.queue, "parse").inc()
+            log.error("internal error while parsing a message from %s (%s); dead-lettering it",
+                      delivery.queue, type(exc).__name__)
+            return DeadLetter(bytes(delivery.raw[:messages.RAW_EXCERPT_BYTES]), "internal error while parsing",
+                              delivery.queue, now)
+
+    def accept_retry(self, delivery: Delivery, now: float) -> None:
+        """A due retry, a put-back request, or work abandoned by a holder that died."""
+        if delivery.state is not None:
+            parsed = messages.decode_state(delivery.state, delivery.queue)
+        else:
+            parsed = self.parse(delivery, now)
+        if isinstance(parsed, Request) and parsed.deadline <= now:
+            if not self.ledger.holds(parsed.key):
+                self.finish(parsed, messages.result_of(parsed, False, retry.deadline_exceeded(parsed.last_error)),
+                            delivery, retry.DEADLINE)
+            else:
+                self.outbox.drops.append(delivery)
+            return
+        self.accept(parsed, delivery)
+
+    def accept(self, parsed, delivery: Optional[Delivery] = None) -> None:
+        if isinstance(parsed, DeadLetter):
+            self.metrics.of(self.metrics.bad_messages, parsed.queue, "dead-letter").inc()
+            self.metrics.of(self.metrics.dead_letters, parsed.queue).inc()
+            log.warning("dead-lettering a message from %s: %s", parsed.queue or "retry set",
+                        parsed.reason)
+            self.outbox.dead_letters.append((messages.encode_dead_letter(parsed), delivery))
+        elif isinstance(parsed, Rejected):
+            if self.ledger.holds(parsed.key):
+                self._duplicate(parsed.key, parsed.queue, delivery)
+                return
+            self.metrics.of(self.metrics.bad_messages, parsed.queue, "error-result").inc()
+            log.warning("id=%s rejected: %s", parsed.key, parsed.reason, extra={"id": parsed.id})
+            self.queue_result(messages.rejected_result(parsed), delivery)
+            self.metrics.of(self.metrics.results, parsed.queue, parsed.code).inc()
+        elif (self.cancelled.covers(parsed) or parsed.key in self.marked) and not self.ledger.holds(parsed.key):
+            log.info("id=%s cancelled", parsed.key, extra={"id": parsed.id})
+            self.finish(parsed, messages.cancelled_result(parsed), delivery, messages.CANCELLED)
+        elif not self.ledger.admit(parsed, delivery):
+            self._duplicate(parsed.key, parsed.queue, delivery)
+        else:
+            for reason in parsed.refused_headers:  # counted once, when it is taken in
+                self.metrics.of(self.metrics.headers_refused, parsed.queue, reason).inc()
+            self.tracing.received(parsed)
+
+    def _duplicate(self, key: str, queue: str, delivery: Optional[Delivery]) -> None:
+        self.metrics.of(self.metrics.skipped, queue, "in-flight").inc()
+        if delivery is not None and delivery.token is not None:
+            self.outbox.drops.append(delivery)
+        log.warning("id=%s is already being processed; duplicate delivery ignored", key)
+
+    def stage_overflow(self, capacity: int, now: float) -> None:
+        """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""
+        excess = len(self.ledger) - capacity
+        waiting = self.ledger.waiting_by_queue
+        while excess > 0 and waiting:
+            queue = max(waiting, key=lambda q: len(waiting[q]))
+            if not waiting[queue]:
+                return
+            entry = self.ledger.take_last(queue)
+            self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
+            self.metrics.of(self.metrics.staged, queue).inc()
+            excess -= 1
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def conclude(self, entry: Entry, outcome: Outcome, now: float) -> None:
+        """A settled entry's outcome: a retry at its due time, or its result."""
+        before = entry.request
+        request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
+        decision = retry.decide(outcome, request.attempts, request.deadline, now,
+                                self.settings.backoff, self.rng, self.settings.max_attempts,
+                                last_error=before.last_error)
+        key = request.key
+        if isinstance(decision, retry.RetryAt):
+            self.metrics.of(self.metrics.retries, request.queue, outcome.kind.value).inc()
+            log.debug("id=%s attempt %d failed (%s); retry in %.2fs", key, request.attempts,
+                      outcome.describe(), decision.due - now, extra={"id": request.id})
+            self.outbox.retries.append((messages.encode_state(request), decision.due, entry.delivery))
+            self.outbox_keys.append(key)
+            return
+        attempts = request.attempts if outcome.kind is not Kind.EXPIRED else before.attempts
+        result = messages.result_of(request, decision.ok, decision.reason, status_code=outcome.status,
+                                    body=outcome.body, attempts=attempts,
+                                    code=llmd.CANCELLED if decision.code == retry.CANCELLED else None)
+        if not decision.ok:
+            log.warning("id=%s failed after %d attempts: %s", key, attempts, decision.reason,
+                        extra={"id": request.id})
+        self.finish(request, result, entry.delivery, decision.code)
+
+    def finish(self, request: Request, result: Result, delivery: Optional[Delivery], code: str) -> None:
+        self.queue_result(result, delivery)
+        self.tracing.finished(request, result, code)
+        self.metrics.of(self.metrics.results, request.queue, code).inc()
+        self.metrics.of(self.metrics.end_to_end, request.queue).observe(
+            max(self.clock() - (request.created or request.received_at), 0.0))
+        if self.ledger.holds(request.key):
+            self.outbox_keys.append(request.key)
+
+    def queue_result(self, result: Result, delivery: Optional[Delivery]) -> None:
+        """Encode a result into the outbox; one larger than --max-result-bytes becomes an
+        error result naming its size (on every transport: Redis and its subscribers have
+        limits of their own)."""
+        raw = messages.encode_result(result, self.settings.result_format)
+        limit = self.settings.max_result_bytes
+        if len(raw) > limit:
+            log.warning("id=%s: result of %d bytes is over --max-result-bytes (%d); writing an error"
+                        " result instead", result.key, len(raw), limit, extra={"id": result.id})
+            raw = messages.encode_result(Result(
+                result.id, result.queue, False, f"result too large: {len(raw)} bytes, limit {limit}",
+                status_code=result.status_code, attempts=result.attempts, metadata=result.metadata,
+                token=result.token), self.settings.result_format)
+        self.outbox.results.append((result.key, raw, delivery))
+        destination = llmd.result_queue(self.result_queues.get(result.queue), result.reply_to)
+        if destination or result.token:  # llm-d-async: where it goes, which marker it releases
+            self.outbox.routes[result.key] = ResultRoute(
+                destination, str(result.id) if result.token else None, result.token)
+
+    def cancel(self, batches, ids, marked=frozenset(), held: Optional[List[Entry]] = None) -> Dict[int, List[str]]:
+        """Cancellations in force (`asyncproc cancel`'s; `marked`: keys whose llm-d-async
+        marker holds their token): waiting requests they cover are answered now; those in
+        flight are returned by worker, to be aborted there (answered when the worker
+        reports, never retried). Later arrivals are answered at intake."""
+        if batches != self.cancelled.batches or ids != self.cancelled.ids:
+            self.cancelled = messages.Cancellations(batches, ids)
+        if not (self.cancelled.batches or self.cancelled.ids or marked):
+            return {}
+        held = self.ledger.unfinished() if held is None else held
+        todo = cancelwatch.plan(held, self.cancelled, marked, self.aborting)
+        for entry in todo.withdraw:
+            self.ledger.withdraw(entry.request.key)
+            self.finish(entry.request, messages.cancelled_result(entry.request), entry.delivery, messages.CANCELLED)
+        if todo.withdraw:
+            log.info("cancelled %d waiting requests: %s", len(todo.withdraw),
+                     " ".join(e.request.key for e in todo.withdraw[:20]))
+        return todo.abort
+
+    def aborted(self, key: str, outcome: Outcome) -> Outcome:
+        """The outcome of an attempt being aborted (its request cancelled in flight): the
+        gateway's answer if it came first, else CANCELLED (never retried)."""
+        if key not in self.aborting:
+            return outcome
+        self.aborting.discard(key)
+        if cancelwatch.answer_of_aborted(outcome):
+            return outcome
+        return Outcome(Kind.CANCELLED, error="cancelled", elapsed=outcome.elapsed)
+
+    # -- isolation ---------------------------------------------------------------------------
+    def isolated(self, stage: str, item, delivery: Optional[Delivery], call, *args) -> None:
+        """One message's step. An unexpected error costs that message an error result (or a
+        dead letter), a count and one log line; never the loop, never another message."""
+        try:
+            call(*args)
+        except Exception as exc:
+            if isinstance(item, str):  # an id key (an outcome's): the ledger knows the request
+                entry = self.ledger.entry(item)
+                item = entry.request if entry is not None else None
+            if item is None and delivery is not None and delivery.state is not None:
+                decoded = messages.decode_state(delivery.state, delivery.queue)
+                item = decoded if isinstance(decoded, Request) else None
+            self.internal_error(stage, exc, item, delivery)
+
+    def internal_error(self, stage: str, exc: Exception, item, delivery: Optional[Delivery]) -> None:
+        queue = getattr(item, "queue", None) or (delivery.queue if delivery is not None else "")
+        self.metrics.of(self.metrics.internal_errors, queue, stage).inc()
+        reason = f"internal error while {stage} ({type(exc).__name__})"
+        if isinstance(item, (Request, Rejected)) and messages.usable_id(item.id):
+            key = item.key
+            log.error("id=%s: %s; answering it with an error result", key, reason, extra={"id": item.id})
+            if self.ledger.holds(key):
+                entry = self.ledger.withdraw(key) or self.ledger.settle(key) or self.ledger.entry(key)
+                delivery = delivery or entry.delivery
+                self.outbox_keys.append(key)
+            self.queue_result(messages.result_of(item, False, reason), delivery)
+            return
+        raw = delivery.raw if delivery is not None else b""
+        log.error("%s on a message from %s; dead-lettering it", reason, queue or "the retry set")
+        self.outbox.dead_letters.append((messages.encode_dead_letter(
+            DeadLetter(bytes(raw[:messages.RAW_EXCERPT_BYTES]), reason, queue, self.clock())), delivery))
+
+    # -- drain -------------------------------------------------------------------------------
+    def put_back(self, entries: List[Entry], now: float) -> None:
+        """Unfinished work goes to the retry set, due now, so a restarted asyncproc finishes it.
+
+        The ledger lets go at once: intake has stopped, and a late outcome for a request put
+        back is ignored (it will be dispatched again: at-least-once).
+        """
+        for entry in entries:
+            self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
+            self.ledger.forget(entry.request.key)
+        if entries:
+            log.info("putting back %d unfinished requests", len(entries))
+
+    def unwritten(self) -> List[str]:
+        """The ids of results and put-backs still in the outbox (logged when they are lost)."""
+        return [k for k, _, _ in self.outbox.results] + [
+            orjson.loads(raw).get("id") for raw, _, _ in self.outbox.retries]
+
+    # -- writing -----------------------------------------------------------------------------
+    def flush(self, transport: Transport) -> Optional[Exception]:
+        """Write the outbox, then forget what it settled. None when everything is written;
+        the failure when the queue system is unreachable (the outbox keeps what is unwritten)."""
+        if not self.outbox:
+            return None
+        try:
+            transport.write(self.outbox)
+        except Exception as exc:  # TransportError, or a transport's bug on one item
+            failure = self.write_one_by_one(transport, exc)
+            if failure is not None:
+                return failure
+        for key in self.outbox_keys:
+            self.ledger.forget(key)
+        self.outbox, self.outbox_keys = Writes(), []
+        return None
+
+    def write_one_by_one(self, transport: Transport, failure: Exception) -> Optional[Exception]:
+        """A write failed. If the queue system still answers, one item may be what it refuses
+        (over proto-max-bulk-len, ...): write the items one at a time and replace each one
+        refused on its own by an error result (a dead letter: dropped, logged). None when
+        everything is written; `failure` when even a small write fails (an outage)."""
+        if isinstance(failure, Unconfirmed):  # written, not yet on enough replicas: wait
+            return failure
+        try:
+            transport.ping()
+        except TransportError:
+            return failure
+        fixed = Writes()
+        items = outbox.singles(self.outbox)
+        for n, single in enumerate(items):
+            try:
+                try:
+                    transport.write(single)
+                except Exception:
+                    transport.write(single)  # once more: a passing fault is not the item's
+            except Exception as exc:
+                replacement = outbox.replacement(single, exc, self.settings.result_format)
+                try:
+                    transport.write(replacement)
+                except Exception:
+                    # the queue system refuses even a small write: not this item's fault
+                    for rest in items[n:]:
+                        outbox.extend(fixed, rest)
+                    self.outbox = fixed
+                    return failure
+                kind = outbox.kind_of(single)
+                self.metrics.of(self.metrics.writes_refused, kind).inc()
+                log.error("the queue system refused a %s on its own (%s); %s instead", kind,
+                          str(exc)[:200], "an error result was written" if kind != "dead letter"
+                          else "it was dropped")
+                single = replacement
+            outbox.extend(fixed, single)
+        return None

@@ -1,0 +1,240 @@
+"""The Dispatcher: which waiting request goes to which free worker thread now, and what is
+held back and why (README: gates, per-queue limits, adaptive concurrency, merge policies).
+It learns from outcomes (adaptive concurrency, first gateway failures). No I/O: gate
+readings are handed in, the clock is passed in.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from urllib.parse import urlsplit
+
+import orjson
+
+from asyncproc import aimd, credentials, gates, gateway, llmd, merge, messages, metrics, redact, tracing
+from asyncproc.config import QueueConfig, Settings
+from asyncproc.ledger import Ledger, State
+from asyncproc.messages import Request
+from asyncproc.outcomes import Assignment, Kind, Outcome
+from asyncproc.timers import Timer
+
+log = logging.getLogger("asyncproc.supervisor")
+
+TOKEN_CHECK_SECONDS = 1.0
+
+
+class Route:
+    """Where one queue's requests go: gateway origin, paths, headers (objective, credentials)."""
+
+    def __init__(self, queue: QueueConfig, settings: Settings,
+                 token_files: Optional[Dict[str, credentials.TokenFile]] = None) -> None:
+        url = queue.gateway or settings.inference_gateway
+        parts = urlsplit(url)
+        self.origin = credentials.origin(url)
+        self.gateway_path = parts.path if parts.path not in ("", "/") else None
+        self.queue_path = queue.path
+        objective = queue.objective if queue.objective is not None else settings.inference_objective
+        base = dict(gateway.BASE_HEADERS)
+        if objective:
+            base["x-gateway-inference-objective"] = objective
+        headers = [*settings.gateway_headers, *queue.headers.items()]
+        token = queue.token if queue.token is not None else settings.gateway_token
+        path = queue.token_file or (settings.gateway_token_file if queue.token is None else "")
+        token_file = None
+        if path:
+            token_files = {} if token_files is None else token_files
+            token_file = token_files.get(path) or token_files.setdefault(path, credentials.TokenFile(path))
+        self.auth = credentials.RouteAuth(base, url, headers, token, token_file)
+        self.headers: Dict[str, str] = self.auth.headers
+        self.request_headers = queue.request_headers if queue.request_headers is not None else settings.request_headers
+        self.fairness = (settings.fairness_header, settings.fairness_metadata_key)
+
+    def headers_for(self, request: Request) -> Dict[str, str]:
+        """The route's headers, then the request's own, then the fairness header (llm-d-async)."""
+        if not (request.headers or (self.fairness[0] and request.metadata)):
+            return self.headers
+        return llmd.merge_headers(self.headers, request.headers if self.request_headers else None,
+                                  request.metadata, *self.fairness)
+
+    def path(self, request: Request) -> str:
+        return messages.request_path(request, self.queue_path, self.gateway_path)
+
+    def refresh(self) -> None:
+        if self.auth.refresh():
+            self.headers = self.auth.headers
+
+
+class Plan(NamedTuple):
+    """One dispatch: assignments per worker index; what waits although threads are free,
+    by (queue, reason); requests whose assignment could not be built (a bug: each is
+    answered with an error result); the requests sent that carry an llm-d-async token
+    (their cancel marker is read just before sending)."""
+
+    sends: Dict[int, List[Assignment]]
+    held: Dict[Tuple[str, str], int]
+    failed: List[Tuple[Request, Exception]]
+    tokened: List[Request]
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, metrics_: metrics.Metrics, rng: random.Random) -> None:
+        self.settings = settings
+        self.metrics = metrics_
+        self.rng = rng
+        queues = settings.request_queues
+        self.pick = merge.policy(settings.request_merge_policy, {q.name: q.weight for q in queues},
+                                 {q.name: q.priority for q in queues}, settings.priority_aging)
+        # Gates and limits: each queue's gate, its own in-flight limit, the budget decided last.
+        self.gates = {q.name: settings.gate_of(q) for q in queues}
+        self.queue_limits = {q.name: min(q.max_in_flight or settings.concurrency, settings.concurrency)
+                             for q in queues}
+        self.decisions: Dict[str, gates.Decision] = {}
+        self.gate_reasons: Dict[str, str] = {}   # the last reason logged per queue
+        for name, gate in self.gates.items():
+            self.decisions[name] = gates.decide(gate, {})  # sources not read yet: closed, unless fail_open
+            self.metrics.of(self.metrics.gate_budget, name).set(self.decisions[name].budget)
+        self.held: Dict[Tuple[str, str], int] = {}
+        self.aimd = settings.adaptive
+        self.aimd_state = aimd.start(self.aimd) if self.aimd is not None else None
+        self.token_files: Dict[str, credentials.TokenFile] = {}
+        self.routes: Dict[str, Route] = {q.name: Route(q, settings, self.token_files) for q in queues}
+        self.default_route = Route(QueueConfig(""), settings, self.token_files)
+        self.token_check = Timer(TOKEN_CHECK_SECONDS)
+        self.gateway_failures_logged: set = set()   # origins whose first failure was logged
+        self.tracing = tracing.load(settings.tracing)   # --tracing; off: no-ops
+
+    # -- gates -------------------------------------------------------------------------------
+    def source_intervals(self) -> Dict[gates.Source, float]:
+        """Every source some gate reads, at the shortest interval any gate wants."""
+        intervals: Dict[gates.Source, float] = {}
+        for gate in self.gates.values():
+            for source, interval in gates.sources(gate).items():
+                intervals[source] = min(interval, intervals.get(source, interval))
+        return intervals
+
+    def decide_gates(self, readings: Mapping[gates.Source, gates.Reading]) -> None:
+        """Decide every queue's budget again from the latest readings."""
+        for queue, gate in self.gates.items():
+            decision = gates.decide(gate, readings)
+            self.decisions[queue] = decision
+            self.metrics.of(self.metrics.gate_budget, queue).set(decision.budget)
+            self.metrics.of(self.metrics.gate_decisions, queue, decision.reason).inc()
+            if self.gate_reasons.get(queue) != decision.reason:
+                self.gate_reasons[queue] = decision.reason
+                if decision.reason.startswith("failed"):
+                    log.warning("gate of %s: reading failed (%s); %s", queue, decision.detail,
+                                "dispatching as if open" if decision.budget else "holding dispatch")
+                else:
+                    log.info("gate of %s: %s (budget %.2f)", queue, decision.reason, decision.budget)
+
+    def limit(self, queue: str) -> int:
+        """How many of `queue`'s requests may be in flight: its limit scaled by its gate's budget."""
+        limit = self.queue_limits.get(queue, self.settings.concurrency)
+        decision = self.decisions.get(queue)
+        return limit if decision is None else gates.allowed_in_flight(decision.budget, limit)
+
+    # -- the plan ----------------------------------------------------------------------------
+    def plan(self, ledger: Ledger, free: Dict[int, int], now: float) -> Plan:
+        """Fill `free` worker threads (worker index -> free threads) from the ledger's waiting
+        requests, as far as gates, queue limits and the adaptive limit let each queue. What
+        is planned is taken from the waiting lines and marked assigned in the ledger."""
+        free = dict(free)
+        waiting = ledger.waiting_by_queue
+        room = {q: self.limit(q) - ledger.assigned_in(q) for q, w in waiting.items() if w}
+        view = {q: waiting[q] for q, r in room.items() if r > 0}
+        total_room = (self.aimd_state.in_flight - ledger.count(State.ASSIGNED)
+                      if self.aimd_state is not None else None)
+        sends: Dict[int, List[Assignment]] = {}
+        failed: List[Tuple[Request, Exception]] = []
+        tokened: List[Request] = []
+        while free and view and (total_room is None or total_room > 0):
+            index = max(free, key=free.__getitem__)
+            if free[index] <= 0:
+                break
+            queue = self.pick(view, self.rng, now)
+            if queue is None:
+                break
+            request = ledger.take(queue)
+            ledger.assign(request.key, index, now)
+            try:
+                sends.setdefault(index, []).append(self.assignment(request))
+                if request.token:
+                    tokened.append(request)
+            except Exception as exc:  # one request's bug costs that request, not the loop
+                failed.append((request, exc))
+            if request.attempts == 0 and request.last_error is None:
+                self.metrics.of(self.metrics.residence, request.queue).observe(max(now - request.received_at, 0.0))
+            free[index] -= 1
+            room[queue] -= 1
+            if room[queue] <= 0 or not waiting[queue]:
+                del view[queue]
+            if total_room is not None:
+                total_room -= 1
+        self.held = self._held(waiting, room, total_room, any(n > 0 for n in free.values()))
+        return Plan(sends, self.held, failed, tokened)
+
+    def assignment(self, request: Request) -> Assignment:
+        route = self.routes.get(request.queue, self.default_route)
+        s = self.settings
+        return Assignment(request.key, route.origin, route.path(request), orjson.dumps(request.payload),
+                          self.tracing.attempt_started(request, route.headers_for(request)), request.deadline,
+                          s.connect_timeout, s.request_timeout, s.max_response_bytes)
+
+    def _held(self, waiting, room: Dict[str, int], total_room: Optional[int],
+              threads_free: bool) -> Dict[Tuple[str, str], int]:
+        """What waits although worker threads are free, and why (for the held-back gauge)."""
+        held: Dict[Tuple[str, str], int] = {}
+        if threads_free:
+            for queue, lined in waiting.items():
+                if not lined:
+                    continue
+                if room.get(queue, 1) <= 0:
+                    decision = self.decisions.get(queue)
+                    reason = "gate" if decision is not None and decision.budget < 1 else "queue_limit"
+                elif total_room is not None and total_room <= 0:
+                    reason = "adaptive"
+                else:
+                    continue
+                held[(queue, reason)] = len(lined)
+        return held
+
+    # -- learning ----------------------------------------------------------------------------
+    def learn(self, request: Request, outcome: Outcome, dispatched_at: float, now: float) -> None:
+        """What one outcome says about the gateway: latency, sheds, the adaptive limit, and
+        the first failure per gateway (logged once, at ERROR). An attempt aborted because
+        its request was cancelled says nothing about the gateway."""
+        if outcome.kind is Kind.CANCELLED:
+            self.metrics.of(self.metrics.aborted, request.queue).inc()
+            return
+        if outcome.kind is not Kind.EXPIRED:
+            self.metrics.of(self.metrics.gateway_latency, request.queue).observe(outcome.elapsed)
+        if outcome.kind is Kind.SHED:
+            self.metrics.of(self.metrics.shed, request.queue).inc()
+        self._note_gateway(request, outcome)
+        if self.aimd_state is not None and outcome.kind is not Kind.EXPIRED:
+            self.aimd_state = aimd.adapt(self.aimd_state, self.aimd, outcome.status, outcome.kind is Kind.OK,
+                                         outcome.elapsed, dispatched_at, now)
+
+    def _note_gateway(self, request: Request, outcome: Outcome) -> None:
+        """The first failed connection (or refused credentials) per gateway: why, once, at ERROR."""
+        failed = (outcome.kind is Kind.RETRY and outcome.status is None) or outcome.status in (401, 403)
+        if not failed:
+            return
+        origin = self.routes.get(request.queue, self.default_route).origin
+        if origin in self.gateway_failures_logged:
+            return
+        self.gateway_failures_logged.add(origin)
+        reason = outcome.describe()
+        log.error("gateway %s: %s (%s); id=%s", redact.url(origin),
+                  redact.cause(reason if outcome.status is None else f"HTTP {outcome.status}"), reason,
+                  request.key, extra={"id": request.id})
+
+    def refresh_tokens(self, now: float) -> None:
+        """Token files are checked once a second (a stat each); a new token goes into the
+        headers of every later assignment."""
+        if not self.token_files or not self.token_check.every(now):
+            return
+        if any([f.changed() for f in self.token_files.values()]):
+            for route in (*self.routes.values(), self.default_route):
+                route.refresh()

@@ -1,0 +1,366 @@
+"""The supervisor's parts driven in this process: the memory transport, a fake pool and a
+fake clock. Dispatch, gates, adaptive concurrency, retries, drain, outages, cancellation
+and a bug in the loop, each in milliseconds and without wall-clock windows."""
+import json
+import signal
+
+from asyncproc.ledger import State
+from asyncproc.outcomes import Kind, Outcome
+from asyncproc.supervisor import RECONNECT_MIN, Lifecycle
+from tests.inprocess.fakes import Rig
+
+
+def answered(rig, ids):
+    return lambda: set(ids) <= set(rig.transport.result_ids())
+
+
+def exactly_once(rig, ids):
+    written = rig.transport.result_ids()
+    assert sorted(written, key=str) == sorted(ids, key=str), "each id answered exactly once"
+
+
+def test_every_request_is_answered_once_within_concurrency():
+    rig = Rig("--concurrency", "8")
+    ids = list(range(100))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert all(r["payload"] == {"ok": True} and r["attempts"] == 1 for r in rig.results().values())
+    assert rig.pool.max_in_flight == 8
+    assert len(rig.transport.settled) == 100 and not rig.sup.ledger
+
+
+def test_a_retried_request_succeeds_with_its_attempts_counted():
+    calls = {}
+
+    def flaky(job, now):
+        calls[job.key] = calls.get(job.key, 0) + 1
+        if calls[job.key] < 3:
+            return Outcome(Kind.RETRY, 503, b"", "HTTP 503", elapsed=0.01), 0.01
+        return Outcome(Kind.OK, 200, b'"done"', elapsed=0.01), 0.01
+
+    rig = Rig("--retry-base-delay", "0.5", gateway=flaky)
+    rig.request("r")
+    rig.run_until(answered(rig, ["r"]))
+    result = rig.results()["r"]
+    assert result["payload"] == "done" and result["attempts"] == 3
+    assert rig.metric(rig.sup.metrics.retries, "batch-queue", "retry") == 2
+
+
+def test_retries_stop_at_the_deadline():
+    def down(job, now):
+        return Outcome(Kind.RETRY, None, None, "connection refused", elapsed=0.01), 0.01
+
+    rig = Rig("--retry-base-delay", "1", "--retry-max-delay", "2", gateway=down)
+    start = rig.clock()
+    rig.request("late", deadline_in=20)
+    rig.run_until(answered(rig, ["late"]))
+    result = rig.results()["late"]
+    assert "deadline exceeded" in result["error"] and result["attempts"] > 3
+    assert rig.clock() - start <= 22
+
+
+def test_a_closed_gate_holds_everything_back_and_says_why():
+    rig = Rig("--gate", json.dumps({"type": "constant", "budget": 0}))
+    for i in range(5):
+        rig.request(i)
+    rig.run_until(lambda: rig.sup.ledger.count(State.WAITING) == 5, seconds=5)
+    rig.clock.advance(1)
+    rig.sup.tick()
+    assert rig.pool.sent == [] and rig.transport.result_ids() == []
+    assert rig.metric(rig.sup.metrics.held_back, "batch-queue", "gate") == 5
+
+
+def test_a_half_open_gate_halves_what_is_in_flight():
+    rig = Rig("--concurrency", "8", "--gate", json.dumps({"type": "constant", "budget": 0.5}))
+    ids = list(range(40))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    assert rig.pool.max_in_flight == 4
+    exactly_once(rig, ids)
+
+
+def test_adaptive_concurrency_finds_the_gateways_capacity():
+    capacity = 5
+    rig = None
+
+    def limited(job, now):
+        if rig.pool.in_flight() >= capacity:
+            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.2), 0.2
+
+    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.1",
+              gateway=limited)
+    ids = list(range(300))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    limit = rig.sup.dispatcher.aimd_state.in_flight
+    assert 1 <= limit <= 2 * capacity, limit
+    assert rig.metric(rig.sup.metrics.shed, "batch-queue") < 100  # it learnt: most went through
+
+
+def test_drain_finishes_in_flight_and_puts_back_the_rest():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=5), 5
+
+    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "30", gateway=slow)
+    ids = list(range(20))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 4)
+    rig.signal(signal.SIGTERM)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    put_back = {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set}
+    assert len(rig.transport.result_ids()) == 4 and len(put_back) == 16
+    assert set(rig.transport.result_ids()) | put_back == set(ids)
+
+
+def test_a_drain_out_of_time_puts_back_what_is_in_flight():
+    def hung(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=1000), 1000
+
+    rig = Rig("--concurrency", "2", "--shutdown-grace-period", "3", gateway=hung)
+    rig.request("a")
+    rig.request("b")
+    rig.run_until(lambda: rig.pool.in_flight() == 2)
+    start = rig.clock()
+    rig.signal(signal.SIGINT)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    assert 3 <= rig.clock() - start < 5
+    assert {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set} == {"a", "b"}
+    assert rig.transport.result_ids() == []
+
+
+def test_an_outage_keeps_results_until_the_queue_system_is_back():
+    rig = Rig()
+    rig.request("x")
+    rig.run_until(lambda: rig.pool.in_flight() == 1)
+    rig.transport.down = True
+    rig.run_until(lambda: rig.sup.outage and rig.sup.books.outbox)
+    rig.run_until(lambda: rig.sup.reconnect_delay > 4 * RECONNECT_MIN)  # it backs off while down
+    assert rig.transport.result_ids() == [] and not rig.sup.health.ready
+    rig.transport.down = False
+    rig.run_until(answered(rig, ["x"]))
+    exactly_once(rig, ["x"])
+    assert not rig.sup.outage and rig.sup.reconnect_delay == RECONNECT_MIN
+
+
+def test_cancelling_answers_waiting_requests_and_aborts_dispatched_ones():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=10), 10
+
+    rig = Rig("--concurrency", "1", "--intake-buffer", "4", workers=1, gateway=slow)
+    for i in ("a", "b", "c"):
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 1 and rig.sup.ledger.count(State.WAITING) == 2)
+    cancelled_at = rig.clock()
+    rig.transport.cancel(ids=["a", "b", "c"])
+    rig.run_until(answered(rig, ["a", "b", "c"]))
+    assert rig.clock() - cancelled_at < 2  # not the dispatched one's 10 s
+    results = rig.results()
+    assert all(results[i]["error"] == "cancelled" for i in "abc")
+    assert len(rig.pool.sent) == 1  # the waiting ones never dispatched, the aborted one never retried
+
+
+def test_a_dead_worker_s_requests_are_dispatched_again():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=2), 2
+
+    rig = Rig("--concurrency", "4", gateway=slow)
+    ids = list(range(8))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 4)
+    rig.pool.handles[0].dead = True
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert rig.pool.restarts == 1 and rig.metric(rig.sup.metrics.worker_restarts) == 1
+
+
+def test_a_bug_in_the_loop_puts_back_flushes_and_exits_non_zero():
+    rig = Rig("--concurrency", "2", start=False)
+    for i in range(5):
+        rig.request(i)
+    original = rig.pool.send_jobs
+
+    def send_then_fail(handle, jobs):
+        rig.pool.fail = RuntimeError("a bug")
+        return original(handle, jobs)
+
+    rig.pool.send_jobs = send_then_fail
+    assert rig.sup.run() == 1
+    put_back = {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set}
+    queued = {json.loads(raw)["id"] for raw in rig.transport.queues["batch-queue"]}
+    assert len(put_back) == 4 and put_back | queued == set(range(5))  # capacity 4: one never taken
+    assert rig.sup.state is Lifecycle.STOPPED and not rig.sup.books.outbox
+
+
+def test_a_second_sigint_stops_at_once_and_still_puts_back():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=5), 5
+
+    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "60", gateway=slow)
+    ids = list(range(20))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: rig.pool.in_flight() == 4)
+    began = rig.clock()
+    rig.signal(signal.SIGINT)
+    rig.sup.tick()
+    assert rig.sup.state is Lifecycle.DRAINING and not rig.sup.health.ready
+    rig.signal(signal.SIGINT)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    assert rig.clock() - began < 5  # not the 60 s grace, nor the 5 s requests
+    assert {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set} == set(ids)
+    assert rig.transport.result_ids() == []
+
+
+def test_adaptive_concurrency_keeps_about_what_the_gateway_serves():
+    """The gateway serves 6 at once and sheds the rest; 32 may be in flight, but the limit
+    learns to stay near 6, with few sheds."""
+    n, capacity = 300, 6
+    rig, limits = None, []
+
+    def limited(job, now):
+        limits.append(rig.sup.dispatcher.aimd_state.in_flight)
+        if rig.pool.in_flight() >= capacity:
+            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.1), 0.1
+
+    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.05",
+              "--retry-max-delay", "0.2", "--intake-buffer", "300", gateway=limited)
+    assert rig.sup.dispatcher.aimd_state.in_flight == 1
+    ids = list(range(n))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    later = limits[len(limits) // 3:]
+    assert 0.6 * capacity <= sum(later) / len(later) <= 1.4 * capacity, limits
+    assert rig.metric(rig.sup.metrics.shed, "batch-queue") <= 0.1 * n
+
+
+def test_priority_merge_and_a_per_queue_in_flight_limit(tmp_path):
+    """urgent goes first; bulk never has more than its max_in_flight (1) at the gateway."""
+    queues = tmp_path / "queues.json"
+    queues.write_text(json.dumps({"queues": [
+        {"name": "urgent", "priority": 1}, {"name": "bulk", "priority": 0, "max_in_flight": 1}]}))
+    rig, bulk_peak = None, [0]
+
+    def gateway(job, now):
+        if job.key.startswith('"b'):
+            bulk = sum(1 for h in rig.pool.handles for _, key, _ in h.pending if key.startswith('"b'))
+            bulk_peak[0] = max(bulk_peak[0], bulk + 1)
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.05), 0.05
+
+    rig = Rig("--concurrency", "4", "--queues-file", str(queues), "--request-merge-policy", "priority",
+              "--intake-buffer", "100", gateway=gateway, start=False)
+    for i in range(30):
+        rig.request(f"b{i}", queue="bulk")
+        rig.request(f"u{i}", queue="urgent")
+    rig.sup.start()
+    rig.run_until(lambda: rig.sup.ledger.count(State.WAITING) < 60 and rig.metric(
+        rig.sup.metrics.held_back, "bulk", "queue_limit") > 0, seconds=5)
+    ids = [f"b{i}" for i in range(30)] + [f"u{i}" for i in range(30)]
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    order = [job.key.strip('"') for job in rig.pool.sent]
+    last_urgent = max(n for n, rid in enumerate(order) if rid.startswith("u"))
+    assert bulk_peak[0] == 1
+    assert sum(1 for rid in order[:last_urgent] if rid.startswith("b")) <= 1
+
+
+def test_earliest_deadline_first_inside_a_queue():
+    rig = Rig("--concurrency", "1", "--dispatch-order", "deadline", "--intake-buffer", "20", workers=1, start=False)
+    deadlines = {f"d{i}": 600 + (i * 7) % 20 * 10 for i in range(20)}   # shuffled deadlines
+    for rid, deadline_in in deadlines.items():
+        rig.request(rid, deadline_in=deadline_in)
+    rig.sup.start()
+    rig.run_until(answered(rig, deadlines))
+    assert [job.key.strip('"') for job in rig.pool.sent] == sorted(deadlines, key=deadlines.get)
+
+
+def test_max_attempts():
+    def failing(job, now):
+        return Outcome(Kind.RETRY, 500, b"", "HTTP 500", elapsed=0.01), 0.01
+
+    rig = Rig("--max-attempts", "2", "--retry-base-delay", "0.05", "--retry-max-delay", "0.05", gateway=failing)
+    rig.request("m")
+    rig.run_until(answered(rig, ["m"]))
+    assert rig.results()["m"]["error"] == "max attempts (2) reached (last failure: HTTP 500)"
+    assert len(rig.pool.sent) == 2
+
+
+def test_a_worker_holding_an_attempt_past_its_budget_is_replaced():
+    rig = None
+
+    def hangs_once(job, now):
+        if len(rig.pool.sent) == 0:  # the first attempt never ends (a hung worker)
+            return Outcome(Kind.OK, 200, b"{}", elapsed=1e6), 1e6
+        return Outcome(Kind.OK, 200, b'"second"', elapsed=0.1), 0.1
+
+    rig = Rig("--request-timeout", "2", workers=1, gateway=hangs_once)
+    rig.request("h")
+    rig.run_until(answered(rig, ["h"]), seconds=30)
+    result = rig.results()["h"]
+    assert result["payload"] == "second" and result["attempts"] == 2  # the hung attempt counted
+    assert rig.pool.restarts == 1
+
+
+def test_workers_are_recycled_after_max_requests_without_loss():
+    rig = Rig("--concurrency", "2", "--worker-max-requests", "5")
+    ids = list(range(30))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert rig.pool.restarts >= 4
+
+
+def test_pubsub_overflow_is_staged_in_the_retry_set_not_held():
+    rig = Rig("--concurrency", "2", "--intake-buffer", "3", start=False)
+    rig.transport.must_drain = True  # pub/sub: what is not taken now is lost, so all is read
+    ids = list(range(50))
+    for i in ids:
+        rig.request(i)
+    rig.sup.start()
+    rig.sup.tick()
+    assert len(rig.sup.ledger) <= 5 and len(rig.transport.retry_set) >= 45
+    assert rig.metric(rig.sup.metrics.staged, "batch-queue") >= 45
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+
+
+def test_a_gate_whose_source_fails_holds_dispatch_unless_it_fails_open():
+    from tests.harness import free_port
+
+    source = {"type": "redis", "key": "k", "url": f"redis://127.0.0.1:{free_port()}/0", "interval": 0.2}
+    closed = Rig("--gate", json.dumps(source))
+    closed.request("c")
+    closed.run_until(lambda: closed.metric(closed.sup.metrics.gate_decisions, "batch-queue", "failed-closed") >= 3)
+    assert closed.pool.sent == [] and closed.metric(closed.sup.metrics.held_back, "batch-queue", "gate") == 1
+    assert sum(m.samples[0].value for m in closed.sup.metrics.gate_errors.collect() if m.samples) >= 3
+    opened = Rig("--gate", json.dumps({**source, "fail_open": True}))
+    opened.request("o")
+    opened.run_until(answered(opened, ["o"]))
+    assert opened.metric(opened.sup.metrics.gate_decisions, "batch-queue", "failed-open") >= 1
+
+
+def test_results_are_written_while_a_claim_keeps_failing():
+    def slow(job, now):
+        return Outcome(Kind.OK, 200, b"{}", elapsed=1), 1
+
+    rig = Rig(gateway=slow)
+    rig.request("a")
+    rig.run_until(lambda: rig.pool.in_flight() == 1)
+    rig.transport.refuse_claims = True
+    rig.request("b")
+    rig.run_until(answered(rig, ["a"]), seconds=60)
+    assert [item.id for item, _ in rig.sup.books.unclaimed] == ["b"]  # read, held unclaimed
+    rig.transport.refuse_claims = False
+    rig.run_until(answered(rig, ["a", "b"]), seconds=60)
+    exactly_once(rig, ["a", "b"])
