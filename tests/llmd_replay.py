@@ -119,10 +119,17 @@ class Producer:
         pipe.execute()
         return token
 
-    def cancel(self, ids: List[str]) -> None:
-        """CancelRequests: one script call per id."""
+    def cancel(self, ids: List[str], cluster: bool = False) -> None:
+        """CancelRequests: one script call per id; on a cluster (the newer producer's
+        single-key writes, the two markers being in different slots) GET then SET."""
         for rid in ids:
-            if rid:
+            if not rid:
+                continue
+            if cluster:
+                active = self.client.get(f"request-active:{rid}")
+                if active is not None:
+                    self.client.set(f"request-cancel:{rid}", active, ex=CANCEL_TTL)
+            else:
                 self._cancel(keys=[f"request-active:{rid}", f"request-cancel:{rid}"], args=[CANCEL_TTL])
 
     def get_result(self, timeout: float = 30.0, queue: Optional[str] = None) -> Dict:
