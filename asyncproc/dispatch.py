@@ -125,6 +125,8 @@ class Dispatcher:
             decision = gates.decide(gate, readings, now, taken, own, self.loads)
             self.decisions[queue] = decision
             self.metrics.of(self.metrics.gate_budget, queue).set(decision.budget)
+            if decision.slots is not None:
+                self.metrics.of(self.metrics.gate_slots, queue).set(decision.slots)
             self.metrics.of(self.metrics.gate_decisions, queue, decision.reason).inc()
             if self.gate_reasons.get(queue) != decision.reason:
                 self.gate_reasons[queue] = decision.reason

@@ -123,8 +123,8 @@ class VllmGate(Leaf):
 
     pages: Tuple[Scrape, ...]     # one /metrics page per pod
     capacity: float               # requests one pod serves at once (its --max-num-seqs, or less)
-    beta: float = 1.0             # headroom: keep R + beta x sqrt(R) slots for an online load R
-    window: float = 2.0           # seconds: time constant of the online-load estimate
+    beta: float = 0.25            # headroom: keep R + beta x sqrt(R) slots for an online load R
+    window: float = 1.0           # seconds: time constant of the online-load estimate
     kv_cache_limit: float = 0.9   # at or above this KV-cache usage on any pod, asyncproc takes no more
     max_age: float = 3.0          # seconds: an older reading is a failed one
 

@@ -380,7 +380,7 @@ def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_reque
                 Sample("vllm:num_requests_waiting", (("model_name", "m"),), float(pod["waiting"])))
 
     served = lambda job, now: (Outcome(Kind.OK, 200, b'{"ok": true}', elapsed=0.2), 0.2)  # noqa: E731
-    gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1}
+    gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1, "beta": 1}
     rig = Rig("--concurrency", "8", "--intake-buffer", "200", "--gate", json.dumps(gate), gateway=served, start=False)
     rig.sup.sources.read = metrics_page
     rig.sup.start()
@@ -388,7 +388,7 @@ def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_reque
     for i in ids:
         rig.request(i)
     rig.run_until(lambda: len(rig.transport.result_ids()) >= 50)
-    assert rig.pool.max_in_flight == 2
+    assert rig.pool.max_in_flight == 2 and rig.metric(rig.sup.metrics.gate_slots, "batch-queue") == 2
     pod["waiting"] = 1
     rig.run_until(lambda: rig.metric(rig.sup.metrics.gate_decisions, "batch-queue", "closed") >= 1)
     sent, until = len(rig.pool.sent), rig.clock() + 5

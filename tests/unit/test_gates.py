@@ -196,7 +196,8 @@ POD_B = "http://pod-b:8000/metrics"
 
 
 def vllm(**extra):
-    doc = {"type": "vllm", "url": VLLM, "capacity": 8}
+    """A vllm gate of one pod of 8 slots; beta 1 and a 2 s window unless a test says (round numbers)."""
+    doc = {"type": "vllm", "url": VLLM, "capacity": 8, "beta": 1, "window": 2}
     doc.update(extra)
     return gates.parse(doc, D)
 
@@ -227,9 +228,10 @@ def test_bad_vllm_gates_are_errors_naming_the_problem(doc, problem):
 
 
 def test_vllm_gate_defaults_need_only_url_and_capacity():
-    gate = vllm(url=[VLLM, POD_B])
+    gate = gates.parse({"type": "vllm", "url": [VLLM, POD_B], "capacity": 8}, D)
     assert gate.pages == (gates.Scrape(VLLM, 0.25), gates.Scrape(POD_B, 0.25))
     assert (gate.capacity, gate.interval, gate.fail_open, gate.max_age) == (8, 1.0, False, 3.0)
+    assert (gate.beta, gate.window, gate.kv_cache_limit) == (0.25, 1.0, 0.9)
     assert gates.sources(gate) == {gates.Scrape(VLLM, 0.25): 1.0, gates.Scrape(POD_B, 0.25): 1.0}
     assert vllm(interval=2).max_age == 6.0   # three intervals when longer than the default
 
@@ -327,7 +329,7 @@ def test_allowed_in_flight_within_slots(budget, limit, slots, allowed):
 
 
 def test_min_gate_with_a_vllm_gate_takes_the_fewest_slots_and_the_smallest_budget():
-    gate = gates.parse({"type": "min", "gates": [{"type": "vllm", "url": VLLM, "capacity": 8},
+    gate = gates.parse({"type": "min", "gates": [{"type": "vllm", "url": VLLM, "capacity": 8, "beta": 1},
                                                  {"type": "redis", "key": "a"}]}, D)
     pool, key = gate.gates[0].pages, gate.gates[1].source
     readings = {pool[0]: vllm_page(4), key: 0.5}
