@@ -21,7 +21,7 @@ from asyncproc.config import Settings
 from asyncproc.ledger import Entry, Ledger, State
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Kind, Outcome
-from asyncproc.transports import Delivery, Transport, TransportError, Writes
+from asyncproc.transports import Delivery, Transport, TransportError, Unconfirmed, Writes
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -299,6 +299,8 @@ class Books:
         (over proto-max-bulk-len, ...): write the items one at a time and replace each one
         refused on its own by an error result (a dead letter: dropped, logged). None when
         everything is written; `failure` when even a small write fails (an outage)."""
+        if isinstance(failure, Unconfirmed):  # written, not yet on enough replicas: wait
+            return failure
         try:
             transport.ping()
         except TransportError:

@@ -60,10 +60,11 @@ def _http_url(v: str) -> Optional[str]:
 
 def _redis_url(v: str) -> Optional[str]:
     try:
-        ok = urlsplit(v).scheme in ("redis", "rediss", "unix")
+        ok = urlsplit(v).scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
     except ValueError:
         ok = False
-    return None if ok else f"must be a redis://, rediss:// or unix:// URL (got {redact.url(v)!r})"
+    return None if ok else (f"must be a redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+                            f" URL (got {redact.url(v)!r})")
 
 
 def _readable_file(v: str) -> Optional[str]:
@@ -176,7 +177,15 @@ OPTIONS: Tuple[Option, ...] = (
            " (Google Cloud Pub/Sub; the gcp extra)",
            choices=TRANSPORTS),
     Option("--redis-url", str, "redis://localhost:6379/0",
-           "Redis URL (redis://, rediss://, unix://); REDIS_URL is honoured too", _redis_url),
+           "Redis URL (redis://, rediss://, unix://; redis+cluster:// or rediss+cluster:// for a Redis"
+           " Cluster, seed nodes host:port[,host:port...]); REDIS_URL is honoured too", _redis_url),
+    Option("--redis.cluster", parse_bool, False,
+           "--redis-url names a seed node of a Redis Cluster (as redis+cluster:// does) (true|false)"),
+    Option("--redis.wait-replicas", int, 0,
+           "WAIT until this many replicas have each claim, result, retry and acknowledgement; a"
+           " write they do not confirm in --redis.wait-timeout is repeated; 0 = do not wait", _at_least(0)),
+    Option("--redis.wait-timeout", float, 2.0, "seconds --redis.wait-replicas waits for the replicas",
+           _above(0)),
     Option("--redis.request-queue-name", str, None,
            "request queue (channel, sorted set or stream); give it several times to consume several"
            " (default batch-queue)",
@@ -450,6 +459,9 @@ class Settings:
     gateway_tls: TlsFiles = TlsFiles()
     redis_auth: RedisAuth = RedisAuth()
     max_response_bytes: int = 64 * 1024 * 1024
+    redis_cluster: bool = False
+    wait_replicas: int = 0
+    wait_timeout: float = 2.0
 
     def message_limits(self) -> messages.Limits:
         """What every request message is checked against (README: Bad input)."""
@@ -494,7 +506,10 @@ def parse_args(
                 raise ConfigError(f"{opt.flag}: {problem}")
     gcp = ns.message_queue_impl == "gcp-pubsub"
     flag_names = _dedupe((ns.gcp_subscription if gcp else ns.redis_request_queue_name) or [])
-    gate_defaults = gates.Defaults(ns.redis_url, ns.gate_interval, ns.gate_timeout)
+    gate_url = ns.redis_url  # a Redis gate on --redis-url's server: a cluster client there too
+    if ns.redis_cluster and urlsplit(gate_url).scheme in ("redis", "rediss"):
+        gate_url = gate_url.replace("://", "+cluster://", 1)
+    gate_defaults = gates.Defaults(gate_url, ns.gate_interval, ns.gate_timeout)
     default_gate = gates.OPEN
     if ns.gate.strip():
         try:
@@ -530,7 +545,8 @@ def parse_args(
     redis_auth = RedisAuth(ns.redis_username, ns.redis_password, ns.redis_password_file,
                            TlsFiles(ns.redis_ca_file, ns.redis_client_cert, ns.redis_client_key))
     check_tls(redis_auth.tls, "--redis")
-    if redis_auth.tls.configured and not ns.redis_url.startswith("rediss://"):
+    cluster = check_cluster(ns, queues)
+    if redis_auth.tls.configured and not ns.redis_url.startswith(("rediss://", "rediss+cluster://")):
         raise ConfigError("--redis-ca-file/--redis-client-cert: need a rediss:// --redis-url")
     token_file = ns.gateway_token_file
     check_token_file(token_file, "--gateway-token-file")
@@ -598,8 +614,40 @@ def parse_args(
         gateway_tls=gateway_tls,
         redis_auth=redis_auth,
         max_response_bytes=ns.max_response_bytes,
+        redis_cluster=cluster,
+        wait_replicas=ns.redis_wait_replicas,
+        wait_timeout=ns.redis_wait_timeout,
     )
     return settings, ns
+
+
+def check_cluster(ns, queues) -> bool:
+    """Whether --redis-url is a Redis Cluster; if it is, refuse what cannot run there."""
+    from asyncproc.transports.keys import slot_problem
+
+    scheme = urlsplit(ns.redis_url).scheme
+    cluster = ns.redis_cluster or scheme.endswith("+cluster")
+    if not cluster or ns.message_queue_impl == "gcp-pubsub":
+        return False
+    if scheme == "unix":
+        raise ConfigError("--redis.cluster: a Redis Cluster is reached over TCP (redis+cluster://host:port),"
+                          " not a unix:// socket")
+    if urlsplit(ns.redis_url).path.strip("/") not in ("", "0"):
+        raise ConfigError("--redis-url: a Redis Cluster has only database 0")
+    if ns.message_queue_impl == "redis-pubsub":
+        raise ConfigError("--message-queue-impl: redis-pubsub does not run on a Redis Cluster (a PUBLISH there"
+                          " goes to every node, and asyncproc does not use sharded pub/sub); use"
+                          " redis-streams or redis-sortedset")
+    problem = slot_problem(ns.redis_key_prefix, "q")
+    if problem:
+        raise ConfigError(f"--redis.key-prefix: {problem}")
+    named = [("--redis.request-queue-name", q.name) for q in queues]
+    named += [("--redis.result-queue-name", ns.redis_result_queue_name)]
+    for flag, name in named:
+        problem = slot_problem(ns.redis_key_prefix, name)
+        if problem:
+            raise ConfigError(f"{flag}: {problem}")
+    return True
 
 
 def check_tls(tls: TlsFiles, prefix: str) -> None:

@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from asyncproc import redact
 from asyncproc.credentials import basic_auth
 from asyncproc.gates import Failed, PromQuery, Reading, RedisKey, Sample, Scrape, Source
+from asyncproc.transports.base import TransportError
+from asyncproc.transports.redisbase import ERRORS as REDIS_ERRORS
 from asyncproc.transports.redisbase import make_client
 
 log = logging.getLogger("asyncproc.gates")
@@ -73,7 +75,7 @@ class Sources:
             if isinstance(source, Scrape):
                 return self._scrape(source)
             return self._query(source)
-        except (redis.RedisError, urllib3.exceptions.HTTPError, OSError) as exc:
+        except (*REDIS_ERRORS, TransportError, urllib3.exceptions.HTTPError) as exc:
             return Failed(_clean(f"{type(exc).__name__}: {exc}"))
         except Exception as exc:  # a surprise costs a reading (logged, counted), not the loop
             log.exception("gate source %s: unexpected error", describe(source))

@@ -169,8 +169,10 @@ def parse(doc: Any, defaults: Defaults, where: str = "gate") -> Gate:
     if kind == "redis":
         key = _string(doc.get("key"), f"{where}.key")
         url = doc.get("url", defaults.redis_url)
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise GateError(f"{where}.url: must be a redis://, rediss:// or unix:// URL")
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                                                          "rediss+cluster://")):
+            raise GateError(f"{where}.url: must be a redis://, rediss://, unix://, redis+cluster:// or"
+                            " rediss+cluster:// URL")
         return RedisGate(interval, fail_open, RedisKey(url, key, timeout))
     if kind == "prometheus-query":
         url = _http(doc.get("url"), f"{where}.url")

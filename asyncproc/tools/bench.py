@@ -552,6 +552,9 @@ def main(argv=None) -> int:
                         help="--online: comma-separated words; only the phases naming one (and no batch) run")
     parser.add_argument("--full-surge", action="store_true",
                         help="--online: one more phase, the vllm gate with the surge at 100%% of capacity")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead of the scenarios: 1, 2, 3 replicas on a 3-master Redis Cluster and on one Redis")
+    parser.add_argument("--replicas", default="1,2,3", help="--cluster: the replica counts")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the processes a run started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -561,6 +564,11 @@ def main(argv=None) -> int:
         return 2
     print(f"# {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python "
           f"{sys.version.split()[0]}; gw alone = the stand-in gateway's own rate at the same concurrency")
+    if args.cluster:
+        from asyncproc.tools import bench_cluster
+
+        return bench_cluster.main(redis_server, args.messages or 6000, args.concurrency or 16,
+                                  [int(x) for x in args.replicas.split(",")], args.json)
     if args.online:
         o = ONLINE[args.online_scenario]
         changes = {"seconds": args.online_seconds, "reserved": args.reserved, "concurrency": args.concurrency or None,

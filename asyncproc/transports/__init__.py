@@ -8,6 +8,7 @@ from asyncproc.transports.base import (
     ResultReader,
     Transport,
     TransportError,
+    Unconfirmed,
     Writes,
 )
 
@@ -46,5 +47,5 @@ def open_producer(settings, queue: str) -> Producer:
     return PRODUCERS[settings.message_queue_impl](settings, queue)
 
 
-__all__ = ["Delivery", "Producer", "ProducerError", "ResultReader", "Transport", "TransportError", "Writes",
-           "open_producer", "open_transport"]
+__all__ = ["Delivery", "Producer", "ProducerError", "ResultReader", "Transport", "TransportError", "Unconfirmed",
+           "Writes", "open_producer", "open_transport"]

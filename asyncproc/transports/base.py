@@ -16,6 +16,11 @@ class TransportError(Exception):
     """The queue system is unreachable or refused an operation; the caller retries later."""
 
 
+class Unconfirmed(TransportError):
+    """Written, but fewer replicas than asked confirmed it (--redis.wait-replicas): no item
+    is at fault, so the whole write waits and is repeated (repeats are deduplicated)."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One message as the queue handed it over.

@@ -33,3 +33,22 @@ def pubsub_key(prefix: str, result_queue: str, name: str) -> str:
 def pubsub_marker(prefix: str, result_queue: str, kind: str, id_key: str) -> str:
     """redis-pubsub's per-id markers: `claim` (a replica took it) and `done` (answered)."""
     return pubsub_key(prefix, result_queue, f"{kind}:{id_key}")
+
+
+def slot(key: str) -> int:
+    """The Redis Cluster hash slot of `key` (redis-py's CRC16 of its hash tag)."""
+    from redis.crc import key_slot
+
+    return key_slot(key.encode())
+
+
+def slot_problem(prefix: str, name: str) -> str:
+    """Why `name` and asyncproc's keys beside it (leases, state, done markers) would not
+    share one cluster slot, or "" when they do. They do unless braces in the name or the
+    prefix make Redis hash something else than hash_tag() says (`a{}b`, `{}x{y}`)."""
+    if "{" in prefix or "}" in prefix:
+        return "must not contain { or } on a Redis Cluster (the queue's {hash tag} decides a key's slot)"
+    if slot(aux_key(prefix, name, "leases")) != slot(name):
+        return (f"{name!r} and asyncproc's keys for it would hash to different cluster slots; name it"
+                " without braces, or with one non-empty {hash tag}, e.g. '{orders}:requests'")
+    return ""

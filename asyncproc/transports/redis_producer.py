@@ -8,12 +8,11 @@ import time
 from typing import Dict, List, Optional
 
 import orjson
-import redis
 
 from asyncproc import messages, redact
 from asyncproc.transports.base import Producer, ProducerError, ResultReader, TransportError
 from asyncproc.transports.keys import aux_key, cancel_key, pubsub_marker
-from asyncproc.transports.redisbase import make_client
+from asyncproc.transports.redisbase import ERRORS, make_client
 
 CHUNK = 500                          # messages per pipeline round trip
 SOCKET_TIMEOUT = 10.0
@@ -29,14 +28,15 @@ def batches_key(prefix: str) -> str:
 
 
 class RedisProducer(Producer):
-    errors = (redis.RedisError, OSError)
+    errors = (*ERRORS, TransportError)  # TransportError: a cluster client that cannot be made
 
     def __init__(self, settings, queue: str) -> None:
         self.settings = settings
         self.queue = queue
         self.prefix = settings.key_prefix
         self.where = f"redis at {redact.url(settings.redis_url)}"
-        self.redis = make_client(settings.redis_url, settings.redis_auth, timeout=SOCKET_TIMEOUT, keepalive=False)
+        self.redis = make_client(settings.redis_url, settings.redis_auth, timeout=SOCKET_TIMEOUT, keepalive=False,
+                                 cluster=settings.redis_cluster)
 
     # -- what each transport adds ----------------------------------------------------------
     @abc.abstractmethod
@@ -52,8 +52,9 @@ class RedisProducer(Producer):
         for start in range(0, len(requests), CHUNK):
             chunk = requests[start:start + CHUNK]
             pipe = self.redis.pipeline(transaction=False)
-            if forget:
-                pipe.delete(*(key for r in chunk for key in self.markers(messages.id_key(r["id"]))))
+            if forget:  # one key per DEL: a cluster pipeline takes no other
+                for key in (key for r in chunk for key in self.markers(messages.id_key(r["id"]))):
+                    pipe.delete(key)
             for request in chunk:
                 self.enqueue(pipe, orjson.dumps(request), request)
             self.run(pipe.execute)

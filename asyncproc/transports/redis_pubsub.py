@@ -63,7 +63,7 @@ class RedisPubSub(Transport):
         self.channels = settings.queue_names
         self.result_channel = settings.result_queue
         self.dead_letter_key = settings.dead_letter_queue
-        self._client = make_client(settings.redis_url, settings.redis_auth)
+        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
         self._retries = RetrySet(self._client, settings.retry_queue, settings.key_prefix)
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3

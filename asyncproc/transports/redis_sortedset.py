@@ -10,7 +10,17 @@ from typing import Dict, List
 
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
-from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, read_cancellations
+from asyncproc.transports.redisbase import (
+    Replication,
+    Resharding,
+    ResultWriter,
+    by_queue,
+    execute,
+    guarded,
+    make_client,
+    read_cancellations,
+    refresh,
+)
 
 
 def shares(names: List[str], limit: int, start: int) -> List[tuple]:
@@ -26,7 +36,7 @@ class RedisSortedSet(Transport):
     must_drain = False
 
     def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url, settings.redis_auth)
+        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
         self._prefix = settings.key_prefix
         self.lease_seconds = settings.lease_seconds
         self.keep_alive_interval = settings.lease_seconds / 3
@@ -37,9 +47,15 @@ class RedisSortedSet(Transport):
                                     settings.result_dedupe_window)
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
+        self._resharding = Resharding()
+        self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
 
     def connect(self) -> None:
-        guarded(lambda: self.results.preload(self._client))
+        def run() -> None:
+            refresh(self._client)
+            self.results.preload(self._client)
+
+        guarded(run)
 
     def _claim(self, now: float, limit: int, take_new: bool) -> List[Delivery]:
         out: List[Delivery] = []
@@ -47,9 +63,11 @@ class RedisSortedSet(Transport):
         for queue, share in shares(list(self.sets), limit, self._turn):
             if share <= 0:
                 continue
-            pairs = guarded(lambda q=queue, n=share: self.sets[q].claim(
+            pairs = self._resharding.claim(queue, lambda q=queue, n=share: self.sets[q].claim(
                 self._client, now, now + self.lease_seconds, n, take_new))
             out.extend(Delivery(member, queue, token=member, state=state) for member, state in pairs)
+        if out:  # a claim a failover loses only hands its work out twice: not strict
+            guarded(lambda: self._replication.confirm({d.queue for d in out}, strict=False))
         return out
 
     def receive(self, limit: int) -> List[Delivery]:
@@ -66,7 +84,9 @@ class RedisSortedSet(Transport):
                 self.results.add(pipe, writes.results)
                 if writes.dead_letters:
                     pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
-                pipe.execute()  # what replaces a request is written before the request goes
+                # what replaces a request is written (and replicated, if asked) before it goes
+                execute(pipe, self._replication, [self.results.key] * bool(writes.results)
+                        + [self.dead_letter_key] * bool(writes.dead_letters))
             pipe = self._client.pipeline(transaction=False)
             for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
                 for state, due, delivery in items:
@@ -74,7 +94,8 @@ class RedisSortedSet(Transport):
             done = writes.drops + [d for _, _, d in writes.results] + [d for _, d in writes.dead_letters]
             for queue, deliveries in by_queue(done, lambda d: d).items():
                 self.sets[queue].settle(pipe, (d.token for d in deliveries))
-            pipe.execute()
+            touched = {d.queue for d in done if d is not None} | {d.queue for _, _, d in writes.retries if d}
+            execute(pipe, self._replication, touched & set(self.sets))
 
         guarded(run)
 

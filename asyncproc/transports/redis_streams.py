@@ -19,7 +19,19 @@ import redis
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
 from asyncproc.transports.redis_sortedset import shares
-from asyncproc.transports.redisbase import ResultWriter, by_queue, guarded, make_client, owner_name, read_cancellations
+from asyncproc.transports.redisbase import (
+    Replication,
+    Resharding,
+    ResultWriter,
+    by_queue,
+    execute,
+    guarded,
+    is_cluster,
+    make_client,
+    owner_name,
+    read_cancellations,
+    refresh,
+)
 
 log = logging.getLogger("asyncproc.redis")
 
@@ -32,7 +44,7 @@ class RedisStreams(Transport):
     must_drain = False
 
     def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url, settings.redis_auth)
+        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
         self._prefix = settings.key_prefix
         self.group = settings.consumer_group
         self.consumer = owner_name()
@@ -47,9 +59,15 @@ class RedisStreams(Transport):
         self.dead_letter_key = settings.dead_letter_queue
         self._turn = 0
         self._autoclaim_at = 0.0
+        self._resharding = Resharding()
+        self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
+        # One MULTI for results and acknowledgements needs them in one slot; on a cluster
+        # they are written in two steps, results first (a repeat is deduplicated).
+        self._atomic = not is_cluster(self._client)
 
     def connect(self) -> None:
         def run() -> None:
+            refresh(self._client)
             self.results.preload(self._client)
             for queue in self.sets:
                 try:
@@ -73,6 +91,8 @@ class RedisStreams(Transport):
                 self.group, self.consumer, {q: ">"}, count=n))
             for _stream, entries in reply or []:
                 out.extend(self._delivery(queue, entry_id, fields) for entry_id, fields in entries)
+        if out:  # a claim a failover loses only hands its work out twice: not strict
+            guarded(lambda: self._replication.confirm({d.queue for d in out}, strict=False))
         return out
 
     @staticmethod
@@ -86,7 +106,7 @@ class RedisStreams(Transport):
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         out: List[Delivery] = []
         for queue, lease_set in self.sets.items():
-            pairs = guarded(lambda ls=lease_set, n=limit - len(out): ls.claim(
+            pairs = self._resharding.claim(queue, lambda ls=lease_set, n=limit - len(out): ls.claim(
                 self._client, now, now + self.lease_seconds, n, take_new=False))
             out.extend(Delivery(b"", queue, token=(LEASE, m), state=state) for m, state in pairs)
         if now >= self._autoclaim_at and len(out) < limit:
@@ -116,38 +136,49 @@ class RedisStreams(Transport):
             else:
                 out.append(delivery)
         if dead:
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=self._atomic)
             for delivery, count in dead:
                 log.warning("stream %s entry %s delivered %d times; dead-lettering it", queue,
                             delivery.token[1].decode(), count)
                 pipe.xadd(self.dead_letter_key, {
                     FIELD: delivery.raw, b"reason": f"delivered {count} times (max {self.max_deliveries})",
                     b"queue": queue, b"entry": delivery.token[1]})
-                pipe.xack(queue, self.group, delivery.token[1])
-            pipe.execute()
+            if not self._atomic:  # the dead letters first, then what they replace
+                execute(pipe, self._replication, [self.dead_letter_key])
+                pipe = self._client.pipeline(transaction=False)
+            pipe.xack(queue, self.group, *(delivery.token[1] for delivery, _ in dead))
+            execute(pipe, self._replication, [queue, self.dead_letter_key])
         log.info("took over %d entries of %s from consumers that went silent", len(out), queue)
         return out
 
     # -- settling ------------------------------------------------------------------------
     def write(self, writes: Writes) -> None:
-        pipe = self._client.pipeline(transaction=True)  # results and acks: one atomic step
+        # results and acks: one atomic step (on a cluster two, results first)
+        pipe = self._client.pipeline(transaction=self._atomic)
         self.results.add(pipe, writes.results)
         for entry, delivery in writes.dead_letters:
             pipe.xadd(self.dead_letter_key, {FIELD: entry, b"queue": delivery.queue if delivery else ""})
+        written = [self.results.key] * bool(writes.results) + [self.dead_letter_key] * bool(writes.dead_letters)
+        if not self._atomic and written:
+            guarded(lambda p=pipe: execute(p, self._replication, written))
+            pipe = self._client.pipeline(transaction=False)
+        touched = set(written)
         for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
             lease_set = self.sets[queue]
             for state, due, delivery in items:
                 kind, ident = delivery.token
+                lease_set.retry(pipe, ident, state, due)  # the retry (same slot) before the ack
                 if kind == ENTRY:
                     pipe.xack(queue, self.group, ident)
-                lease_set.retry(pipe, ident, state, due)
+                touched.add(queue)
         done = writes.drops + [d for _, _, d in writes.results] + [d for _, d in writes.dead_letters]
         for queue, deliveries in by_queue(done, lambda d: d).items():
             entries = [d.token[1] for d in deliveries if d.token[0] == ENTRY]
             if entries:
                 pipe.xack(queue, self.group, *entries)
             self.sets[queue].settle(pipe, (d.token[1] for d in deliveries if d.token[0] == LEASE))
-        guarded(pipe.execute)
+            touched.add(queue)
+        guarded(lambda: execute(pipe, self._replication, touched))
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
         until = time.time() + self.lease_seconds
@@ -177,8 +208,10 @@ class RedisStreams(Transport):
                 lag = group.get("lag")
                 if lag is None:  # Redis without XINFO lag: count what is left, up to a cap
                     lag = len(self._client.xrange(queue, min=f"({after}", count=DEPTH_COUNT_CAP))
-                depth[queue] = lag
                 first = self._client.xrange(queue, min=f"({after}", count=1)
+                # nothing after the group's last id: none waiting, whatever `lag` says (Redis 7.0
+                # may overstate it on a replica promoted by a failover)
+                depth[queue] = lag if first else 0
                 oldest[queue] = max(now_ms - int(first[0][0].split(b"-")[0]), 0) / 1000 if first else 0
             return {"depth": depth, "leased": leased, "oldest_age_seconds": oldest}
 

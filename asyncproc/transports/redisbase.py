@@ -1,21 +1,29 @@
 """What the persisted Redis transports share: client, result writes with dedupe, errors."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.credentials import CredentialProvider
+from redis.exceptions import RedisClusterException
 
 from asyncproc import redact
-from asyncproc.transports.base import TransportError
+from asyncproc.transports.base import TransportError, Unconfirmed
 from asyncproc.transports.keys import aux_key, cancel_key
 from asyncproc.transports.retryset import in_pipeline, load_script, preload
 
 SOCKET_TIMEOUT = 5.0
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 T = TypeVar("T")
+log = logging.getLogger("asyncproc.redis")
+ERRORS = (redis.RedisError, RedisClusterException, OSError)  # what a Redis call may raise
 
 
 class PasswordFile(CredentialProvider):
@@ -32,10 +40,37 @@ class PasswordFile(CredentialProvider):
         return (self.username, password) if self.username else (password,)
 
 
+def cluster_url(url: str, cluster: bool = False) -> Tuple[str, bool]:
+    """(the URL with a plain redis:// or rediss:// scheme, whether it names a Redis Cluster):
+    `redis+cluster://` and `rediss+cluster://` do, and so does any URL with --redis.cluster."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in CLUSTER_SCHEMES:
+        return f"{CLUSTER_SCHEMES[scheme]}://{rest}", True
+    return url, cluster
+
+
+def seed_nodes(url: str) -> Tuple[str, List[Tuple[str, int]]]:
+    """A cluster URL may name several seed nodes, `redis+cluster://h1:p1,h2:p2`: (the URL
+    with the first, every (host, port))."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for seed in filter(None, hosts.split(",")):
+        host, colon, port = seed.rpartition(":")
+        if not colon or not port.isdigit():
+            host, port = seed, "6379"
+        seeds.append((host, int(port)))
+    first = f"{seeds[0][0]}:{seeds[0][1]}" if seeds else hosts
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{first}", path="")), seeds
+
+
 def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TIMEOUT,
-                keepalive: bool = True) -> redis.Redis:
+                keepalive: bool = True, cluster: bool = False):
     """A client for `url` with the ACL credentials and TLS files of `auth` (a
-    config.RedisAuth): options given on their own win over the same in the URL."""
+    config.RedisAuth): options given on their own win over the same in the URL. A cluster
+    URL (or `cluster`) gives redis-py's RedisCluster: it discovers the nodes from the seed,
+    follows MOVED/ASK and refreshes its slot map when a node fails."""
+    url, cluster = cluster_url(url, cluster)
     kwargs: Dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
     if keepalive:
         kwargs["socket_keepalive"] = True
@@ -53,7 +88,133 @@ def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TI
             tls = auth.tls
             kwargs.update({k: v for k, v in (("ssl_ca_certs", tls.ca_file), ("ssl_certfile", tls.cert_file),
                                              ("ssl_keyfile", tls.key_file)) if v})
+    if cluster:
+        url, seeds = seed_nodes(url)
+        others = [ClusterNode(host, port) for host, port in seeds[1:]]
+        return LazyCluster(lambda: RedisCluster.from_url(url, startup_nodes=others or None, **kwargs))
     return redis.Redis.from_url(url, **kwargs)
+
+
+class LazyCluster:
+    """A RedisCluster made on first use: making one asks the seed nodes for the slot map,
+    and asyncproc must start (and keep retrying) while no node answers, as with one Redis."""
+
+    def __init__(self, make: Callable[[], RedisCluster]) -> None:
+        self._make, self._client = make, None
+
+    @property
+    def cluster(self) -> RedisCluster:
+        if self._client is None:
+            try:
+                self._client = self._make()
+            except ERRORS as exc:  # wherever it is first touched, it fails like a Redis call
+                raise TransportError(describe(exc)) from None
+        return self._client
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script.encode())  # bytes: its SHA needs no connection
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.cluster, name)
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, (RedisCluster, LazyCluster))
+
+
+def refresh(client) -> None:
+    """On a (re)connect: a cluster client asks the nodes for the slot map again, so a
+    failover or a resharding since the last one is followed at once."""
+    if is_cluster(client):
+        client.nodes_manager.initialize()
+
+
+class Replication:
+    """--redis.wait-replicas: WAIT until N replicas have what was just written.
+
+    WAIT counts the writes of the connection it is sent on, so it must follow the writes on
+    theirs: it is sent right after them, to the node holding the keys (on a cluster, after
+    redirections, the node that holds them now), from the same single thread, and redis-py's
+    connection pools hand back the connection released last (LIFO), the one that wrote.
+    """
+
+    def __init__(self, client, replicas: int, timeout: float) -> None:
+        self.client, self.replicas, self.timeout_ms = client, replicas, max(int(timeout * 1000), 1)
+        self._warned_at = 0.0
+
+    def confirm(self, keys, strict: bool = True) -> None:
+        """Raise TransportError (strict) or log a warning when fewer replicas than wanted
+        acknowledged the writes to `keys` in time. Strict for what replaces a request
+        (results, retries, acknowledgements): the write is repeated, and deduplicated."""
+        if not self.replicas or not keys:
+            return
+        if is_cluster(self.client):
+            nodes = {}
+            for key in keys:
+                node = self.client.get_node_from_key(key)
+                nodes.setdefault(node.name, node)
+            acks = [(name, self.client.execute_command("WAIT", self.replicas, self.timeout_ms, target_nodes=node))
+                    for name, node in nodes.items()]
+        else:
+            acks = [("redis", self.client.execute_command("WAIT", self.replicas, self.timeout_ms))]
+        short = [(name, int(n)) for name, n in acks if int(n) < self.replicas]
+        if not short:
+            return
+        text = ", ".join(f"{name}: {n}" for name, n in short)
+        message = (f"redis: fewer replicas than --redis.wait-replicas {self.replicas} acknowledged"
+                   f" the writes within {self.timeout_ms} ms ({text})")
+        if strict:
+            raise Unconfirmed(message)
+        now = time.monotonic()
+        if now >= self._warned_at + 10:
+            self._warned_at = now
+            log.warning("%s; going on (a failover may hand this work out twice)", message)
+
+
+RESHARD_PAUSE = 1.0  # seconds a queue whose slot is mid-migration is left alone
+
+
+class Resharding:
+    """Claims per queue that step aside while the queue's slot is being migrated.
+
+    A claim script touches a queue's keys together; while a resharding has moved some of
+    them and not the others, Redis answers TRYAGAIN (redis-py retries, then gives up). That
+    queue waits a moment; the other queues, and every write, go on: not an outage."""
+
+    def __init__(self) -> None:
+        self.until: Dict[str, float] = {}
+        self._logged = 0.0
+
+    def claim(self, queue: str, call: Callable[[], List[T]]) -> List[T]:
+        now = time.monotonic()
+        if self.until.get(queue, 0.0) > now:
+            return []
+        try:
+            return call()
+        except ERRORS as exc:
+            if not isinstance(exc, redis.exceptions.TryAgainError) and not (
+                    isinstance(exc, redis.exceptions.ClusterError)
+                    and not isinstance(exc, redis.exceptions.ClusterDownError)):
+                raise TransportError(describe(exc)) from None
+            self.until[queue] = now + RESHARD_PAUSE
+            if now >= self._logged + 10:
+                self._logged = now
+                log.warning("queue %s: its cluster slot is being migrated (%s); claiming from it again in"
+                            " %gs, the other queues go on", queue, f"{type(exc).__name__}: {redact.escape(str(exc))}",
+                            RESHARD_PAUSE)
+            return []
+
+
+def execute(pipe, replication: Optional[Replication] = None, keys=(), strict: bool = True):
+    """Run a pipeline; then, with --redis.wait-replicas, WAIT for its writes to `keys`."""
+    replies = pipe.execute()
+    if replication is not None:
+        replication.confirm(keys, strict)
+    return replies
 
 
 def owner_name() -> str:
@@ -64,7 +225,7 @@ def guarded(call: Callable[[], T]) -> T:
     """Run a Redis call; its errors become TransportError (the edge of the transport)."""
     try:
         return call()
-    except (redis.RedisError, OSError) as exc:
+    except ERRORS as exc:
         raise TransportError(describe(exc)) from None
 
 

@@ -16,8 +16,9 @@ def load_script(name: str) -> str:
 def in_pipeline(script, pipe, keys, args) -> None:
     """EVALSHA on a pipeline without redis-py's SCRIPT EXISTS round trip before it: the
     transport loads its scripts when it connects, and a NOSCRIPT (Redis restarted and
-    lost them) fails the write, which reconnects and loads them again."""
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    lost them, or a new master) fails the write, which reconnects and loads them again.
+    A raw command: a cluster pipeline routes it by its keys (its evalsha() is refused)."""
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def preload(client, *scripts) -> None:

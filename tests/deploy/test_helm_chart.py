@@ -141,3 +141,31 @@ def test_bad_values_fail_with_a_clear_message(values, message):
 def test_lint():
     report = helm.lint(str(CHART), strict=True, kube_version="v" + KUBE_VERSION)
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+CLUSTER = {"config": {"message-queue-impl": "redis-streams", "redis.request-queue-name": ["{a}:requests", "{b}:requests"],
+                      "redis.wait-replicas": 1},
+           "redis": {"url": "redis://redis-cluster:6379", "cluster": True},
+           "keda": {"enabled": True, "redisClusterAddresses": ["redis-cluster-0:6379", "redis-cluster-1:6379"]}}
+
+
+def test_cluster_mode(tmp_path):
+    kinds, docs = render(CLUSTER)
+    validate(docs)
+    env = {e["name"]: e.get("value") for e in kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ASYNCPROC_REDIS_CLUSTER"] == "true"
+    settings = accepted_by_asyncproc(tmp_path, kinds, env={"ASYNCPROC_REDIS_CLUSTER": "true"})
+    assert settings.redis_cluster and settings.wait_replicas == 1
+    triggers = kinds["ScaledObject"]["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["redis-cluster-streams"] * 2
+    assert triggers[0]["metadata"]["addresses"] == "redis-cluster-0:6379,redis-cluster-1:6379"
+    assert [t["metadata"]["stream"] for t in triggers] == ["{a}:requests", "{b}:requests"]
+    default_seed = dict(CLUSTER, keda={"enabled": True, "redisAddress": "seed:6379"})
+    triggers = render(default_seed)[0]["ScaledObject"]["spec"]["triggers"]
+    assert triggers[0]["metadata"]["addresses"] == "seed:6379"
+
+
+def test_cluster_mode_refuses_pubsub():
+    with pytest.raises(helm.HelmError) as err:
+        render({"redis": {"cluster": True}})
+    assert "redis-pubsub does not run on a Redis Cluster" in str(err.value)

@@ -70,3 +70,12 @@ def test_bench_runs_a_scenario_and_prints_its_row():
     row = out.stdout.strip().splitlines()[-1].split()
     assert row[:2] == ["P1", "redis-streams"] and row[4] == "300"
     assert row[-2:] == ["0", "0"]  # nothing lost, nothing doubled
+
+
+def test_bench_cluster_scenario_runs_on_a_cluster_and_on_one_redis():
+    out = subprocess.run([sys.executable, "-m", "asyncproc", "bench", "--cluster", "--messages", "200",
+                          "--replicas", "1"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("1 redis", "cluster 3m"))]
+    assert [r[:3] for r in rows] == [["1", "redis", "1"], ["cluster", "3m", "1"]]
+    assert all(r[-2:] == ["0", "0"] and r[4] == "200" for r in rows)  # nothing lost, nothing doubled
