@@ -91,6 +91,15 @@ class Dispatcher:
                              for q in queues}
         self.decisions: Dict[str, gates.Decision] = {}
         self.gate_reasons: Dict[str, str] = {}   # the last reason logged per queue
+        # vllm gates: the queues sending to each pool, and each pool's online-load estimate.
+        self.pool_queues: Dict[gates.Pool, List[str]] = {}
+        for name, gate in self.gates.items():
+            for vllm in gates.vllm_gates(gate):
+                if name not in self.pool_queues.setdefault(vllm.pages, []):
+                    self.pool_queues[vllm.pages].append(name)
+        self.sharing = {name: sorted({o for pool, qs in self.pool_queues.items() if name in qs for o in qs} - {name})
+                        for name in self.gates}
+        self.loads: Dict[gates.Pool, gates.Load] = {}
         for name, gate in self.gates.items():
             self.decisions[name] = gates.decide(gate, {})  # sources not read yet: closed, unless fail_open
             self.metrics.of(self.metrics.gate_budget, name).set(self.decisions[name].budget)
@@ -113,26 +122,45 @@ class Dispatcher:
                 intervals[source] = min(interval, intervals.get(source, interval))
         return intervals
 
-    def decide_gates(self, readings: Mapping[gates.Source, gates.Reading]) -> None:
-        """Decide every queue's budget again from the latest readings."""
+    def decide_gates(self, readings: Mapping[gates.Source, gates.Reading], now: float = 0.0,
+                     taken: Optional[Mapping[gates.Source, float]] = None,
+                     in_flight: Optional[Mapping[str, int]] = None) -> None:
+        """Decide every queue's budget again from the latest readings (taken when `taken`
+        says), with asyncproc's own requests in flight per queue (vllm gates subtract them)."""
+        in_flight = in_flight or {}
+        own = {pool: sum(in_flight.get(q, 0) for q in queues) for pool, queues in self.pool_queues.items()}
+        for gate in {v for g in self.gates.values() for v in gates.vllm_gates(g)}:
+            load = gates.observe(gate, self.loads.get(gate.pages), readings, taken, own[gate.pages], now)
+            if load is not None:
+                self.loads[gate.pages] = load
         for queue, gate in self.gates.items():
-            decision = gates.decide(gate, readings)
+            decision = gates.decide(gate, readings, now, taken, own, self.loads)
             self.decisions[queue] = decision
             self.metrics.of(self.metrics.gate_budget, queue).set(decision.budget)
+            if decision.slots is not None:
+                self.metrics.of(self.metrics.gate_slots, queue).set(decision.slots)
             self.metrics.of(self.metrics.gate_decisions, queue, decision.reason).inc()
             if self.gate_reasons.get(queue) != decision.reason:
                 self.gate_reasons[queue] = decision.reason
                 if decision.reason.startswith("failed"):
                     log.warning("gate of %s: reading failed (%s); %s", queue, decision.detail,
                                 "dispatching as if open" if decision.budget else "holding dispatch")
+                elif decision.slots is not None:
+                    log.info("gate of %s: %s (%d slots; %s)", queue, decision.reason, decision.slots, decision.detail)
                 else:
                     log.info("gate of %s: %s (budget %.2f)", queue, decision.reason, decision.budget)
 
-    def limit(self, queue: str) -> int:
-        """How many of `queue`'s requests may be in flight: its limit scaled by its gate's budget."""
+    def limit(self, queue: str, ledger: Optional[Ledger] = None) -> int:
+        """How many of `queue`'s requests may be in flight: its limit scaled by its gate's
+        budget, and within the slots a vllm gate leaves after the pool's other queues."""
         limit = self.queue_limits.get(queue, self.settings.concurrency)
         decision = self.decisions.get(queue)
-        return limit if decision is None else gates.allowed_in_flight(decision.budget, limit)
+        if decision is None:
+            return limit
+        slots = decision.slots
+        if slots is not None and ledger is not None:
+            slots -= sum(ledger.assigned_in(other) for other in self.sharing.get(queue, ()))
+        return gates.allowed_in_flight(decision.budget, limit, slots)
 
     # -- the plan ----------------------------------------------------------------------------
     def plan(self, ledger: Ledger, free: Dict[int, int], now: float) -> Plan:
@@ -141,7 +169,7 @@ class Dispatcher:
         is planned is taken from the waiting lines and marked assigned in the ledger."""
         free = dict(free)
         waiting = ledger.waiting_by_queue
-        room = {q: self.limit(q) - ledger.assigned_in(q) for q, w in waiting.items() if w}
+        room = {q: self.limit(q, ledger) - ledger.assigned_in(q) for q, w in waiting.items() if w}
         view = {q: waiting[q] for q, r in room.items() if r > 0}
         total_room = (self.aimd_state.in_flight - ledger.count(State.ASSIGNED)
                       if self.aimd_state is not None else None)
@@ -191,7 +219,9 @@ class Dispatcher:
                     continue
                 if room.get(queue, 1) <= 0:
                     decision = self.decisions.get(queue)
-                    reason = "gate" if decision is not None and decision.budget < 1 else "queue_limit"
+                    gated = decision is not None and (decision.budget < 1 or (
+                        decision.slots is not None and decision.slots < self.queue_limits.get(queue, 0)))
+                    reason = "gate" if gated else "queue_limit"
                 elif total_room is not None and total_room <= 0:
                     reason = "adaptive"
                 else:

@@ -39,6 +39,7 @@ class Sources:
         self.redis_url, self.redis_auth = redis_url, redis_auth
         self.clock = clock
         self.readings: Dict[Source, Reading] = {}
+        self.taken: Dict[Source, float] = {}     # when each reading was taken (gates bound its age)
         self.due: Dict[Source, float] = {s: 0.0 for s in intervals}
         self.http = urllib3.PoolManager(num_pools=max(len(intervals), 1), maxsize=1, retries=False)
         self.clients: Dict[Tuple[str, float], redis.Redis] = {}
@@ -54,7 +55,8 @@ class Sources:
             if now < due:
                 continue
             reading = self.read(source)
-            self.due[source] = self.clock() + self.intervals[source]
+            self.taken[source] = self.clock()
+            self.due[source] = self.taken[source] + self.intervals[source]
             before = self.readings.get(source)
             if isinstance(reading, Failed):
                 self.errors[source] = self.errors.get(source, 0) + 1

@@ -101,6 +101,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.gate_budget = Gauge("asyncproc_gate_budget", "Dispatch budget of a queue's gate, 0-1", ["queue"], registry=r)
+        self.gate_slots = Gauge("asyncproc_gate_slots",
+                                "Requests a queue's vllm gate lets asyncproc have in flight to its pool",
+                                ["queue"], registry=r)
         self.gate_decisions = Counter(
             "asyncproc_gate_decisions",
             "Gate decisions (one per reading), by reason: open, throttled, closed, failed-open, failed-closed",

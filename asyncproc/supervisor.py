@@ -383,7 +383,8 @@ class Supervisor:
             if count != errors_before.get(source, 0):
                 self.metrics.of(self.metrics.gate_errors, gate_sources.describe(source)).inc(
                     count - errors_before.get(source, 0))
-        self.dispatcher.decide_gates(self.sources.readings)
+        self.dispatcher.decide_gates(self.sources.readings, now, self.sources.taken,
+                                     {q: self.ledger.assigned_in(q) for q in self.dispatcher.gates})
 
     def flush(self) -> None:
         if not self.connected:

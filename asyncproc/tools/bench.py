@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import orjson
 import psutil
@@ -244,23 +244,44 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         procs.stop()
 
 
-# -- G1: online traffic with and without batch ---------------------------------------------------
+# -- G1, G2: online traffic with and without batch -----------------------------------------------
 @dataclass(frozen=True)
 class Online:
-    """The online-vs-batch scenario: a fixed-rate online load on a sim of limited capacity."""
+    """The online-vs-batch scenario: an online load on a sim of limited capacity. G1: a fixed
+    rate, smooth; G2: Poisson arrivals surging for the middle third of each phase."""
 
+    name: str = "G1"
     capacity: int = 32
     latency: str = "0.4-0.6"
-    share: float = 0.5         # of the capacity the online load keeps busy on average
+    share: float = 0.5         # of the capacity the online load keeps busy on average (outside a surge)
     seconds: float = 30.0
     concurrency: int = 32      # asyncproc's --concurrency for batch
     reserved: float = 0.125
     interval: float = 0.2
     gain: int = 4              # a gated phase with this many times --concurrency
+    arrivals: str = "fixed"    # fixed | poisson
+    surge: float = 0.0         # share of the capacity the online load takes in the middle third; 0 = none
+    seed: int = 1              # Poisson arrivals: the same in every phase of a run
+    beta: Optional[float] = None   # the vllm gate's headroom rule (None: its default)
+
+    @property
+    def service(self) -> float:
+        return mean_latency(Scenario("", 0, self.latency, 0))
 
     @property
     def rate(self) -> float:
-        return self.share * self.capacity / mean_latency(Scenario("", 0, self.latency, 0))
+        return self.share * self.capacity / self.service
+
+    @property
+    def surge_rate(self) -> float:
+        return self.surge * self.capacity / self.service
+
+
+ONLINE = {
+    "G1": Online(),
+    "G2": Online("G2", capacity=8, latency="0.2", share=0.5, seconds=45.0, concurrency=8, reserved=0.25,
+                 arrivals="poisson", surge=0.8),
+}
 
 
 @dataclass
@@ -275,17 +296,40 @@ class OnlineRow:
     batch_rate: float       # batch results/s during the window
     idle_used: float        # batch_busy / (capacity - online_busy)
     shed: int
+    surge_batch_busy: float = float("nan")   # mean batch requests served at once during the surge
+    lost: int = 0           # batch requests neither answered nor back in the queue after a drain
+    duplicates: int = 0
+    alone_p99: float = float("nan")
 
 
-def online_load(url: str, rate: float, seconds: float) -> Dict:
-    """Open loop: one request every 1/rate s whatever the answers do; client-side latencies."""
+def arrival_times(o: Online) -> List[float]:
+    """Seconds from the start of the phase at which online requests are sent."""
+    import random
+
+    rng = random.Random(o.seed)
+    third = o.seconds / 3
+    times: List[float] = []
+    t = 0.0
+    while True:
+        rate = o.surge_rate if o.surge and third <= t < 2 * third else o.rate
+        t += rng.expovariate(rate) if o.arrivals == "poisson" else 1.0 / rate
+        if t >= o.seconds:
+            return times
+        times.append(t)
+
+
+def online_load(url: str, times: List[float], marks: List[float]) -> Dict:
+    """Open loop: a request at each of `times` whatever the answers do; client-side latencies.
+    At each of `marks` (seconds) the sim's stats are taken."""
     import aiohttp
 
     async def run() -> Dict:
         latencies: List[float] = []
         errors = 0
+        snapshots: List[Dict] = []
         body = orjson.dumps({"model": "m", "prompt": "online"})
         headers = {"Content-Type": "application/json", "x-gateway-inference-objective": "online"}
+        loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             async def one() -> None:
                 nonlocal errors
@@ -301,47 +345,83 @@ def online_load(url: str, rate: float, seconds: float) -> Dict:
                     return
                 latencies.append(time.monotonic() - started)
 
+            async def mark(at: float) -> None:
+                await asyncio.sleep(max(start + at - time.monotonic(), 0))
+                snapshots.append(await loop.run_in_executor(None, sim_stats, url))
+
             tasks = []
             start = time.monotonic()
-            for i in range(int(rate * seconds)):
-                delay = start + i / rate - time.monotonic()
+            tasks.extend(asyncio.ensure_future(mark(at)) for at in marks)
+            for at in times:
+                delay = start + at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.ensure_future(one()))
             await asyncio.gather(*tasks)
-        return {"latencies": latencies, "errors": errors}
+        return {"latencies": latencies, "errors": errors, "snapshots": snapshots}
 
     return asyncio.run(run())
 
 
-def run_online(o: Online, redis_server: str, workdir: str, workers: int) -> List[OnlineRow]:
-    """Phases on one sim: online alone; with ungated batch; with batch gated on the total
-    running count (at --concurrency, and at `gain` times it: the budget scales --concurrency,
-    and asyncproc's own requests count in that saturation); gated on the online objective's
-    running count (what a gateway reporting per objective allows)."""
-    procs = Processes()
-    rows = []
-    try:
-        port, client = start_redis(procs, redis_server, workdir)
-        low, high = o.latency.split("-")
-        sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", "--capacity", str(o.capacity),
-                           "--latency-min", low, "--latency-max", high], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
-        scrape = {"type": "endpoint-scrape", "url": url + "/metrics", "capacity": o.capacity,
-                  "reserved": o.reserved, "interval": o.interval}
-        running = dict(scrape, metric="vllm:num_requests_running")
-        phases = [
+def online_phases(o: Online, url: str) -> List[tuple]:
+    """(phase, gate, --concurrency) for each phase of the scenario."""
+    scrape = {"type": "endpoint-scrape", "url": url + "/metrics", "capacity": o.capacity,
+              "reserved": o.reserved, "interval": o.interval}
+    running = dict(scrape, metric="vllm:num_requests_running")
+    vllm = {"type": "vllm", "url": url + "/metrics", "capacity": o.capacity, "interval": o.interval}
+    if o.beta is not None:
+        vllm["beta"] = o.beta
+    if o.name == "G1":
+        return [
             ("no batch", None, o.concurrency),
             ("ungated batch", "", o.concurrency),
             ("gated: all running", running, o.concurrency),
             (f"gated: all running x{o.gain}", running, o.gain * o.concurrency),
             ("gated: online running", dict(scrape, metric="sim_running_requests", labels={"objective": "online"}),
              o.concurrency),
+            ("gated: vllm", vllm, o.concurrency),
         ]
-        for n, (phase, gate, concurrency) in enumerate(phases):
-            rows.append(online_phase(replace(o, concurrency=concurrency), phase, gate, url, port, client, workdir,
-                                     min(workers, concurrency), n))
-            print(format_online(rows[-1]), flush=True)
+    waiting = {"type": "endpoint-scrape", "url": url + "/metrics", "metric": "vllm:num_requests_waiting",
+               "capacity": 1, "interval": o.interval}
+    return [
+        ("no batch", None, o.concurrency),
+        ("ungated batch", "", o.concurrency),
+        ("gated: running", dict(running, reserved=0.0), o.concurrency),
+        (f"gated: running r={o.reserved:g}", running, o.concurrency),
+        ("gated: min(running,wait)", {"type": "min", "gates": [running, waiting]}, o.concurrency),
+        ("gated: vllm", vllm, o.concurrency),
+    ]
+
+
+def run_online(o: Online, redis_server: str, workdir: str, workers: int, only: Optional[List[str]] = None,
+               full_surge: bool = False, variants: Sequence[Dict] = ()) -> List[OnlineRow]:
+    """Phases on one sim: online alone; with ungated batch; with batch under the existing gates
+    and under the vllm gate; with `full_surge`, once more under the vllm gate with the surge
+    at 100% of capacity (batch must stop; nothing lost)."""
+    procs = Processes()
+    rows: List[OnlineRow] = []
+    try:
+        port, client = start_redis(procs, redis_server, workdir)
+        lat = ["--latency-min", *o.latency.split("-")[:1], "--latency-max", o.latency.split("-")[1]] \
+            if "-" in o.latency else ["--latency", o.latency]
+        sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", "--capacity", str(o.capacity),
+                           *lat], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
+        phases = [(p, gate, c, o) for p, gate, c in online_phases(o, url)
+                  if not only or p == "no batch" or any(w in p for w in only)]
+        vllm = [(p, g, c) for p, g, c in online_phases(o, url) if p == "gated: vllm"][0]
+        phases.extend(("vllm " + ",".join(f"{k}={v}" for k, v in extra.items()), dict(vllm[1], **extra), vllm[2], o)
+                      for extra in variants)
+        if full_surge:
+            phases.append(("no batch, surge to 100%", None, o.concurrency, replace(o, surge=1.0)))
+            phases.append(("vllm, surge to 100%", vllm[1], vllm[2], replace(o, surge=1.0)))
+        for n, (phase, gate, concurrency, scenario) in enumerate(phases):
+            row = online_phase(replace(scenario, concurrency=concurrency), phase, gate, url, port, client, workdir,
+                               min(workers, concurrency), n)
+            alone = [r.p99 for r in rows if r.phase.startswith("no batch")]   # the latest online-alone phase
+            row.alone_p99 = alone[-1] if gate is not None and alone else row.p99
+            rows.append(row)
+            print(format_online(row), flush=True)
     finally:
         procs.stop()
     return rows
@@ -350,8 +430,9 @@ def run_online(o: Online, redis_server: str, workdir: str, workers: int) -> List
 def online_phase(o: Online, phase: str, gate, url: str, port: int, client: redis.Redis, workdir: str,
                  workers: int, n: int) -> OnlineRow:
     procs = Processes()
+    queue = f"g-{n}"
+    total = 0
     try:
-        queue = f"g1-{n}"
         if gate is not None:
             args = [sys.executable, "-m", "asyncproc", "--redis-url", f"redis://127.0.0.1:{port}/0",
                     "--inference-gateway", url, "--message-queue-impl", "redis-sortedset",
@@ -362,7 +443,7 @@ def online_phase(o: Online, phase: str, gate, url: str, port: int, client: redis
             if gate:
                 args += ["--gate", orjson.dumps(gate).decode()]
             deadline = int(time.time() + 3600)
-            total = int(2 * o.capacity / mean_latency(Scenario("", 0, o.latency, 0)) * (o.seconds + 30))
+            total = int(2 * o.capacity / o.service * (o.seconds + 30))
             pipe = client.pipeline(transaction=False)
             for i in range(total):
                 raw = orjson.dumps({"id": f"{queue}-{i}", "deadline": deadline, "payload": {"model": "m", "prompt": "b"}})
@@ -373,20 +454,35 @@ def online_phase(o: Online, phase: str, gate, url: str, port: int, client: redis
             procs.start(args, stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, f"asyncproc-{n}.log"), "ab"))
             wait_for(lambda: client.llen(queue + "-results") >= o.capacity, 60, "batch results")
             time.sleep(3.0)  # let the gate settle before measuring
+        third = o.seconds / 3
         before, results_before = sim_stats(url), client.llen(queue + "-results")
-        load = online_load(url, o.rate, o.seconds)
+        load = online_load(url, arrival_times(o), [third, 2 * third] if o.surge else [])
         after, results_after = sim_stats(url), client.llen(queue + "-results")
-        elapsed = after["time"] - before["time"]
-        busy = {k: after["busy_seconds"].get(k, 0.0) - before["busy_seconds"].get(k, 0.0) for k in ("online", "batch")}
-        online_busy, batch_busy = busy["online"] / elapsed, busy["batch"] / elapsed
-        latencies = sorted(load["latencies"])
-        shed = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
-        return OnlineRow(phase, len(latencies), load["errors"], _pct(latencies, 50), _pct(latencies, 99),
-                         online_busy, batch_busy, (results_after - results_before) / elapsed,
-                         batch_busy / max(o.capacity - online_busy, 1e-9), shed)
     finally:
-        procs.stop()
-        wait_for(lambda: sim_stats(url)["running"] == 0 and sim_stats(url)["waiting"] == 0, 120, "the sim to drain")
+        procs.stop()  # asyncproc drains: what is in flight finishes, what waits goes back to the queue
+    lost = duplicates = 0
+    if total:
+        answered = [orjson.loads(raw)["id"] for raw in client.lrange(queue + "-results", 0, -1)]
+        from asyncproc.transports.keys import aux_key
+
+        waiting = client.zrange(queue, 0, -1) + client.zrange(aux_key("asyncproc", queue, "leases"), 0, -1)
+        back = {orjson.loads(raw)["id"] for raw in waiting}   # queued, or put back in the lease set
+        duplicates = len(answered) - len(set(answered))
+        lost = total - len(set(answered) | back)
+    wait_for(lambda: sim_stats(url)["running"] == 0 and sim_stats(url)["waiting"] == 0, 120, "the sim to drain")
+    elapsed = after["time"] - before["time"]
+    busy = {k: after["busy_seconds"].get(k, 0.0) - before["busy_seconds"].get(k, 0.0) for k in ("online", "batch")}
+    online_busy, batch_busy = busy["online"] / elapsed, busy["batch"] / elapsed
+    surge_busy = float("nan")
+    if len(load["snapshots"]) == 2:
+        first, last = load["snapshots"]
+        surge_busy = ((last["busy_seconds"].get("batch", 0.0) - first["busy_seconds"].get("batch", 0.0))
+                      / max(last["time"] - first["time"], 1e-9))
+    latencies = sorted(load["latencies"])
+    shed = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
+    return OnlineRow(phase, len(latencies), load["errors"], _pct(latencies, 50), _pct(latencies, 99),
+                     online_busy, batch_busy, (results_after - results_before) / elapsed,
+                     batch_busy / max(o.capacity - online_busy, 1e-9), shed, surge_busy, lost, duplicates)
 
 
 def sim_stats(url: str) -> Dict:
@@ -395,13 +491,16 @@ def sim_stats(url: str) -> Dict:
     return orjson.loads(urllib3.request("GET", url + "/sim/stats", timeout=5).data)
 
 
-ONLINE_HEADER = (f"{'phase':22} {'online n':>8} {'err':>4} {'p50 s':>6} {'p99 s':>6} {'online busy':>11} "
-                 f"{'batch busy':>10} {'batch/s':>7} {'idle used':>9}")
+ONLINE_HEADER = (f"{'phase':24} {'online n':>8} {'err':>4} {'p50 s':>6} {'p99 s':>6} {'x alone':>7} "
+                 f"{'online busy':>11} {'batch busy':>10} {'in surge':>8} {'batch/s':>7} {'idle used':>9} "
+                 f"{'lost':>4} {'dup':>4}")
 
 
 def format_online(r: OnlineRow) -> str:
-    return (f"{r.phase:22} {r.online_n:8d} {r.online_errors:4d} {r.p50:6.3f} {r.p99:6.3f} {r.online_busy:11.1f} "
-            f"{r.batch_busy:10.1f} {r.batch_rate:7.1f} {r.idle_used:9.0%}")
+    surge = "       -" if r.surge_batch_busy != r.surge_batch_busy else f"{r.surge_batch_busy:8.2f}"
+    return (f"{r.phase:24} {r.online_n:8d} {r.online_errors:4d} {r.p50:6.3f} {r.p99:6.3f} {r.p99 / r.alone_p99:7.2f} "
+            f"{r.online_busy:11.2f} {r.batch_busy:10.2f} {surge} {r.batch_rate:7.1f} {r.idle_used:9.0%} "
+            f"{r.lost:4d} {r.duplicates:4d}")
 
 
 def _pct(values: List[float], p: int) -> float:
@@ -439,9 +538,20 @@ def main(argv=None) -> int:
                         help="curve points (default: 16,64,256,1000,2000,4000 in flight; 1,2,4 workers)")
     parser.add_argument("--plot", help="with --curve: write a PNG plot here (needs matplotlib)")
     parser.add_argument("--online", action="store_true",
-                        help="instead of the scenarios: G1, online traffic with no batch, ungated and gated batch")
-    parser.add_argument("--online-seconds", type=float, default=Online.seconds, help="G1: seconds measured per phase")
-    parser.add_argument("--reserved", type=float, default=Online.reserved, help="G1: the gates' reserved share")
+                        help="instead of the scenarios: online traffic with no batch, ungated and gated batch")
+    parser.add_argument("--online-scenario", choices=sorted(ONLINE), default="G2",
+                        help="--online: G1 (a fixed rate) or G2 (Poisson arrivals and a surge; the default)")
+    parser.add_argument("--online-seconds", type=float, help="--online: seconds measured per phase")
+    parser.add_argument("--reserved", type=float, help="--online: the endpoint-scrape gates' reserved share")
+    parser.add_argument("--beta", type=float, help="--online: the vllm gate's headroom parameter")
+    parser.add_argument("--vllm", action="append", default=[], metavar="JSON",
+                        help="--online: one more vllm-gate phase with these parameters, e.g. '{\"beta\": 0.5}'"
+                             " (repeatable)")
+    parser.add_argument("--interval", type=float, help="--online: seconds between the gates' readings")
+    parser.add_argument("--phases", default="",
+                        help="--online: comma-separated words; only the phases naming one (and no batch) run")
+    parser.add_argument("--full-surge", action="store_true",
+                        help="--online: one more phase, the vllm gate with the surge at 100%% of capacity")
     parser.add_argument("--cluster", action="store_true",
                         help="instead of the scenarios: 1, 2, 3 replicas on a 3-master Redis Cluster and on one Redis")
     parser.add_argument("--replicas", default="1,2,3", help="--cluster: the replica counts")
@@ -460,13 +570,20 @@ def main(argv=None) -> int:
         return bench_cluster.main(redis_server, args.messages or 6000, args.concurrency or 16,
                                   [int(x) for x in args.replicas.split(",")], args.json)
     if args.online:
-        o = Online(seconds=args.online_seconds, reserved=args.reserved, concurrency=args.concurrency or Online.concurrency)
-        print(f"# G1: sim capacity {o.capacity}, latency {o.latency} s, online {o.rate:.0f}/s at a fixed rate"
-              f" ({o.share:.0%} of capacity), batch --concurrency {o.concurrency}, gates reserve {o.reserved:.1%}"
-              f" and read every {o.interval} s, {o.seconds:.0f} s per phase")
+        o = ONLINE[args.online_scenario]
+        changes = {"seconds": args.online_seconds, "reserved": args.reserved, "concurrency": args.concurrency or None,
+                   "beta": args.beta, "interval": args.interval}
+        o = replace(o, **{k: v for k, v in changes.items() if v is not None})
+        surge = f", surging to {o.surge_rate:.0f}/s for the middle third" if o.surge else ""
+        print(f"# {o.name}: sim capacity {o.capacity}, latency {o.latency} s, online {o.rate:.0f}/s"
+              f" ({o.arrivals}, {o.share:.0%} of capacity){surge}, batch --concurrency {o.concurrency},"
+              f" endpoint-scrape gates reserve {o.reserved:.1%}, gates read every {o.interval} s"
+              f" (vllm beta {'default' if o.beta is None else o.beta}), {o.seconds:.0f} s per phase")
         print(ONLINE_HEADER)
         with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
-            rows = run_online(o, redis_server, workdir, args.workers or min(os.cpu_count() or 1, o.concurrency))
+            rows = run_online(o, redis_server, workdir, args.workers or min(os.cpu_count() or 1, o.concurrency),
+                              [w for w in args.phases.split(",") if w], args.full_surge,
+                              [orjson.loads(v) for v in args.vllm])
         if args.json:
             with open(args.json, "ab") as out:
                 for row in rows:

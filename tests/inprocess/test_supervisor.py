@@ -364,3 +364,39 @@ def test_results_are_written_while_a_claim_keeps_failing():
     rig.transport.refuse_claims = False
     rig.run_until(answered(rig, ["a", "b"]), seconds=60)
     exactly_once(rig, ["a", "b"])
+
+
+def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_requests_wait():
+    """A pod of 8 slots serving 4 online requests: batch keeps 8 - 4 - sqrt(4) = 2 in flight,
+    no fewer (vLLM counts asyncproc's own requests as running; the gate subtracts them); when
+    online requests wait, nothing more is sent until they no longer do; nothing is lost."""
+    from asyncproc.gates import Sample
+
+    pod = {"online": 4, "waiting": 0}
+    rig = None
+
+    def metrics_page(_source):
+        running = pod["online"] + rig.pool.in_flight()
+        return (Sample("vllm:num_requests_running", (("model_name", "m"),), float(running)),
+                Sample("vllm:num_requests_waiting", (("model_name", "m"),), float(pod["waiting"])))
+
+    served = lambda job, now: (Outcome(Kind.OK, 200, b'{"ok": true}', elapsed=0.2), 0.2)  # noqa: E731
+    gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1, "beta": 1}
+    rig = Rig("--concurrency", "8", "--intake-buffer", "200", "--gate", json.dumps(gate), gateway=served, start=False)
+    rig.sup.sources.read = metrics_page
+    rig.sup.start()
+    ids = list(range(200))
+    for i in ids:
+        rig.request(i)
+    rig.run_until(lambda: len(rig.transport.result_ids()) >= 50)
+    assert rig.pool.max_in_flight == 2 and rig.metric(rig.sup.metrics.gate_slots, "batch-queue") == 2
+    pod["waiting"] = 1
+    rig.run_until(lambda: rig.metric(rig.sup.metrics.gate_decisions, "batch-queue", "closed") >= 1)
+    sent, until = len(rig.pool.sent), rig.clock() + 5
+    rig.run_until(lambda: rig.clock() >= until)
+    assert len(rig.pool.sent) == sent and rig.pool.in_flight() == 0
+    assert rig.metric(rig.sup.metrics.held_back, "batch-queue", "gate") > 0
+    pod["waiting"] = 0
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert rig.pool.max_in_flight == 2

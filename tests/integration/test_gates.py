@@ -79,3 +79,70 @@ def test_scrape_gate_stops_dispatch_while_the_sim_is_saturated_and_resumes(redis
         assert proc.metric("asyncproc_gate_decisions_total", reason="closed") >= 1
     finally:
         gateway.stop()
+
+
+def concurrent_at_most(intervals, start, end):
+    """The most of `intervals` ((begin, end) pairs) open at once inside [start, end]."""
+    edges = sorted([(max(b, start), 1) for b, e in intervals if b < end and e > start]
+                   + [(min(e, end), -1) for b, e in intervals if b < end and e > start], key=lambda x: (x[0], x[1]))
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_requests_wait(
+        redis_server, results, start_processor):
+    """A real sim of 8 slots. While 4 online requests run, batch keeps 8 - 4 - sqrt(4) = 2 in
+    flight and keeps flowing (its own requests in vLLM's running count are not online load);
+    when 6 more online requests arrive and some wait, no batch request reaches the sim from
+    one reading after the queueing until it ends; afterwards every request is answered once."""
+    interval = 0.2
+    gateway = Sim("--capacity", "8", "--latency", "0.1")
+    try:
+        gate = {"type": "vllm", "url": gateway.url + "/metrics", "capacity": 8, "interval": interval, "beta": 1,
+                "window": 0.5}
+        proc = start_processor(gateway.url, "--concurrency", "8", "--workers", "1", "--inference-objective", "batch",
+                               "--gate", orjson.dumps(gate).decode())
+        publish(redis_server.client(), batch(400))
+        wait_until(lambda: len(results.items) >= 20, what="batch flowing")
+        online = []
+
+        def online_requests(n, latency):
+            def one():
+                r = requests.post(gateway.url + "/v1/completions", timeout=30,
+                                  json={"prompt": "online", "x_sim": {"latency": latency}})
+                online.append(r.json()["x_sim"])
+            threads = [threading.Thread(target=one) for _ in range(n)]
+            for t in threads:
+                t.start()
+            return threads
+
+        first = online_requests(4, 6.0)
+        wait_until(lambda: gateway.stats()["running_by"].get("") == 4, what="4 online requests served")
+        four_at = time.time()
+        settled = four_at + 1.5    # a few readings: the online-load estimate has settled at 4
+
+        def arrived_after(t):
+            return sum(1 for r in list(results.items) if r.get("payload", {}).get("x_sim", {}).get("arrived", 0) > t)
+
+        wait_until(lambda: arrived_after(settled) >= 30, timeout=30, what="batch flowing beside online")
+        second = online_requests(6, 6.0)
+        wait_until(lambda: gateway.stats()["waiting"] > 0, what="online requests waiting")
+        queued_at = time.time()
+        wait_until(lambda: proc.metric("asyncproc_gate_budget") == 0, timeout=interval + 5, what="the gate to close")
+        for t in first + second:
+            t.join(30)
+        got = assert_each_once(results, 400)
+        first_end = min(o["at"] for o in online if o["arrived"] <= four_at)   # 2 of the 6 wait until then
+        spans = [(r["payload"]["x_sim"]["arrived"], r["payload"]["x_sim"]["at"]) for r in got]
+        beside = [s for s in spans if settled < s[0] < queued_at - 0.1]
+        assert len(beside) >= 20 and concurrent_at_most(spans, settled, queued_at - 0.1) <= 2
+        stopped = [s for s in spans if queued_at + interval + 1.5 < s[0] < first_end - 0.05]
+        assert stopped == []                                  # nothing dispatched while online requests waited
+        assert first_end - queued_at > 1.5                    # (the window was not empty by chance)
+        assert any(s[0] > first_end for s in spans)           # and dispatch resumed after
+        assert proc.metric("asyncproc_gate_decisions_total", reason="closed") >= 1
+    finally:
+        gateway.stop()

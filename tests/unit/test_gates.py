@@ -189,3 +189,152 @@ def test_aimd_bounds():
     state = aimd.State(3.0)
     assert aimd.adapt(state, policy, 200, True, 0, 1, 2).limit == 3
     assert aimd.State(2.9).in_flight == 2
+
+
+# -- the vllm gate -------------------------------------------------------------------------
+POD_B = "http://pod-b:8000/metrics"
+
+
+def vllm(**extra):
+    """A vllm gate of one pod of 8 slots; beta 1 and a 2 s window unless a test says (round numbers)."""
+    doc = {"type": "vllm", "url": VLLM, "capacity": 8, "beta": 1, "window": 2}
+    doc.update(extra)
+    return gates.parse(doc, D)
+
+
+def vllm_page(running, waiting=0, kv=None):
+    samples = [("vllm:num_requests_running", {"model_name": "m"}, running),
+               ("vllm:num_requests_waiting", {"model_name": "m"}, waiting)]
+    if kv is not None:
+        samples.append(("vllm:kv_cache_usage_perc", {"model_name": "m"}, kv))
+    return page(*samples)
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"type": "vllm", "url": VLLM}, "gate.capacity: required"),
+    ({"type": "vllm", "url": VLLM, "capacity": 0}, "gate.capacity: must be greater than 0"),
+    ({"type": "vllm", "capacity": 8}, "gate.url"),
+    ({"type": "vllm", "url": [], "capacity": 8}, "gate.url"),
+    ({"type": "vllm", "url": VLLM, "capacity": 8, "beta": -1}, "gate.beta: must be 0 or more"),
+    ({"type": "vllm", "url": VLLM, "capacity": 8, "window": 0}, "gate.window"),
+    ({"type": "vllm", "url": VLLM, "capacity": 8, "kv_cache_limit": 1.5}, "gate.kv_cache_limit"),
+    ({"type": "vllm", "url": VLLM, "capacity": 8, "interval": 2, "max_age": 1}, "max_age: must be at least"),
+    ({"type": "vllm", "url": VLLM, "capacity": 8, "metric": "x"}, "unknown parameter 'metric' for gate type vllm"),
+])
+def test_bad_vllm_gates_are_errors_naming_the_problem(doc, problem):
+    with pytest.raises(gates.GateError) as err:
+        gates.parse(doc, D)
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_vllm_gate_defaults_need_only_url_and_capacity():
+    gate = gates.parse({"type": "vllm", "url": [VLLM, POD_B], "capacity": 8}, D)
+    assert gate.pages == (gates.Scrape(VLLM, 0.25), gates.Scrape(POD_B, 0.25))
+    assert (gate.capacity, gate.interval, gate.fail_open, gate.max_age) == (8, 1.0, False, 3.0)
+    assert (gate.beta, gate.window, gate.kv_cache_limit) == (0.25, 1.0, 0.9)
+    assert gates.sources(gate) == {gates.Scrape(VLLM, 0.25): 1.0, gates.Scrape(POD_B, 0.25): 1.0}
+    assert vllm(interval=2).max_age == 6.0   # three intervals when longer than the default
+
+
+@pytest.mark.parametrize("online, beta, slots", [
+    (0, 1.0, 8), (4, 1.0, 2), (4, 0.5, 3), (4, 0, 4), (6.4, 1.0, 0), (6.4, 0.5, 0), (1, 1.0, 6), (9, 0, 0),
+])
+def test_headroom_slots_square_root_staffing(online, beta, slots):
+    assert gates.headroom_slots(8, online, beta) == slots
+
+
+def decide_once(gate, reading, own=0, now=10.0, taken_at=10.0, load=None):
+    """A decision on one fresh reading of the gate's first page (and the same on the others)."""
+    readings = {p: reading for p in gate.pages} if reading is not None else {}
+    taken = {p: taken_at for p in gate.pages}
+    load = gates.observe(gate, load, readings, taken, own, now)
+    return gates.decide(gate, readings, now, taken, {gate.pages: own}, {gate.pages: load} if load else {})
+
+
+@pytest.mark.parametrize("reading, own, extra, expected", [
+    (vllm_page(0), 0, {}, ("open", 8)),
+    (vllm_page(4), 0, {}, ("throttled", 2)),          # 4 online + sqrt(4) headroom
+    (vllm_page(6), 2, {}, ("throttled", 2)),          # 2 of the 6 running are asyncproc's own
+    (vllm_page(8), 4, {}, ("throttled", 2)),
+    (vllm_page(8), 8, {}, ("open", 8)),               # all running are asyncproc's: no online load
+    (vllm_page(3), 5, {}, ("open", 8)),               # own count ahead of the page: online never negative
+    (vllm_page(5, waiting=1), 5, {}, ("closed", 0)),  # online requests queue: closed at once
+    (vllm_page(7), 0, {}, ("closed", 0)),             # 7 + 2.6 > 8
+    (vllm_page(4), 0, {"beta": 0}, ("throttled", 4)),
+    (vllm_page(4, kv=0.95), 2, {}, ("throttled", 2)),  # KV cache full: asyncproc takes no more than it has
+    (vllm_page(4, kv=0.95), 0, {}, ("closed", 0)),
+    (vllm_page(4, kv=0.5), 0, {}, ("throttled", 2)),
+    (vllm_page(4, kv=0.95), 0, {"kv_cache_limit": 1.0}, ("throttled", 2)),
+    (page(("vllm:num_requests_running", {}, 4)), 0, {}, ("failed-closed", 0)),     # no waiting count
+    (page(("vllm:num_requests_running", {}, 4)), 0, {"fail_open": True}, ("failed-open", None)),
+    (vllm_page(float("nan")), 0, {}, ("failed-closed", 0)),
+    (Failed("connection refused"), 0, {}, ("failed-closed", 0)),
+    (None, 0, {}, ("failed-closed", 0)),
+])
+def test_vllm_gate_decisions(reading, own, extra, expected):
+    got = decide_once(vllm(**extra), reading, own)
+    assert (got.reason, got.slots) == expected
+    assert got.budget == (0.0 if expected[0] in ("closed", "failed-closed") else 1.0)
+
+
+def test_vllm_gate_sums_pods_and_closes_when_any_pod_queues():
+    gate = vllm(url=[VLLM, POD_B], capacity=4)
+    readings = {gates.Scrape(VLLM, 0.25): vllm_page(3), gates.Scrape(POD_B, 0.25): vllm_page(1, kv=0.2)}
+    taken = {p: 5.0 for p in gate.pages}
+    got = gates.decide(gate, readings, 5.0, taken, {gate.pages: 0})
+    assert (got.reason, got.slots) == ("throttled", 2)           # 8 slots, 4 online + 2
+    readings[gates.Scrape(POD_B, 0.25)] = vllm_page(1, waiting=2)
+    assert gates.decide(gate, readings, 5.0, taken, {gate.pages: 0}).reason == "closed"
+
+
+@pytest.mark.parametrize("age, fail_open, reason", [
+    (2.9, False, "throttled"), (3.1, False, "failed-closed"), (3.1, True, "failed-open"),
+])
+def test_vllm_gate_bounds_the_age_of_its_readings(age, fail_open, reason):
+    got = decide_once(vllm(fail_open=fail_open), vllm_page(4), now=100.0, taken_at=100.0 - age)
+    assert got.reason == reason
+    if reason.startswith("failed"):
+        assert "old" in got.detail
+
+
+def test_vllm_load_estimate_is_smoothed_over_the_window_and_counts_each_reading_once():
+    gate = vllm(window=2.0)
+    p = gate.pages[0]
+    load = gates.observe(gate, None, {p: vllm_page(4)}, {p: 0.0}, 0, 0.0)
+    assert load == gates.Load(4.0, 0.0)
+    # A burst to 8 online, seen 2 s (one window) later, moves the estimate 1 - 1/e of the way.
+    load = gates.observe(gate, load, {p: vllm_page(8)}, {p: 2.0}, 0, 2.0)
+    assert math.isclose(load.online, 4 + 4 * (1 - math.exp(-1)))
+    assert gates.observe(gate, load, {p: vllm_page(8)}, {p: 2.0}, 0, 2.5) == load     # the same reading again
+    assert gates.observe(gate, load, {p: Failed("down")}, {p: 3.0}, 0, 3.0) == load   # a failure keeps it
+    # Waiting requests are online load too; asyncproc's own are not.
+    load = gates.observe(gate, gates.Load(0.0, 0.0), {p: vllm_page(8, waiting=2)}, {p: 1000.0}, 3, 1000.0)
+    assert math.isclose(load.online, 7.0)
+
+
+def test_vllm_gate_decides_on_the_estimate_not_one_noisy_reading():
+    gate = vllm()
+    p = gate.pages[0]
+    load = gates.Load(4.0, 9.9)          # a steady online load of 4...
+    got = decide_once(gate, vllm_page(7), load=load, now=10.0, taken_at=10.0)  # ...one reading of 7, 0.1 s on
+    assert (got.reason, got.slots) == ("throttled", 1)   # the estimate moves to 4.15: one slot less, not all
+    assert gates.decide(gate, {p: vllm_page(7)}, 10.0, {p: 10.0}, {gate.pages: 0}).slots == 0  # no estimate yet
+
+
+@pytest.mark.parametrize("budget, limit, slots, allowed", [
+    (1.0, 8, None, 8), (1.0, 8, 3, 3), (1.0, 2, 3, 2), (1.0, 8, 0, 0), (1.0, 8, -2, 0), (0.5, 8, 6, 4), (0.0, 8, 5, 0),
+])
+def test_allowed_in_flight_within_slots(budget, limit, slots, allowed):
+    assert gates.allowed_in_flight(budget, limit, slots) == allowed
+
+
+def test_min_gate_with_a_vllm_gate_takes_the_fewest_slots_and_the_smallest_budget():
+    gate = gates.parse({"type": "min", "gates": [{"type": "vllm", "url": VLLM, "capacity": 8, "beta": 1},
+                                                 {"type": "redis", "key": "a"}]}, D)
+    pool, key = gate.gates[0].pages, gate.gates[1].source
+    readings = {pool[0]: vllm_page(4), key: 0.5}
+    got = gates.decide(gate, readings, 1.0, {pool[0]: 1.0}, {pool: 0})
+    assert (got.budget, got.slots, got.reason) == (0.5, 2, "throttled")
+    readings[pool[0]] = vllm_page(4, waiting=1)
+    got = gates.decide(gate, readings, 1.0, {pool[0]: 1.0}, {pool: 0})
+    assert (got.budget, got.slots, got.reason) == (0.0, 0, "closed")
