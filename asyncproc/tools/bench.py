@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import orjson
 import psutil
@@ -228,11 +228,7 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         peak_rss = max(peak_rss, rss)
         collector.running = False
         collector.join(5)
-        firsts = sorted(times[0] for times in collector.arrivals.values())
-        latencies = sorted(collector.arrivals[rid][0] - sent[rid] for rid in collector.arrivals if rid in sent)
-        lo, hi = int(len(firsts) * 0.1), max(int(len(firsts) * 0.9) - 1, 0)
-        rate = (hi - lo) / (firsts[hi] - firsts[lo]) if hi > lo and firsts[hi] > firsts[lo] else 0.0
-        done = len(collector.arrivals)
+        rate, latencies, done = arrival_stats(collector.arrivals, sent)
         return Row(
             s.name, transport, s.concurrency, workers, s.messages, rate,
             s.concurrency / mean_latency(s) if mean_latency(s) else None, gateway_rate,
@@ -501,6 +497,16 @@ def format_online(r: OnlineRow) -> str:
     return (f"{r.phase:24} {r.online_n:8d} {r.online_errors:4d} {r.p50:6.3f} {r.p99:6.3f} {r.p99 / r.alone_p99:7.2f} "
             f"{r.online_busy:11.2f} {r.batch_busy:10.2f} {surge} {r.batch_rate:7.1f} {r.idle_used:9.0%} "
             f"{r.lost:4d} {r.duplicates:4d}")
+
+
+def arrival_stats(arrivals: Dict, sent: Dict) -> Tuple[float, List[float], int]:
+    """(steady rate between the 10th and 90th percentile of first arrivals, sorted
+    send-to-first-result latencies, ids answered) of one run's results."""
+    firsts = sorted(times[0] for times in arrivals.values())
+    latencies = sorted(arrivals[rid][0] - sent[rid] for rid in arrivals if rid in sent)
+    lo, hi = int(len(firsts) * 0.1), max(int(len(firsts) * 0.9) - 1, 0)
+    rate = (hi - lo) / (firsts[hi] - firsts[lo]) if hi > lo and firsts[hi] > firsts[lo] else 0.0
+    return rate, latencies, len(arrivals)
 
 
 def _pct(values: List[float], p: int) -> float:

@@ -21,7 +21,7 @@ import orjson
 import psutil
 import redis
 
-from asyncproc.tools.bench import Collector, _pct, tree_usage
+from asyncproc.tools.bench import Collector, _pct, arrival_stats, tree_usage
 from asyncproc.tools.local import Processes, free_port, redis_answers, wait_for
 from asyncproc.transports.keys import slot
 
@@ -158,11 +158,7 @@ def run(server: str, cluster: bool, replicas: int, messages: int, concurrency: i
         redis_cpu = sum(tree_usage(s)[0] for s in servers) - redis_before
         collector.running = False
         collector.join(5)
-        firsts = sorted(times[0] for times in collector.arrivals.values())
-        latencies = sorted(collector.arrivals[rid][0] - sent[rid] for rid in collector.arrivals if rid in sent)
-        lo, hi = int(len(firsts) * 0.1), max(int(len(firsts) * 0.9) - 1, 0)
-        rate = (hi - lo) / (firsts[hi] - firsts[lo]) if hi > lo and firsts[hi] > firsts[lo] else 0.0
-        done = len(collector.arrivals)
+        rate, latencies, done = arrival_stats(collector.arrivals, sent)
         return ClusterRow("cluster 3m" if cluster else "1 redis", replicas, concurrency, messages, rate,
                           _pct(latencies, 50), _pct(latencies, 99), cpu / max(done, 1) * 1e6,
                           redis_cpu / max(done, 1) * 1e6, messages - done, collector.count - done)
