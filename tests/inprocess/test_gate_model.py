@@ -1,0 +1,58 @@
+"""The vllm gate's pure policy (gates.observe, gates.decide) against the noise-free model of
+the G2 pool (asyncproc.tools.gate_model): a fake clock, no processes, about 50 ms a phase.
+These guard what the benchmark measures only through the noise of a shared machine."""
+from dataclasses import replace
+
+import pytest
+
+from asyncproc.tools import gate_model
+from asyncproc.tools.bench import ONLINE
+
+G2 = ONLINE["G2"]
+
+
+def phase(o, **params):
+    interval = params.pop("interval", o.interval)
+    return gate_model.run(o, gate_model.gate_of(o.capacity, interval, **params))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_defaults_keep_online_p99_near_alone_and_use_about_half_the_idle_capacity(seed):
+    o = replace(G2, seed=seed)
+    alone = gate_model.run(o, None)
+    gated = phase(o)
+    assert alone.batch_busy == 0 and abs(alone.online_busy - gated.online_busy) < 0.05
+    assert gated.p99 <= 1.10 * alone.p99
+    assert 0.45 <= gated.idle_used <= 0.75
+    assert gated.surge_batch_busy < 0.6, "batch gives way during the surge"
+
+
+def test_an_open_pool_is_what_costs_online_p99():
+    o = replace(G2, seed=1)
+    alone = gate_model.run(o, None)
+    ungated = gate_model.run(o, None, ungated=True)
+    assert ungated.idle_used > 0.95
+    assert ungated.p99 > 2 * alone.p99
+
+
+def test_more_headroom_trades_batch_for_online_p99():
+    o = replace(G2, seed=1)
+    low, high = phase(o, beta=0.0), phase(o, beta=1.0)
+    assert low.idle_used > high.idle_used + 0.15
+    assert high.p99 <= low.p99
+    assert high.surge_batch_busy < low.surge_batch_busy
+
+
+def test_a_surge_to_full_capacity_stops_batch():
+    o = replace(G2, seed=1, surge=1.0)
+    alone = gate_model.run(o, None)
+    gated = phase(o)
+    assert gated.surge_batch_busy < 0.3
+    assert gated.p99 <= 1.10 * alone.p99
+
+
+def test_the_model_is_deterministic_and_the_sweep_reports_per_seed():
+    rows = gate_model.sweep(G2, [{"beta": 0.25}], seeds=[1, 2])
+    assert rows == gate_model.sweep(G2, [{"beta": 0.25}], seeds=[1, 2])
+    (params, ratios, used, surge), = rows
+    assert params == {"beta": 0.25, "interval": G2.interval} and len(ratios) == len(used) == len(surge) == 2
