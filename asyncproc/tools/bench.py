@@ -554,6 +554,7 @@ def main(argv=None) -> int:
                         help="--online: one more vllm-gate phase with these parameters, e.g. '{\"beta\": 0.5}'"
                              " (repeatable)")
     parser.add_argument("--interval", type=float, help="--online: seconds between the gates' readings")
+    parser.add_argument("--seed", type=int, help="--online: the Poisson arrivals' seed (default 1; the same in every phase)")
     parser.add_argument("--phases", default="",
                         help="--online: comma-separated words; only the phases naming one (and no batch) run")
     parser.add_argument("--full-surge", action="store_true",
@@ -578,13 +579,14 @@ def main(argv=None) -> int:
     if args.online:
         o = ONLINE[args.online_scenario]
         changes = {"seconds": args.online_seconds, "reserved": args.reserved, "concurrency": args.concurrency or None,
-                   "beta": args.beta, "interval": args.interval}
+                   "beta": args.beta, "interval": args.interval, "seed": args.seed}
         o = replace(o, **{k: v for k, v in changes.items() if v is not None})
         surge = f", surging to {o.surge_rate:.0f}/s for the middle third" if o.surge else ""
         print(f"# {o.name}: sim capacity {o.capacity}, latency {o.latency} s, online {o.rate:.0f}/s"
               f" ({o.arrivals}, {o.share:.0%} of capacity){surge}, batch --concurrency {o.concurrency},"
               f" endpoint-scrape gates reserve {o.reserved:.1%}, gates read every {o.interval} s"
-              f" (vllm beta {'default' if o.beta is None else o.beta}), {o.seconds:.0f} s per phase")
+              f" (vllm beta {'default' if o.beta is None else o.beta}), {o.seconds:.0f} s per phase"
+              + (f", seed {o.seed}" if o.arrivals == "poisson" else ""))
         print(ONLINE_HEADER)
         with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
             rows = run_online(o, redis_server, workdir, args.workers or min(os.cpu_count() or 1, o.concurrency),
