@@ -137,6 +137,27 @@ def run(o: Online, gate: Optional[gates.VllmGate], delay: float = 0.005, jitter:
                   batch_busy / max(capacity - online_busy, 1e-9))
 
 
+def clairvoyant(o: Online, step: float = 0.001) -> float:
+    """The share of the idle capacity a scheduler that knew every future online arrival could
+    give batch requests of the same length without delaying any online request: starting one
+    whenever a slot stays free of online work for a whole service time (greedy, in steps)."""
+    ticks, length = int(o.seconds / step), int(round(o.service / step))
+    present = [0] * (ticks + length + 1)       # online requests in the pool (served or waiting), alone
+    free = [0.0] * o.capacity
+    for t in arrival_times(o):
+        begins = max(t, heapq.heappop(free))
+        heapq.heappush(free, begins + o.service)
+        for k in range(int(t / step), min(int((begins + o.service) / step), len(present))):
+            present[k] += 1
+    online = sum(min(n, o.capacity) for n in present[:ticks]) * step / o.seconds
+    for k in range(ticks):                    # batch starting at k: present + 1 <= capacity throughout
+        while max(present[k:k + length]) < o.capacity:
+            for j in range(k, k + length):
+                present[j] += 1
+    used = sum(min(n, o.capacity) for n in present[:ticks]) * step / o.seconds - online
+    return used / (o.capacity - online)
+
+
 def sweep(o: Online, configs: Sequence[Dict], seeds: Sequence[int], delay: float = 0.005) -> List[tuple]:
     """Per configuration (gate parameters; "interval" among them): the p99 ratios and idle
     shares over the seeds."""
@@ -161,6 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gate", action="append", default=[], metavar="JSON",
                         help="vllm gate parameters, e.g. '{\"beta\": 0.5, \"interval\": 0.1}' (repeatable;"
                              " default: beta 0, 0.25, 0.5, 1 at intervals 0.2 and 0.1)")
+    parser.add_argument("--clairvoyant", action="store_true",
+                        help="also the bound: what a scheduler that knew every future arrival could use")
     args = parser.parse_args(argv)
     import orjson
 
@@ -177,8 +200,12 @@ def main(argv=None) -> int:
                for s in seeds]
     rows = [({"ungated": 1}, [u.p99 / a.p99 for u, a in ungated], [u.idle_used for u, _ in ungated],
              [u.surge_batch_busy for u, _ in ungated])]
+    if args.clairvoyant:
+        bound = [clairvoyant(replace(o, seed=s)) for s in seeds]
+        rows.append(({"clairvoyant": 1}, [1.0] * len(bound), bound, [float("nan")] * len(bound)))
     for params, ratios, used, surge in rows + sweep(o, configs, seeds, args.delay):
-        name = "ungated" if "ungated" in params else ",".join(f"{k}={v:g}" for k, v in sorted(params.items()))
+        name = next((k for k in ("ungated", "clairvoyant") if k in params), None) or ",".join(
+            f"{k}={v:g}" for k, v in sorted(params.items()))
         print(f"{name:40} {' '.join(f'{x:.2f}' for x in ratios):>36} {max(ratios):5.2f}  "
               f"{sum(used) / len(used):9.0%} {min(used):5.0%} {sum(surge) / len(surge):8.2f}")
     return 0

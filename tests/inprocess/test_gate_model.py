@@ -56,3 +56,10 @@ def test_the_model_is_deterministic_and_the_sweep_reports_per_seed():
     assert rows == gate_model.sweep(G2, [{"beta": 0.25}], seeds=[1, 2])
     (params, ratios, used, surge), = rows
     assert params == {"beta": 0.25, "interval": G2.interval} and len(ratios) == len(used) == len(surge) == 2
+
+
+def test_knowing_every_future_arrival_would_fill_more_than_any_gate_does():
+    o = replace(G2, seed=1)
+    bound = gate_model.clairvoyant(o)
+    assert 0.7 < bound < 1.0
+    assert phase(o, beta=0.0).idle_used < bound
