@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     seeds = range(1, args.seeds + 1)
     print(f"# model of {o.name}: capacity {o.capacity} x {o.service:g} s, online {o.rate:g}/s"
           + (f" surging to {o.surge_rate:g}/s" if o.surge else "") + f", seeds 1-{args.seeds}, delay {args.delay:g} s")
-    print(f"{'gate':40} {'p99 x alone (per seed)':>36} {'worst':>5}  {'idle used':>9} {'least':>5} {'in surge':>8}")
+    width = max(5 * len(seeds) - 1, 22)
+    print(f"{'gate':24} {'p99 x alone, per seed':{width}} {'worst':>5} {'idle used':>9} {'least':>5} {'in surge':>8}")
     ungated = [(run(replace(o, seed=s), None, args.delay, ungated=True), run(replace(o, seed=s), None, args.delay))
                for s in seeds]
     rows = [({"ungated": 1}, [u.p99 / a.p99 for u, a in ungated], [u.idle_used for u, _ in ungated],
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     for params, ratios, used, surge in rows + sweep(o, configs, seeds, args.delay):
         name = next((k for k in ("ungated", "clairvoyant") if k in params), None) or ",".join(
             f"{k}={v:g}" for k, v in sorted(params.items()))
-        print(f"{name:40} {' '.join(f'{x:.2f}' for x in ratios):>36} {max(ratios):5.2f}  "
+        print(f"{name:24} {' '.join(f'{x:.2f}' for x in ratios):{width}} {max(ratios):5.2f} "
               f"{sum(used) / len(used):9.0%} {min(used):5.0%} {sum(surge) / len(surge):8.2f}")
     return 0
 
