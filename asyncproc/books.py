@@ -33,7 +33,7 @@ class Books:
         self.metrics = metrics_
         self.clock = clock
         self.rng = rng
-        self.ledger = Ledger(settings.dispatch_order)
+        self.ledger = Ledger(settings.dispatch.order)
         self.outbox = Writes()
         self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
         self.cancelled = messages.Cancellations()
@@ -190,7 +190,7 @@ class Books:
         before = entry.request
         request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
         decision = retry.decide(outcome, request.attempts, request.deadline, now,
-                                self.settings.backoff, self.rng, self.settings.max_attempts,
+                                self.settings.retry.backoff, self.rng, self.settings.retry.max_attempts,
                                 last_error=before.last_error)
         key = request.key
         if isinstance(decision, retry.RetryAt):
@@ -222,15 +222,15 @@ class Books:
         """Encode a result into the outbox; one larger than --max-result-bytes becomes an
         error result naming its size (on every transport: Redis and its subscribers have
         limits of their own)."""
-        raw = messages.encode_result(result, self.settings.result_format)
-        limit = self.settings.max_result_bytes
+        raw = messages.encode_result(result, self.settings.messages.result_format)
+        limit = self.settings.messages.max_result_bytes
         if len(raw) > limit:
             log.warning("id=%s: result of %d bytes is over --max-result-bytes (%d); writing an error"
                         " result instead", result.key, len(raw), limit, extra={"id": result.id})
             raw = messages.encode_result(Result(
                 result.id, result.queue, False, f"result too large: {len(raw)} bytes, limit {limit}",
                 status_code=result.status_code, attempts=result.attempts, metadata=result.metadata,
-                token=result.token), self.settings.result_format)
+                token=result.token), self.settings.messages.result_format)
         self.outbox.results.append((result.key, raw, delivery))
         destination = llmd.result_queue(self.result_queues.get(result.queue), result.reply_to)
         if destination or result.token:  # llm-d-async: where it goes, which marker it releases
@@ -354,7 +354,7 @@ class Books:
                 except Exception:
                     transport.write(single)  # once more: a passing fault is not the item's
             except Exception as exc:
-                replacement = outbox.replacement(single, exc, self.settings.result_format)
+                replacement = outbox.replacement(single, exc, self.settings.messages.result_format)
                 try:
                     transport.write(replacement)
                 except Exception:

@@ -74,8 +74,8 @@ class Supervisor:
         self.books.tracing = self.dispatcher.tracing
         self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
         intervals = self.dispatcher.source_intervals()
-        self.sources = gate_sources.Sources(intervals, clock, settings.redis_url,
-                                            settings.redis_auth) if intervals else None
+        self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
+                                            settings.redis.auth) if intervals else None
         self.capacity = settings.concurrency + settings.intake_buffer
         self.state = Lifecycle.STARTING
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
@@ -92,7 +92,7 @@ class Supervisor:
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
         self.timers = {name: Timer(interval) for name, interval in (
-            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS), ("cancellations", settings.cancel_poll_interval),
+            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS), ("cancellations", settings.operations.cancel_poll_interval),
             ("rss", RSS_CHECK_SECONDS), ("stuck", STUCK_CHECK_SECONDS),
             ("keep_alive", self.transport.keep_alive_interval), ("watchdog", self.notifier.watchdog_interval))}
         self._wake_r, self._wake_w = os.pipe()
@@ -111,7 +111,7 @@ class Supervisor:
         if signum is not None:
             name = signal.Signals(signum).name
             if state in (Lifecycle.STARTING, Lifecycle.RUNNING):
-                log.info("%s received: draining (grace %.0fs)", name, self.settings.shutdown_grace_period)
+                log.info("%s received: draining (grace %.0fs)", name, self.settings.operations.shutdown_grace_period)
                 self._enter(Lifecycle.DRAINING, now)
             elif state is Lifecycle.STOPPING:
                 log.warning("%s while stopping: exiting without waiting for the queue system", name)
@@ -141,7 +141,7 @@ class Supervisor:
         self.state = state
         if state is Lifecycle.DRAINING:  # intake stops; what is not dispatched goes back now
             self.notifier.send("STOPPING=1", "STATUS=draining")
-            self.deadline.after(now, self.settings.shutdown_grace_period)
+            self.deadline.after(now, self.settings.operations.shutdown_grace_period)
             self.books.release_unclaimed()
             self.books.put_back(self.ledger.unfinished([State.WAITING]), now)
         elif state is Lifecycle.STOPPING:  # last step: write the outbox, waiting a little if need be
@@ -152,18 +152,18 @@ class Supervisor:
         1 after an internal error in the loop (what was held is put back first)."""
         self._install_signals()
         try:
-            server = metrics.serve(self.metrics, self.health, self.settings.metrics_host,
-                                   self.settings.metrics_port)
+            server = metrics.serve(self.metrics, self.health, self.settings.operations.metrics_host,
+                                   self.settings.operations.metrics_port)
         except OSError as exc:
-            log.error("cannot serve metrics on %s:%d: %s", self.settings.metrics_host,
-                      self.settings.metrics_port, exc.strerror or exc)
+            log.error("cannot serve metrics on %s:%d: %s", self.settings.operations.metrics_host,
+                      self.settings.operations.metrics_port, exc.strerror or exc)
             return 3
         log.info(
             "asyncproc starting: %d workers, concurrency %d, queues %s, gateway %s",
             self.settings.workers, self.settings.concurrency, ",".join(self.settings.queue_names),
-            redact.url(self.settings.inference_gateway),
+            redact.url(self.settings.gateway.url),
         )
-        if not self.settings.gateway_tls.verify:
+        if not self.settings.gateway.tls.verify:
             log.warning("--gateway-tls-verify false: the gateway's certificate is not checked;"
                         " anyone on the path can read the requests and their credentials")
         code = 0
@@ -402,7 +402,7 @@ class Supervisor:
         now = self.clock()
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
-        self.pool.kill_silent(self.settings.worker_timeout)
+        self.pool.kill_silent(self.settings.operations.worker_timeout)
         self.replace_stuck_workers(now)
         self.recycle_workers(now)
         self.keep_alive(now)
@@ -484,7 +484,7 @@ class Supervisor:
     # -- workers ---------------------------------------------------------------------------------
     def recycle_workers(self, now: float) -> None:
         """Retire workers past --worker-max-requests / --worker-max-rss once they hold no work."""
-        max_requests, max_rss = self.settings.worker_max_requests, self.settings.worker_max_rss
+        max_requests, max_rss = self.settings.operations.worker_max_requests, self.settings.operations.worker_max_rss
         check_rss = max_rss and self.timers["rss"].every(now)
         for handle in self.pool.handles:
             if not handle.retiring and handle.ready:
@@ -509,7 +509,7 @@ class Supervisor:
             return
         overdue: Dict[int, List[Entry]] = {}
         for entry in self.ledger.unfinished([State.ASSIGNED]):
-            if attempt_overdue(entry.dispatched_at, entry.request.deadline, self.settings.request_timeout, now):
+            if attempt_overdue(entry.dispatched_at, entry.request.deadline, self.settings.retry.request_timeout, now):
                 overdue.setdefault(entry.worker, []).append(entry)
         handles = {h.index: h for h in self.pool.handles}
         for index, entries in overdue.items():
@@ -559,7 +559,7 @@ class Supervisor:
 
     def _worker_spec(self, index: int, threads: int) -> worker.WorkerSpec:
         return worker.WorkerSpec(
-            index=index, threads=threads, heartbeat=max(min(self.settings.worker_timeout / 4, 5.0), 0.1),
-            log_format=self.settings.log_format, log_level=self.settings.log_level,
-            tls=self.settings.gateway_tls,
+            index=index, threads=threads, heartbeat=max(min(self.settings.operations.worker_timeout / 4, 5.0), 0.1),
+            log_format=self.settings.operations.log_format, log_level=self.settings.operations.log_level,
+            tls=self.settings.gateway.tls,
         )
