@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -195,3 +196,27 @@ def test_gate_from_config_file_and_env(tmp_path):
         2.0, False, gates.RedisKey("redis://localhost:6379/0", "x", 0.25))
     env = {"ASYNCPROC_GATE": '{"type": "constant", "budget": 0.3}'}
     assert load(env=env).dispatch.default_gate == gates.Constant(0.3)
+
+
+def test_every_option_names_a_section_of_settings():
+    sections = {f.name for f in dataclasses.fields(config.Settings)} | {"processing"}
+    assert {o.section for o in config.OPTIONS} == set(config.SECTIONS) <= sections
+
+
+def test_a_section_built_by_hand_starts_from_the_option_defaults():
+    """Tests and embedders build one section (RedisConfig(url=...)): its defaults are the options'."""
+    s = load()
+    for name in set(config.SECTIONS) - {"processing"}:
+        section = getattr(s, name)
+        assert type(section)() == section, name
+
+
+def test_a_transport_takes_its_own_section():
+    from asyncproc.transports.redis_sortedset import RedisSortedSet
+
+    redis = config.RedisConfig(url="redis://localhost:1/0", key_prefix="p")
+    transport = RedisSortedSet(redis, ["a", "b"], "llm-d-async")
+    try:
+        assert list(transport.sets) == ["a", "b"] and transport.results.mode == "lpush"
+    finally:
+        transport.close()
