@@ -1,4 +1,6 @@
-"""Configuration: one OPTIONS table → a configargparse parser → frozen Settings.
+"""Configuration: one OPTIONS table → a configargparse parser → frozen Settings, in
+sections by what they configure (Redis, GCP, the gateway, retries, dispatch, messages,
+operations); each option names its section, and each transport is given only its own.
 
 Every option is a flag, an environment variable (`ASYNCPROC_` + the flag in capitals,
 `-` and `.` as `_`) and a config-file key (the flag without dashes). A bad value fails
