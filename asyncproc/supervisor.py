@@ -461,8 +461,7 @@ class Supervisor:
         answer the waiting ones covered; in-flight ones are aborted by their workers."""
         if not self.connected or not self.timers["cancellations"].every(now):
             return
-        held = self.ledger.unfinished()
-        tokened = cancelwatch.with_tokens(e.request for e in held)
+        tokened = self.ledger.tokened()
         try:
             batches, ids = self.transport.cancellations(now)
             hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened]) if tokened else []
@@ -472,7 +471,7 @@ class Supervisor:
         self.metrics.cancel_reads.inc()
         self.metrics.cancel_watched.set(len(tokened))
         marked = {r.key for r, hit in zip(tokened, hits) if hit}
-        abort = self.books.cancel(batches, ids, marked, held)
+        abort = self.books.cancel(batches, ids, marked)  # the held requests are scanned only if covered
         handles = {h.index: h for h in self.pool.handles}
         for index, keys in abort.items():
             handle = handles.get(index)
@@ -508,8 +507,9 @@ class Supervisor:
         if not self.timers["stuck"].every(now):
             return
         overdue: Dict[int, List[Entry]] = {}
-        for entry in self.ledger.unfinished([State.ASSIGNED]):
-            if attempt_overdue(entry.dispatched_at, entry.request.deadline, self.settings.retry.request_timeout, now):
+        timeout = self.settings.retry.request_timeout
+        for entry in self.ledger.assigned():
+            if attempt_overdue(entry.dispatched_at, entry.request.deadline, timeout, now):
                 overdue.setdefault(entry.worker, []).append(entry)
         handles = {h.index: h for h in self.pool.handles}
         for index, entries in overdue.items():
@@ -545,7 +545,7 @@ class Supervisor:
         if not self.timers["gauges"].every(now):
             return
         m, dispatcher = self.metrics, self.dispatcher
-        m.observe(self.ledger.count_by_queue(State.ASSIGNED), dispatcher.routes, self.ledger.count(State.WAITING),
+        m.observe(self.ledger.assigned_by_queue(), dispatcher.routes, self.ledger.count(State.WAITING),
                   dispatcher.aimd_state.in_flight if dispatcher.aimd_state is not None else None,
                   dispatcher.held, alive, len(self.books.outbox))
         if self.connected and self.timers["stats"].every(now):

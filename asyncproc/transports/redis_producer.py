@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 CHUNK = 500                          # messages per pipeline round trip
 SOCKET_TIMEOUT = 10.0
-REPLY_COMPLETION = 1.0               # seconds the rest of a partly arrived reply may take
+REPLY_COMPLETION = SOCKET_TIMEOUT    # seconds the rest of a partly arrived reply may take (a busy host)
 
 
 def batch_key(prefix: str, batch: str) -> str:
