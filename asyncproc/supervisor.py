@@ -242,7 +242,12 @@ class Supervisor:
         fileno = self.transport.fileno() if self.connected and self.state is Lifecycle.RUNNING else None
         if fileno is not None:
             objects.append(fileno)
-        self.readable = set(self._wait(objects, timeout=self._timeout()))
+        timeout = self._timeout()
+        window = self.dispatcher.batch_window() if self.state is Lifecycle.RUNNING and timeout > 0 else 0.0
+        if window:  # let outcomes gather (only a signal cuts it short), then take them all at once
+            self._wait([self._wake_r], timeout=min(window, timeout))
+            timeout = 0.0 if self.signals else max(timeout - window, 0.0)
+        self.readable = set(self._wait(objects, timeout=timeout))
 
     def _timeout(self) -> float:
         if self.signals or self.more_to_read:
