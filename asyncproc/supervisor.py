@@ -21,12 +21,13 @@ from asyncproc import cancelwatch, gate_sources, messages, metrics, notify, reda
 from asyncproc.books import Books
 from asyncproc.config import Settings
 from asyncproc.dispatch import Dispatcher
-from asyncproc.ledger import Entry, State
+from asyncproc.ledger import State
 from asyncproc.messages import Request
 from asyncproc.outcomes import Assignment, Outcome
 from asyncproc.pool import BootFailure, Pool
 from asyncproc.timers import Timer
 from asyncproc.transports import Transport, TransportError, open_transport
+from asyncproc.upkeep import WorkerKeeper
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -36,19 +37,8 @@ HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
 QUEUE_STATS_SECONDS = 5.0
 GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
-RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for the queue system
-STUCK_GRACE_SECONDS = 3.0    # a worker holding an attempt this long past its budget is replaced
-STUCK_CHECK_SECONDS = 1.0    # how often held attempts are compared with their budgets
 EXIT_INTERNAL_ERROR = 1
-
-
-def attempt_overdue(dispatched_at: float, deadline: float, request_timeout: float, now: float,
-                    grace: float = STUCK_GRACE_SECONDS) -> bool:
-    """An attempt dispatched at `dispatched_at` and still not answered at `now` has outrun
-    its budget, min(--request-timeout, time to the deadline), by more than `grace`: the
-    worker's own watchdog (gateway.expire_overdue) did not end it."""
-    return now > min(dispatched_at + request_timeout, deadline) + grace
 
 
 class Lifecycle(enum.Enum):
@@ -73,6 +63,7 @@ class Supervisor:
         self.dispatcher = Dispatcher(settings, self.metrics, self.rng)
         self.books.tracing = self.dispatcher.tracing
         self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
+        self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
         intervals = self.dispatcher.source_intervals()
         self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
                                             settings.redis.auth) if intervals else None
@@ -93,7 +84,6 @@ class Supervisor:
         self.notified_ready = False
         self.timers = {name: Timer(interval) for name, interval in (
             ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS), ("cancellations", settings.operations.cancel_poll_interval),
-            ("rss", RSS_CHECK_SECONDS), ("stuck", STUCK_CHECK_SECONDS),
             ("keep_alive", self.transport.keep_alive_interval), ("watchdog", self.notifier.watchdog_interval))}
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -402,9 +392,7 @@ class Supervisor:
         now = self.clock()
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
-        self.pool.kill_silent(self.settings.operations.worker_timeout)
-        self.replace_stuck_workers(now)
-        self.recycle_workers(now)
+        self.keeper.housekeep(now)
         self.keep_alive(now)
         self.refresh_cancellations(now)
         self.dispatcher.refresh_tokens(now)
@@ -479,47 +467,6 @@ class Supervisor:
                 self.books.aborting.update(keys)
                 log.info("aborting %d cancelled requests in flight on worker %d: %s", len(keys), index,
                          " ".join(keys[:20]))
-
-    # -- workers ---------------------------------------------------------------------------------
-    def recycle_workers(self, now: float) -> None:
-        """Retire workers past --worker-max-requests / --worker-max-rss once they hold no work."""
-        max_requests, max_rss = self.settings.operations.worker_max_requests, self.settings.operations.worker_max_rss
-        check_rss = max_rss and self.timers["rss"].every(now)
-        for handle in self.pool.handles:
-            if not handle.retiring and handle.ready:
-                if max_requests and handle.served >= max_requests:
-                    handle.retiring = True
-                    log.info("worker %d served %d requests; retiring it", handle.index, handle.served)
-                elif check_rss:
-                    rss = self.pool.rss(handle)
-                    if rss is not None and rss > max_rss * 1024 * 1024:
-                        handle.retiring = True
-                        log.info("worker %d uses %.0f MiB (limit %.0f); retiring it", handle.index,
-                                 rss / 1048576, max_rss)
-            if handle.retiring and not handle.stop_sent and self.ledger.assigned_count(handle.index) == 0:
-                self.pool.retire(handle)
-
-    def replace_stuck_workers(self, now: float) -> None:
-        """Kill a worker that holds a request past its attempt budget plus a grace (a hung
-        worker that still heartbeats); reap() then gives back what it held, to be dispatched
-        again (the overdue ones counted as a failed attempt), and a request whose deadline
-        has passed by then is answered "deadline exceeded"."""
-        if not self.timers["stuck"].every(now):
-            return
-        overdue: Dict[int, List[Entry]] = {}
-        timeout = self.settings.retry.request_timeout
-        for entry in self.ledger.assigned():
-            if attempt_overdue(entry.dispatched_at, entry.request.deadline, timeout, now):
-                overdue.setdefault(entry.worker, []).append(entry)
-        handles = {h.index: h for h in self.pool.handles}
-        for index, entries in overdue.items():
-            handle = handles.get(index)
-            if handle is None or not self.pool.kill(handle):
-                continue
-            for entry in entries:
-                entry.request = entry.request.after_attempt("attempt timed out (worker replaced)")
-            log.error("worker %d (pid %s) holds requests past their attempt budget; replacing it: %s",
-                      index, handle.pid, " ".join(e.request.key for e in entries[:20]))
 
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""
