@@ -15,15 +15,15 @@ import random
 import signal
 import time
 from multiprocessing.connection import wait as wait_for
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from asyncproc import cancelwatch, gate_sources, messages, metrics, notify, redact, worker
+from asyncproc import gate_sources, metrics, notify, redact, worker
 from asyncproc.books import Books
+from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
 from asyncproc.dispatch import Dispatcher
 from asyncproc.ledger import State
-from asyncproc.messages import Request
-from asyncproc.outcomes import Assignment, Outcome
+from asyncproc.outcomes import Outcome
 from asyncproc.pool import BootFailure, Pool
 from asyncproc.timers import Timer
 from asyncproc.transports import Transport, TransportError, open_transport
@@ -64,6 +64,7 @@ class Supervisor:
         self.books.tracing = self.dispatcher.tracing
         self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
         self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
+        self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
         intervals = self.dispatcher.source_intervals()
         self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
                                             settings.redis.auth) if intervals else None
@@ -83,7 +84,7 @@ class Supervisor:
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
         self.timers = {name: Timer(interval) for name, interval in (
-            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS), ("cancellations", settings.operations.cancel_poll_interval),
+            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS),
             ("keep_alive", self.transport.keep_alive_interval), ("watchdog", self.notifier.watchdog_interval))}
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -339,29 +340,15 @@ class Supervisor:
         plan = self.dispatcher.plan(self.ledger, free, now)
         for request, exc in plan.failed:
             self.books.internal_error("dispatch", exc, request, None)
-        sends = self.cancel_before_send(plan.tokened, plan.sends) if plan.tokened else plan.sends
+        sends = plan.sends
+        if plan.tokened:  # a failed read dispatches: the in-flight watch still aborts them
+            try:
+                sends = self.cancels.before_send(plan.tokened, sends)
+            except TransportError as exc:
+                self.transport_down(exc)
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
-
-    def cancel_before_send(self, requests: List[Request], sends: Dict[int, List[Assignment]]):
-        """llm-d-async checks a request's cancel marker just before dispatch: so do we, one
-        read for the batch. A failed read dispatches (the in-flight watch still aborts it)."""
-        try:
-            marked = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in requests])
-        except TransportError as exc:
-            self.transport_down(exc)
-            return sends
-        gone = {r.key for r, hit in zip(requests, marked) if hit}
-        if not gone:
-            return sends
-        for key in gone:
-            entry = self.ledger.settle(key)
-            if entry is not None:
-                log.info("id=%s cancelled before dispatch", key, extra={"id": entry.request.id})
-                self.books.finish(entry.request, messages.cancelled_result(entry.request), entry.delivery,
-                                  messages.CANCELLED)
-        return {i: kept for i, jobs in sends.items() if (kept := [j for j in jobs if j.key not in gone])}
 
     def refresh_gates(self, now: float) -> None:
         """Take the readings that are due (short timeouts, see gate_sources) and decide again."""
@@ -394,7 +381,11 @@ class Supervisor:
             self.metrics.worker_restarts.inc()
         self.keeper.housekeep(now)
         self.keep_alive(now)
-        self.refresh_cancellations(now)
+        if self.connected:
+            try:
+                self.cancels.refresh(now)
+            except TransportError as exc:
+                self.transport_down(exc)
         self.dispatcher.refresh_tokens(now)
         if not self.connected and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
             self._reconnect()
@@ -442,31 +433,6 @@ class Supervisor:
                 self.transport.keep_alive(held)
             except TransportError as exc:
                 self.transport_down(exc)
-
-    def refresh_cancellations(self, now: float) -> None:
-        """Every --cancel-poll-interval: read what `asyncproc cancel` named and, in one
-        pipelined read, llm-d-async's markers of the held requests with a token. The books
-        answer the waiting ones covered; in-flight ones are aborted by their workers."""
-        if not self.connected or not self.timers["cancellations"].every(now):
-            return
-        tokened = self.ledger.tokened()
-        try:
-            batches, ids = self.transport.cancellations(now)
-            hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened]) if tokened else []
-        except TransportError as exc:
-            self.transport_down(exc)
-            return
-        self.metrics.cancel_reads.inc()
-        self.metrics.cancel_watched.set(len(tokened))
-        marked = {r.key for r, hit in zip(tokened, hits) if hit}
-        abort = self.books.cancel(batches, ids, marked)  # the held requests are scanned only if covered
-        handles = {h.index: h for h in self.pool.handles}
-        for index, keys in abort.items():
-            handle = handles.get(index)
-            if handle is not None and self.pool.send_cancel(handle, keys):
-                self.books.aborting.update(keys)
-                log.info("aborting %d cancelled requests in flight on worker %d: %s", len(keys), index,
-                         " ".join(keys[:20]))
 
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""
