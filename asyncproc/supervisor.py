@@ -279,7 +279,7 @@ class Supervisor:
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
                     for key, outcome in message[1]:
-                        self.books.isolated("settle", key, None, self.settle, key, outcome)
+                        self.books.isolation.run("settle", key, None, self.settle, key, outcome)
 
     def settle(self, key: str, outcome: Outcome) -> None:
         entry = self.ledger.settle(key)
@@ -313,7 +313,7 @@ class Supervisor:
             if room > 0 and self.retry_poll.due(now):
                 claimed = transport.claim_due(now, room)
                 for delivery in claimed:
-                    books.isolated("retry", None, delivery, books.accept_retry, delivery, now)
+                    books.isolation.run("retry", None, delivery, books.accept_retry, delivery, now)
                 room -= len(claimed)
                 if room > 0 and not transport.must_drain:
                     deliveries = transport.receive(room)
@@ -339,7 +339,7 @@ class Supervisor:
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
         for request, exc in plan.failed:
-            self.books.internal_error("dispatch", exc, request, None)
+            self.books.isolation.internal_error("dispatch", exc, request, None)
         sends = plan.sends
         if plan.tokened:  # a failed read dispatches: the in-flight watch still aborts them
             try:
