@@ -22,6 +22,7 @@ from asyncproc.books import Books
 from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
 from asyncproc.dispatch import Dispatcher
+from asyncproc.gauges import Gauges
 from asyncproc.ledger import State
 from asyncproc.outcomes import Outcome
 from asyncproc.pool import BootFailure, Pool
@@ -34,8 +35,6 @@ log = logging.getLogger("asyncproc.supervisor")
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
-QUEUE_STATS_SECONDS = 5.0
-GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for the queue system
 EXIT_INTERNAL_ERROR = 1
@@ -64,6 +63,7 @@ class Supervisor:
         self.books.tracing = self.dispatcher.tracing
         self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
         self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
+        self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
         self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
         intervals = self.dispatcher.source_intervals()
         self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
@@ -83,9 +83,8 @@ class Supervisor:
         self.more_to_read = False
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
-        self.timers = {name: Timer(interval) for name, interval in (
-            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS),
-            ("keep_alive", self.transport.keep_alive_interval), ("watchdog", self.notifier.watchdog_interval))}
+        self.lease_renewal = Timer(self.transport.keep_alive_interval)
+        self.watchdog = Timer(self.notifier.watchdog_interval)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -247,7 +246,7 @@ class Supervisor:
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
             wake.append(self.deadline.at)
         if self.notifier.watchdog_interval is not None:
-            wake.append(self.timers["watchdog"].at)
+            wake.append(self.watchdog.at)
         if self.sources is not None and self.state is Lifecycle.RUNNING:
             wake.append(self.sources.next_due())
         restart = self.pool.next_restart()
@@ -390,7 +389,11 @@ class Supervisor:
         if not self.connected and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         self.advance(now)
-        self._update_health(now)
+        try:
+            self.gauges.update(now, self.state.value if self.state is not Lifecycle.RUNNING else None,
+                               self.connected)
+        except TransportError as exc:
+            self.transport_down(exc)
         self.tell_systemd(now)
 
     # -- the queue system ------------------------------------------------------------------------
@@ -425,7 +428,7 @@ class Supervisor:
         """Extend the leases of everything held, so no other replica takes it over."""
         if self.transport.keep_alive_interval is None or not self.connected:
             return
-        if not self.timers["keep_alive"].every(now):
+        if not self.lease_renewal.every(now):
             return
         held = self.ledger.deliveries()
         if held:
@@ -440,35 +443,8 @@ class Supervisor:
             self.notified_ready = True
             self.notifier.send("READY=1", f"STATUS=running, {self.settings.workers} workers")
         # systemd watches only after start-up
-        if self.notifier.watchdog_interval is not None and self.notified_ready and self.timers["watchdog"].every(now):
+        if self.notifier.watchdog_interval is not None and self.notified_ready and self.watchdog.every(now):
             self.notifier.send("WATCHDOG=1")
-
-    # -- health and gauges ---------------------------------------------------------------------------
-    def _update_health(self, now: float) -> None:
-        self.health.last_tick = time.monotonic()
-        alive = self.pool.alive()
-        if self.state is not Lifecycle.RUNNING:
-            self.health.ready, self.health.reason = False, self.state.value
-        elif not self.connected:
-            self.health.ready, self.health.reason = False, "queue system unreachable"
-        elif alive == 0:
-            self.health.ready, self.health.reason = False, "no worker ready"
-        else:
-            self.health.ready, self.health.reason = True, "ready"
-        if not self.timers["gauges"].every(now):
-            return
-        m, dispatcher = self.metrics, self.dispatcher
-        m.observe(self.ledger.assigned_by_queue(), dispatcher.routes, self.ledger.count(State.WAITING),
-                  dispatcher.aimd_state.in_flight if dispatcher.aimd_state is not None else None,
-                  dispatcher.held, alive, len(self.books.outbox))
-        if self.connected and self.timers["stats"].every(now):
-            try:
-                self.transport.tidy(now)
-                for name, by_queue in self.transport.stats().items():
-                    for queue, value in by_queue.items():
-                        m.queue_gauges[name].labels(queue).set(value)
-            except TransportError as exc:
-                self.transport_down(exc)
 
     def _worker_spec(self, index: int, threads: int) -> worker.WorkerSpec:
         return worker.WorkerSpec(
