@@ -180,6 +180,16 @@ class Rig:
         message.update(extra)
         self.transport.enqueue(queue or self.settings.queue_names[0], message)
 
+    def serve_at_most(self, capacity: int, seconds: float, on_request: Callable[[], object] = lambda: None) -> None:
+        """The gateway from now on: `capacity` requests at once, each in `seconds`; it sheds
+        (HTTP 429) the rest."""
+        def gateway(_assignment: Assignment, _now: float) -> Tuple[Outcome, float]:
+            on_request()
+            if self.pool.in_flight() >= capacity:
+                return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
+            return Outcome(Kind.OK, 200, b"{}", elapsed=seconds), seconds
+        self.pool.gateway = gateway
+
     def requests(self, ids, **extra) -> None:
         for id_value in ids:
             self.request(id_value, **extra)

@@ -82,15 +82,8 @@ def test_a_half_open_gate_halves_what_is_in_flight():
 
 def test_adaptive_concurrency_finds_the_gateways_capacity():
     capacity = 5
-    rig = None
-
-    def limited(job, now):
-        if rig.pool.in_flight() >= capacity:
-            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
-        return Outcome(Kind.OK, 200, b"{}", elapsed=0.2), 0.2
-
-    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.1",
-              gateway=limited)
+    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.1")
+    rig.serve_at_most(capacity, 0.2)
     ids = list(range(300))
     rig.requests(ids)
     rig.run_until(answered(rig, ids))
@@ -201,16 +194,10 @@ def test_adaptive_concurrency_keeps_about_what_the_gateway_serves():
     """The gateway serves 6 at once and sheds the rest; 32 may be in flight, but the limit
     learns to stay near 6, with few sheds."""
     n, capacity = 300, 6
-    rig, limits = None, []
-
-    def limited(job, now):
-        limits.append(rig.sup.dispatcher.aimd_state.in_flight)
-        if rig.pool.in_flight() >= capacity:
-            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
-        return Outcome(Kind.OK, 200, b"{}", elapsed=0.1), 0.1
-
+    limits = []
     rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.05",
-              "--retry-max-delay", "0.2", "--intake-buffer", "300", gateway=limited)
+              "--retry-max-delay", "0.2", "--intake-buffer", "300")
+    rig.serve_at_most(capacity, 0.1, lambda: limits.append(rig.sup.dispatcher.aimd_state.in_flight))
     assert rig.sup.dispatcher.aimd_state.in_flight == 1
     ids = list(range(n))
     rig.requests(ids)
