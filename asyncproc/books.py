@@ -4,9 +4,9 @@ back, overflow staged, and what is written forgotten.
 
 The one owner of "publish before acknowledge" (README: delivery guarantees): a delivery is
 settled in the same write as what replaces it (result, retry, dead letter), and the ledger
-forgets an id only after that write succeeded. One message's unexpected error costs that
-message an error result (or a dead letter), never the loop or another message. The clock
-is passed in; the transport is handed to the two calls that use it (claim, flush).
+forgets an id only after that write succeeded. A message's or a write's fault costs only
+that item (isolation.py). The clock is passed in; the transport is handed to the calls
+that use it (claim, flush).
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from typing import Callable, Dict, List, Optional
 
 import orjson
 
-from asyncproc import cancelwatch, llmd, messages, metrics, outbox, retry, tracing
+from asyncproc import cancelwatch, llmd, messages, metrics, retry, tracing
 from asyncproc.config import Settings
+from asyncproc.isolation import MessageIsolation, WriteIsolation
 from asyncproc.ledger import Entry, Ledger
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Kind, Outcome
-from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Unconfirmed, Writes
+from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Writes
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -43,6 +44,8 @@ class Books:
         self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
         self.result_queues = {q.name: q.result_queue for q in settings.request_queues if q.result_queue}
         self.tracing: tracing.Off = tracing.Off()   # the Supervisor hands in the Dispatcher's
+        self.isolation = MessageIsolation(self, metrics_)
+        self.write_isolation = WriteIsolation(metrics_, settings.messages.result_format)
 
     # -- intake ------------------------------------------------------------------------------
     def accept_new(self, transport: Transport, deliveries: List[Delivery], now: float) -> None:
@@ -51,7 +54,7 @@ class Books:
         fresh = []
         for delivery in deliveries:
             if delivery.state is not None:  # a due retry handed over with new work
-                self.isolated("retry", None, delivery, self.accept_retry, delivery, now)
+                self.isolation.run("retry", None, delivery, self.accept_retry, delivery, now)
             else:
                 fresh.append(delivery)
         if not fresh:
@@ -61,7 +64,7 @@ class Books:
             self.metrics.of(self.metrics.received, delivery.queue).inc()
             item = self.parse(delivery, now)
             if isinstance(item, DeadLetter):
-                self.isolated("accept", item, delivery, self.accept, item, delivery)
+                self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
                 pairs.append((item, delivery))
         self.check_markers(transport, [item for item, _ in pairs if isinstance(item, Request)])
@@ -103,7 +106,7 @@ class Books:
             ours = [True] * len(pairs)
         for (item, delivery), mine in zip(pairs, ours):
             if mine:
-                self.isolated("accept", item, delivery, self.accept, item, delivery)
+                self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
                 self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
                 log.debug("id=%s is claimed by another replica or already answered", item.key,
@@ -112,7 +115,7 @@ class Books:
     def release_unclaimed(self) -> None:
         """Draining: what was read but never claimed is accepted, to be put back with the rest."""
         for item, delivery in self.unclaimed:
-            self.isolated("accept", item, delivery, self.accept, item, delivery)
+            self.isolation.run("accept", item, delivery, self.accept, item, delivery)
         self.unclaimed = []
 
     def parse(self, delivery: Delivery, now: float):
@@ -266,36 +269,18 @@ class Books:
             return outcome
         return Outcome(Kind.CANCELLED, error="cancelled", elapsed=outcome.elapsed)
 
-    # -- isolation ---------------------------------------------------------------------------
-    def isolated(self, stage: str, item, delivery: Optional[Delivery], call, *args) -> None:
-        """One message's step. An unexpected error costs that message an error result (or a
-        dead letter), a count and one log line; never the loop, never another message."""
-        try:
-            call(*args)
-        except Exception as exc:
-            if isinstance(item, str):  # an id key (an outcome's): the ledger knows the request
-                entry = self.ledger.entry(item)
-                item = entry.request if entry is not None else None
-            if item is None and delivery is not None and delivery.state is not None:
-                decoded = messages.decode_state(delivery.state, delivery.queue)
-                item = decoded if isinstance(decoded, Request) else None
-            self.internal_error(stage, exc, item, delivery)
+    # -- answers for isolation.MessageIsolation ----------------------------------------------
+    def answer_with_error(self, item, reason: str, delivery: Optional[Delivery]) -> None:
+        """Answer a request (or a rejected message) with an error result; the ledger lets go
+        of it once that is written."""
+        key = item.key
+        if self.ledger.holds(key):
+            entry = self.ledger.withdraw(key) or self.ledger.settle(key) or self.ledger.entry(key)
+            delivery = delivery or entry.delivery
+            self.outbox_keys.append(key)
+        self.queue_result(messages.result_of(item, False, reason), delivery)
 
-    def internal_error(self, stage: str, exc: Exception, item, delivery: Optional[Delivery]) -> None:
-        queue = getattr(item, "queue", None) or (delivery.queue if delivery is not None else "")
-        self.metrics.of(self.metrics.internal_errors, queue, stage).inc()
-        reason = f"internal error while {stage} ({type(exc).__name__})"
-        if isinstance(item, (Request, Rejected)) and messages.usable_id(item.id):
-            key = item.key
-            log.error("id=%s: %s; answering it with an error result", key, reason, extra={"id": item.id})
-            if self.ledger.holds(key):
-                entry = self.ledger.withdraw(key) or self.ledger.settle(key) or self.ledger.entry(key)
-                delivery = delivery or entry.delivery
-                self.outbox_keys.append(key)
-            self.queue_result(messages.result_of(item, False, reason), delivery)
-            return
-        raw = delivery.raw if delivery is not None else b""
-        log.error("%s on a message from %s; dead-lettering it", reason, queue or "the retry set")
+    def dead_letter(self, raw: bytes, reason: str, queue: str, delivery: Optional[Delivery]) -> None:
         self.outbox.dead_letters.append((messages.encode_dead_letter(
             DeadLetter(bytes(raw[:messages.RAW_EXCERPT_BYTES]), reason, queue, self.clock())), delivery))
 
@@ -326,48 +311,10 @@ class Books:
         try:
             transport.write(self.outbox)
         except Exception as exc:  # TransportError, or a transport's bug on one item
-            failure = self.write_one_by_one(transport, exc)
+            failure, self.outbox = self.write_isolation.write_item_by_item(transport, self.outbox, exc)
             if failure is not None:
                 return failure
         for key in self.outbox_keys:
             self.ledger.forget(key)
         self.outbox, self.outbox_keys = Writes(), []
-        return None
-
-    def write_one_by_one(self, transport: Transport, failure: Exception) -> Optional[Exception]:
-        """A write failed. If the queue system still answers, one item may be what it refuses
-        (over proto-max-bulk-len, ...): write the items one at a time and replace each one
-        refused on its own by an error result (a dead letter: dropped, logged). None when
-        everything is written; `failure` when even a small write fails (an outage)."""
-        if isinstance(failure, Unconfirmed):  # written, not yet on enough replicas: wait
-            return failure
-        try:
-            transport.ping()
-        except TransportError:
-            return failure
-        fixed = Writes()
-        items = outbox.singles(self.outbox)
-        for n, single in enumerate(items):
-            try:
-                try:
-                    transport.write(single)
-                except Exception:
-                    transport.write(single)  # once more: a passing fault is not the item's
-            except Exception as exc:
-                replacement = outbox.replacement(single, exc, self.settings.messages.result_format)
-                try:
-                    transport.write(replacement)
-                except Exception:
-                    # the queue system refuses even a small write: not this item's fault
-                    for rest in items[n:]:
-                        outbox.extend(fixed, rest)
-                    self.outbox = fixed
-                    return failure
-                kind = outbox.kind_of(single)
-                self.metrics.of(self.metrics.writes_refused, kind).inc()
-                log.error("the queue system refused a %s on its own (%s); %s instead", kind,
-                          str(exc)[:200], "an error result was written" if kind != "dead letter"
-                          else "it was dropped")
-                single = replacement
-            outbox.extend(fixed, single)
         return None

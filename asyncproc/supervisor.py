@@ -3,8 +3,10 @@
 Each tick: wait (one sleep point) → handle signals → reap dead workers → collect outcomes →
 take in messages → dispatch → flush writes → housekeeping. Signal handlers only record;
 the loop acts. What goes where is the Dispatcher's (dispatch.py); what is held, written and
-settled is the books' (books.py). This is the one module that knows both policy and
-mechanism. The clock, the pool and the wait are passed in, so tests drive it in-process.
+settled is the books' (books.py); which workers to retire or replace, the keeper's
+(upkeep.py); what is cancelled, the watcher's (cancelwatcher.py); readiness and gauges,
+gauges.py's. This is the one module that knows both policy and mechanism. The clock, the
+pool and the wait are passed in, so tests drive it in-process.
 """
 from __future__ import annotations
 
@@ -15,40 +17,29 @@ import random
 import signal
 import time
 from multiprocessing.connection import wait as wait_for
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from asyncproc import cancelwatch, gate_sources, messages, metrics, notify, redact, worker
+from asyncproc import gate_sources, metrics, notify, redact, worker
 from asyncproc.books import Books
+from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
 from asyncproc.dispatch import Dispatcher
-from asyncproc.ledger import Entry, State
-from asyncproc.messages import Request
-from asyncproc.outcomes import Assignment, Outcome
+from asyncproc.gauges import Gauges
+from asyncproc.ledger import State
+from asyncproc.outcomes import Outcome
 from asyncproc.pool import BootFailure, Pool
 from asyncproc.timers import Timer
 from asyncproc.transports import Transport, TransportError, open_transport
+from asyncproc.upkeep import WorkerKeeper
 
 log = logging.getLogger("asyncproc.supervisor")
 
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
-QUEUE_STATS_SECONDS = 5.0
-GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
-RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for the queue system
-STUCK_GRACE_SECONDS = 3.0    # a worker holding an attempt this long past its budget is replaced
-STUCK_CHECK_SECONDS = 1.0    # how often held attempts are compared with their budgets
 EXIT_INTERNAL_ERROR = 1
-
-
-def attempt_overdue(dispatched_at: float, deadline: float, request_timeout: float, now: float,
-                    grace: float = STUCK_GRACE_SECONDS) -> bool:
-    """An attempt dispatched at `dispatched_at` and still not answered at `now` has outrun
-    its budget, min(--request-timeout, time to the deadline), by more than `grace`: the
-    worker's own watchdog (gateway.expire_overdue) did not end it."""
-    return now > min(dispatched_at + request_timeout, deadline) + grace
 
 
 class Lifecycle(enum.Enum):
@@ -73,6 +64,9 @@ class Supervisor:
         self.dispatcher = Dispatcher(settings, self.metrics, self.rng)
         self.books.tracing = self.dispatcher.tracing
         self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
+        self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
+        self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
+        self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
         intervals = self.dispatcher.source_intervals()
         self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
                                             settings.redis.auth) if intervals else None
@@ -91,10 +85,8 @@ class Supervisor:
         self.more_to_read = False
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
-        self.timers = {name: Timer(interval) for name, interval in (
-            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS), ("cancellations", settings.operations.cancel_poll_interval),
-            ("rss", RSS_CHECK_SECONDS), ("stuck", STUCK_CHECK_SECONDS),
-            ("keep_alive", self.transport.keep_alive_interval), ("watchdog", self.notifier.watchdog_interval))}
+        self.lease_renewal = Timer(self.transport.keep_alive_interval)
+        self.watchdog = Timer(self.notifier.watchdog_interval)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -261,7 +253,7 @@ class Supervisor:
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
             wake.append(self.deadline.at)
         if self.notifier.watchdog_interval is not None:
-            wake.append(self.timers["watchdog"].at)
+            wake.append(self.watchdog.at)
         if self.sources is not None and self.state is Lifecycle.RUNNING:
             wake.append(self.sources.next_due())
         restart = self.pool.next_restart()
@@ -293,7 +285,7 @@ class Supervisor:
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
                     for key, outcome in message[1]:
-                        self.books.isolated("settle", key, None, self.settle, key, outcome)
+                        self.books.isolation.run("settle", key, None, self.settle, key, outcome)
 
     def settle(self, key: str, outcome: Outcome) -> None:
         entry = self.ledger.settle(key)
@@ -327,7 +319,7 @@ class Supervisor:
             if room > 0 and self.retry_poll.due(now):
                 claimed = transport.claim_due(now, room)
                 for delivery in claimed:
-                    books.isolated("retry", None, delivery, books.accept_retry, delivery, now)
+                    books.isolation.run("retry", None, delivery, books.accept_retry, delivery, now)
                 room -= len(claimed)
                 if room > 0 and not transport.must_drain:
                     deliveries = transport.receive(room)
@@ -353,30 +345,16 @@ class Supervisor:
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
         for request, exc in plan.failed:
-            self.books.internal_error("dispatch", exc, request, None)
-        sends = self.cancel_before_send(plan.tokened, plan.sends) if plan.tokened else plan.sends
+            self.books.isolation.internal_error("dispatch", exc, request, None)
+        sends = plan.sends
+        if plan.tokened:  # a failed read dispatches: the in-flight watch still aborts them
+            try:
+                sends = self.cancels.before_send(plan.tokened, sends)
+            except TransportError as exc:
+                self.transport_down(exc)
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
-
-    def cancel_before_send(self, requests: List[Request], sends: Dict[int, List[Assignment]]):
-        """llm-d-async checks a request's cancel marker just before dispatch: so do we, one
-        read for the batch. A failed read dispatches (the in-flight watch still aborts it)."""
-        try:
-            marked = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in requests])
-        except TransportError as exc:
-            self.transport_down(exc)
-            return sends
-        gone = {r.key for r, hit in zip(requests, marked) if hit}
-        if not gone:
-            return sends
-        for key in gone:
-            entry = self.ledger.settle(key)
-            if entry is not None:
-                log.info("id=%s cancelled before dispatch", key, extra={"id": entry.request.id})
-                self.books.finish(entry.request, messages.cancelled_result(entry.request), entry.delivery,
-                                  messages.CANCELLED)
-        return {i: kept for i, jobs in sends.items() if (kept := [j for j in jobs if j.key not in gone])}
 
     def refresh_gates(self, now: float) -> None:
         """Take the readings that are due (short timeouts, see gate_sources) and decide again."""
@@ -407,16 +385,22 @@ class Supervisor:
         now = self.clock()
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
-        self.pool.kill_silent(self.settings.operations.worker_timeout)
-        self.replace_stuck_workers(now)
-        self.recycle_workers(now)
+        self.keeper.housekeep(now)
         self.keep_alive(now)
-        self.refresh_cancellations(now)
+        if self.connected:
+            try:
+                self.cancels.refresh(now)
+            except TransportError as exc:
+                self.transport_down(exc)
         self.dispatcher.refresh_tokens(now)
         if not self.connected and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         self.advance(now)
-        self._update_health(now)
+        try:
+            self.gauges.update(now, self.state.value if self.state is not Lifecycle.RUNNING else None,
+                               self.connected)
+        except TransportError as exc:
+            self.transport_down(exc)
         self.tell_systemd(now)
 
     # -- the queue system ------------------------------------------------------------------------
@@ -451,7 +435,7 @@ class Supervisor:
         """Extend the leases of everything held, so no other replica takes it over."""
         if self.transport.keep_alive_interval is None or not self.connected:
             return
-        if not self.timers["keep_alive"].every(now):
+        if not self.lease_renewal.every(now):
             return
         held = self.ledger.deliveries()
         if held:
@@ -460,107 +444,14 @@ class Supervisor:
             except TransportError as exc:
                 self.transport_down(exc)
 
-    def refresh_cancellations(self, now: float) -> None:
-        """Every --cancel-poll-interval: read what `asyncproc cancel` named and, in one
-        pipelined read, llm-d-async's markers of the held requests with a token. The books
-        answer the waiting ones covered; in-flight ones are aborted by their workers."""
-        if not self.connected or not self.timers["cancellations"].every(now):
-            return
-        tokened = self.ledger.tokened()
-        try:
-            batches, ids = self.transport.cancellations(now)
-            hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened]) if tokened else []
-        except TransportError as exc:
-            self.transport_down(exc)
-            return
-        self.metrics.cancel_reads.inc()
-        self.metrics.cancel_watched.set(len(tokened))
-        marked = {r.key for r, hit in zip(tokened, hits) if hit}
-        abort = self.books.cancel(batches, ids, marked)  # the held requests are scanned only if covered
-        handles = {h.index: h for h in self.pool.handles}
-        for index, keys in abort.items():
-            handle = handles.get(index)
-            if handle is not None and self.pool.send_cancel(handle, keys):
-                self.books.aborting.update(keys)
-                log.info("aborting %d cancelled requests in flight on worker %d: %s", len(keys), index,
-                         " ".join(keys[:20]))
-
-    # -- workers ---------------------------------------------------------------------------------
-    def recycle_workers(self, now: float) -> None:
-        """Retire workers past --worker-max-requests / --worker-max-rss once they hold no work."""
-        max_requests, max_rss = self.settings.operations.worker_max_requests, self.settings.operations.worker_max_rss
-        check_rss = max_rss and self.timers["rss"].every(now)
-        for handle in self.pool.handles:
-            if not handle.retiring and handle.ready:
-                if max_requests and handle.served >= max_requests:
-                    handle.retiring = True
-                    log.info("worker %d served %d requests; retiring it", handle.index, handle.served)
-                elif check_rss:
-                    rss = self.pool.rss(handle)
-                    if rss is not None and rss > max_rss * 1024 * 1024:
-                        handle.retiring = True
-                        log.info("worker %d uses %.0f MiB (limit %.0f); retiring it", handle.index,
-                                 rss / 1048576, max_rss)
-            if handle.retiring and not handle.stop_sent and self.ledger.assigned_count(handle.index) == 0:
-                self.pool.retire(handle)
-
-    def replace_stuck_workers(self, now: float) -> None:
-        """Kill a worker that holds a request past its attempt budget plus a grace (a hung
-        worker that still heartbeats); reap() then gives back what it held, to be dispatched
-        again (the overdue ones counted as a failed attempt), and a request whose deadline
-        has passed by then is answered "deadline exceeded"."""
-        if not self.timers["stuck"].every(now):
-            return
-        overdue: Dict[int, List[Entry]] = {}
-        timeout = self.settings.retry.request_timeout
-        for entry in self.ledger.assigned():
-            if attempt_overdue(entry.dispatched_at, entry.request.deadline, timeout, now):
-                overdue.setdefault(entry.worker, []).append(entry)
-        handles = {h.index: h for h in self.pool.handles}
-        for index, entries in overdue.items():
-            handle = handles.get(index)
-            if handle is None or not self.pool.kill(handle):
-                continue
-            for entry in entries:
-                entry.request = entry.request.after_attempt("attempt timed out (worker replaced)")
-            log.error("worker %d (pid %s) holds requests past their attempt budget; replacing it: %s",
-                      index, handle.pid, " ".join(e.request.key for e in entries[:20]))
-
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""
         if not self.notified_ready and self.health.ready:
             self.notified_ready = True
             self.notifier.send("READY=1", f"STATUS=running, {self.settings.workers} workers")
         # systemd watches only after start-up
-        if self.notifier.watchdog_interval is not None and self.notified_ready and self.timers["watchdog"].every(now):
+        if self.notifier.watchdog_interval is not None and self.notified_ready and self.watchdog.every(now):
             self.notifier.send("WATCHDOG=1")
-
-    # -- health and gauges ---------------------------------------------------------------------------
-    def _update_health(self, now: float) -> None:
-        self.health.last_tick = time.monotonic()
-        alive = self.pool.alive()
-        if self.state is not Lifecycle.RUNNING:
-            self.health.ready, self.health.reason = False, self.state.value
-        elif not self.connected:
-            self.health.ready, self.health.reason = False, "queue system unreachable"
-        elif alive == 0:
-            self.health.ready, self.health.reason = False, "no worker ready"
-        else:
-            self.health.ready, self.health.reason = True, "ready"
-        if not self.timers["gauges"].every(now):
-            return
-        m, dispatcher = self.metrics, self.dispatcher
-        m.observe(self.ledger.assigned_by_queue(), dispatcher.routes, self.ledger.count(State.WAITING),
-                  dispatcher.aimd_state.in_flight if dispatcher.aimd_state is not None else None,
-                  dispatcher.held, alive, len(self.books.outbox))
-        if self.connected and self.timers["stats"].every(now):
-            try:
-                self.transport.tidy(now)
-                for name, by_queue in self.transport.stats().items():
-                    for queue, value in by_queue.items():
-                        m.queue_gauges[name].labels(queue).set(value)
-            except TransportError as exc:
-                self.transport_down(exc)
 
     def _worker_spec(self, index: int, threads: int) -> worker.WorkerSpec:
         return worker.WorkerSpec(
