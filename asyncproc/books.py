@@ -1,6 +1,7 @@
 """The books: the ledger of held requests, the outbox of writes not yet made, and the
 cancellations in force. Deliveries are accepted here, outcomes settled, unfinished work put
-back, overflow staged, and what is written forgotten.
+back, and what is written forgotten; what is read each tick and overflow staging are
+intake.py's.
 
 The one owner of "publish before acknowledge" (README: delivery guarantees): a delivery is
 settled in the same write as what replaces it (result, retry, dead letter), and the ledger
@@ -173,19 +174,6 @@ class Books:
         if delivery is not None and delivery.token is not None:
             self.outbox.drops.append(delivery)
         log.warning("id=%s is already being processed; duplicate delivery ignored", key)
-
-    def stage_overflow(self, capacity: int, now: float) -> None:
-        """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""
-        excess = len(self.ledger) - capacity
-        waiting = self.ledger.waiting_by_queue
-        while excess > 0 and waiting:
-            queue = max(waiting, key=lambda q: len(waiting[q]))
-            if not waiting[queue]:
-                return
-            entry = self.ledger.take_last(queue)
-            self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
-            self.metrics.of(self.metrics.staged, queue).inc()
-            excess -= 1
 
     # -- outcomes ----------------------------------------------------------------------------
     def conclude(self, entry: Entry, outcome: Outcome, now: float) -> None:

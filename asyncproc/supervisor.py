@@ -25,6 +25,7 @@ from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
 from asyncproc.dispatch import Dispatcher
 from asyncproc.gauges import Gauges
+from asyncproc.intake import Intake
 from asyncproc.ledger import State
 from asyncproc.outcomes import Outcome
 from asyncproc.pool import BootFailure, Pool
@@ -34,8 +35,6 @@ from asyncproc.upkeep import WorkerKeeper
 
 log = logging.getLogger("asyncproc.supervisor")
 
-RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
-RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for the queue system
@@ -70,7 +69,7 @@ class Supervisor:
         intervals = self.dispatcher.source_intervals()
         self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
                                             settings.redis.auth) if intervals else None
-        self.capacity = settings.concurrency + settings.intake_buffer
+        self.inbound = Intake(self.transport, self.books, self.metrics, settings.concurrency + settings.intake_buffer)
         self.state = Lifecycle.STARTING
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
         self.signals: List[int] = []
@@ -78,11 +77,8 @@ class Supervisor:
         self.connected = False               # the queue system answers (until a call fails)
         self.connected_once = False
         self.outage = False                  # logged as unreachable, no write has succeeded since
-        self.subscriber_drops = 0            # the transport's count, last seen
         self.reconnect = Timer()
         self.reconnect_delay = RECONNECT_MIN
-        self.retry_poll = Timer()
-        self.more_to_read = False
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
         self.lease_renewal = Timer(self.transport.keep_alive_interval)
@@ -242,12 +238,12 @@ class Supervisor:
         self.readable = set(self._wait(objects, timeout=timeout))
 
     def _timeout(self) -> float:
-        if self.signals or self.more_to_read:
+        if self.signals or self.inbound.more_to_read:
             return 0.0
         now = self.clock()
         wake = [now + HOUSEKEEPING_SECONDS]
-        if self.connected and len(self.ledger) < self.capacity and self.state is Lifecycle.RUNNING:
-            wake.append(self.retry_poll.at)
+        if self.connected and len(self.ledger) < self.inbound.capacity and self.state is Lifecycle.RUNNING:
+            wake.append(self.inbound.retry_poll.at)
         if not self.connected:
             wake.append(self.reconnect.at)
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
@@ -298,42 +294,11 @@ class Supervisor:
         self.books.conclude(entry, outcome, now)
 
     def intake(self) -> None:
-        """New messages and due retries, as far as there is room (pub/sub: drain it all)."""
-        self.more_to_read = False
-        if self.state is not Lifecycle.RUNNING or not self.connected:
-            return
-        now = self.clock()
-        books, transport = self.books, self.transport
-        if books.unclaimed:
-            self.flush()  # results first: a claim that keeps failing must not hold them back
-            if not self.connected:
-                return
-        try:
-            if books.unclaimed:
-                books.claim_and_accept(transport, [])
-            if transport.must_drain:
-                deliveries = transport.receive(RECEIVE_BATCH)
-                self.more_to_read = len(deliveries) == RECEIVE_BATCH
-                books.accept_new(transport, deliveries, now)
-            room = self.capacity - len(self.ledger)
-            if room > 0 and self.retry_poll.due(now):
-                claimed = transport.claim_due(now, room)
-                for delivery in claimed:
-                    books.isolation.run("retry", None, delivery, books.accept_retry, delivery, now)
-                room -= len(claimed)
-                if room > 0 and not transport.must_drain:
-                    deliveries = transport.receive(room)
-                    books.accept_new(transport, deliveries, now)
-                    room -= len(deliveries)
-                self.retry_poll.set(now if room <= 0 else now + RETRY_POLL_SECONDS)
-        except TransportError as exc:
-            self.transport_down(exc)
-        drops = transport.subscriber_drops
-        if drops != self.subscriber_drops:
-            self.metrics.subscriber_dropped.inc(drops - self.subscriber_drops)
-            self.subscriber_drops = drops
-        if transport.must_drain:
-            books.stage_overflow(self.capacity, now)
+        """New messages and due retries while running (intake.py); the supervisor only
+        flushes first when asked and reconnects after a TransportError."""
+        self.inbound.more_to_read = False
+        if self.state is Lifecycle.RUNNING and self.connected:
+            self.inbound.step(self.clock(), self.flush, self.transport_down)
 
     def dispatch(self) -> None:
         """Fill free worker threads as the Dispatcher plans; one pipe write per worker."""
@@ -369,17 +334,19 @@ class Supervisor:
         self.dispatcher.decide_gates(self.sources.readings, now, self.sources.taken,
                                      {q: self.ledger.assigned_in(q) for q in self.dispatcher.gates})
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write the outbox; whether the queue system still answers."""
         if not self.connected:
-            return
+            return False
         failure = self.books.flush(self.transport)
         if failure is not None:
             self.transport_down(failure)
-            return
+            return False
         if self.outage:  # only a write (or nothing left to write) shows the outage is over
             log.info("queue system reachable again")
             self.outage = False
         self.reconnect_delay = RECONNECT_MIN
+        return True
 
     def housekeep(self) -> None:
         now = self.clock()
@@ -429,7 +396,7 @@ class Supervisor:
             return
         self.connected = True
         self.connected_once = True
-        self.retry_poll.set(0.0)
+        self.inbound.retry_poll.set(0.0)
 
     def keep_alive(self, now: float) -> None:
         """Extend the leases of everything held, so no other replica takes it over."""
