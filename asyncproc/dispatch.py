@@ -1,7 +1,7 @@
 """The Dispatcher: which waiting request goes to which free worker thread now, and what is
 held back and why (README: gates, per-queue limits, adaptive concurrency, merge policies).
 It learns from outcomes (adaptive concurrency, first gateway failures). No I/O: gate
-readings are handed in, the clock is passed in.
+readings are handed in (gate_sources.GateFeed), the clock is passed in.
 """
 from __future__ import annotations
 

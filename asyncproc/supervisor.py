@@ -66,9 +66,8 @@ class Supervisor:
         self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
         self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
         self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
-        intervals = self.dispatcher.source_intervals()
-        self.sources = gate_sources.Sources(intervals, clock, settings.redis.url,
-                                            settings.redis.auth) if intervals else None
+        self.gate_feed = gate_sources.GateFeed(self.dispatcher, self.metrics, clock, settings.redis.url,
+                                               settings.redis.auth)
         self.inbound = Intake(self.transport, self.books, self.metrics, settings.concurrency + settings.intake_buffer)
         self.state = Lifecycle.STARTING
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
@@ -171,8 +170,7 @@ class Supervisor:
             self.pool.stop(timeout=1.0)
             self.dispatcher.tracing.close()
             self.transport.close()
-            if self.sources is not None:
-                self.sources.close()
+            self.gate_feed.close()
             if server is not None:
                 server.shutdown()
             signal.set_wakeup_fd(-1)
@@ -250,8 +248,9 @@ class Supervisor:
             wake.append(self.deadline.at)
         if self.notifier.watchdog_interval is not None:
             wake.append(self.watchdog.at)
-        if self.sources is not None and self.state is Lifecycle.RUNNING:
-            wake.append(self.sources.next_due())
+        gates_due = self.gate_feed.next_due()
+        if gates_due is not None and self.state is Lifecycle.RUNNING:
+            wake.append(gates_due)
         restart = self.pool.next_restart()
         if restart is not None:
             wake.append(now + max(restart - time.monotonic(), 0.0))
@@ -305,7 +304,7 @@ class Supervisor:
         if self.state is not Lifecycle.RUNNING:
             return
         now = self.clock()
-        self.refresh_gates(now)
+        self.gate_feed.refresh(now, self.ledger)  # readings due: gates decided again
         free = {h.index: h.threads - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
@@ -320,19 +319,6 @@ class Supervisor:
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
-
-    def refresh_gates(self, now: float) -> None:
-        """Take the readings that are due (short timeouts, see gate_sources) and decide again."""
-        if self.sources is None or now < self.sources.next_due():
-            return
-        errors_before = dict(self.sources.errors)
-        self.sources.refresh(now)
-        for source, count in self.sources.errors.items():
-            if count != errors_before.get(source, 0):
-                self.metrics.of(self.metrics.gate_errors, gate_sources.describe(source)).inc(
-                    count - errors_before.get(source, 0))
-        self.dispatcher.decide_gates(self.sources.readings, now, self.sources.taken,
-                                     {q: self.ledger.assigned_in(q) for q in self.dispatcher.gates})
 
     def flush(self) -> bool:
         """Write the outbox; whether the queue system still answers."""

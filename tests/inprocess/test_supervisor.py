@@ -342,7 +342,7 @@ def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_reque
     served = lambda job, now: (Outcome(Kind.OK, 200, b'{"ok": true}', elapsed=0.2), 0.2)  # noqa: E731
     gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1, "beta": 1}
     rig = Rig("--concurrency", "8", "--intake-buffer", "200", "--gate", json.dumps(gate), gateway=served, start=False)
-    rig.sup.sources.read = metrics_page
+    rig.sup.gate_feed.sources.read = metrics_page
     rig.sup.start()
     ids = list(range(200))
     rig.requests(ids)
