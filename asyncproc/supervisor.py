@@ -11,6 +11,7 @@ pool and the wait are passed in, so tests drive it in-process.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import random
@@ -28,7 +29,7 @@ from asyncproc.gauges import Gauges
 from asyncproc.intake import Intake
 from asyncproc.ledger import State
 from asyncproc.outcomes import Outcome
-from asyncproc.pool import BootFailure, Pool
+from asyncproc.pool import BootFailure, Pool, worker_spec
 from asyncproc.timers import Timer
 from asyncproc.transports import Transport, TransportError, open_transport
 from asyncproc.upkeep import WorkerKeeper
@@ -62,7 +63,8 @@ class Supervisor:
         self.books = Books(settings, self.metrics, clock, self.rng)
         self.dispatcher = Dispatcher(settings, self.metrics, self.rng)
         self.books.tracing = self.dispatcher.tracing
-        self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
+        self.pool = pool if pool is not None else Pool(settings.threads_per_worker(),
+                                                          functools.partial(worker_spec, settings))
         self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
         self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
         self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
@@ -405,10 +407,3 @@ class Supervisor:
         # systemd watches only after start-up
         if self.notifier.watchdog_interval is not None and self.notified_ready and self.watchdog.every(now):
             self.notifier.send("WATCHDOG=1")
-
-    def _worker_spec(self, index: int, threads: int) -> worker.WorkerSpec:
-        return worker.WorkerSpec(
-            index=index, threads=threads, heartbeat=max(min(self.settings.operations.worker_timeout / 4, 5.0), 0.1),
-            log_format=self.settings.operations.log_format, log_level=self.settings.operations.log_level,
-            tls=self.settings.gateway.tls,
-        )
