@@ -63,7 +63,7 @@ class Books:
         pairs = []
         for delivery in fresh:
             self.metrics.of(self.metrics.received, delivery.queue).inc()
-            item = self.parse(delivery, now)
+            item = self.isolation.parse(delivery, now, self.limits)
             if isinstance(item, DeadLetter):
                 self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
@@ -96,15 +96,10 @@ class Books:
         if not pairs:
             return
         try:
-            ours = transport.claim([item.key for item, _ in pairs], [d for _, d in pairs])
+            ours = self.isolation.claim(transport, pairs)
         except TransportError:
             self.unclaimed = pairs
             raise
-        except Exception as exc:  # a bug on this batch's ids: process them unclaimed
-            self.metrics.of(self.metrics.internal_errors, pairs[0][1].queue, "claim").inc()
-            log.error("internal error while claiming %d ids (%s); processing them unclaimed",
-                      len(pairs), type(exc).__name__)
-            ours = [True] * len(pairs)
         for (item, delivery), mine in zip(pairs, ours):
             if mine:
                 self.isolation.run("accept", item, delivery, self.accept, item, delivery)
@@ -119,22 +114,12 @@ class Books:
             self.isolation.run("accept", item, delivery, self.accept, item, delivery)
         self.unclaimed = []
 
-    def parse(self, delivery: Delivery, now: float):
-        try:
-            return messages.parse_request(delivery.raw, delivery.queue, now, self.limits)
-        except Exception as exc:  # parse_request never raises; if it does, one message pays
-            self.metrics.of(self.metrics.internal_errors, delivery.queue, "parse").inc()
-            log.error("internal error while parsing a message from %s (%s); dead-lettering it",
-                      delivery.queue, type(exc).__name__)
-            return DeadLetter(bytes(delivery.raw[:messages.RAW_EXCERPT_BYTES]), "internal error while parsing",
-                              delivery.queue, now)
-
     def accept_retry(self, delivery: Delivery, now: float) -> None:
         """A due retry, a put-back request, or work abandoned by a holder that died."""
         if delivery.state is not None:
             parsed = messages.decode_state(delivery.state, delivery.queue)
         else:
-            parsed = self.parse(delivery, now)
+            parsed = self.isolation.parse(delivery, now, self.limits)
         if isinstance(parsed, Request) and parsed.deadline <= now:
             if not self.ledger.holds(parsed.key):
                 self.finish(parsed, messages.result_of(parsed, False, retry.deadline_exceeded(parsed.last_error)),

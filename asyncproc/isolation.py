@@ -2,17 +2,18 @@
 
 `MessageIsolation`: an unexpected exception in one message's step (accept, settle, retry,
 dispatch) costs that message an error result (a dead letter when it has no usable id), a
-count and one log line. `WriteIsolation`: when a batch write fails while the queue system
+count and one log line; in parsing, a dead letter; in a batch's claim, the claim (the
+messages are processed unclaimed). `WriteIsolation`: when a batch write fails while the queue system
 still answers, the items are written one at a time, and one refused on its own (over
 proto-max-bulk-len, ...) is replaced by an error result (outbox.py: what replaces it).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from asyncproc import messages, metrics, outbox
-from asyncproc.messages import Rejected, Request
+from asyncproc.messages import DeadLetter, Rejected, Request
 from asyncproc.transports import Delivery, Transport, TransportError, Unconfirmed, Writes
 
 log = logging.getLogger("asyncproc.supervisor")
@@ -36,6 +37,31 @@ class MessageIsolation:
                 decoded = messages.decode_state(delivery.state, delivery.queue)
                 item = decoded if isinstance(decoded, Request) else None
             self.internal_error(stage, exc, item, delivery)
+
+    def parse(self, delivery: Delivery, now: float, limits):
+        """The delivery parsed (messages.parse_request never raises; if it does, one message
+        pays: a dead letter)."""
+        try:
+            return messages.parse_request(delivery.raw, delivery.queue, now, limits)
+        except Exception as exc:
+            self.metrics.of(self.metrics.internal_errors, delivery.queue, "parse").inc()
+            log.error("internal error while parsing a message from %s (%s); dead-lettering it",
+                      delivery.queue, type(exc).__name__)
+            return DeadLetter(bytes(delivery.raw[:messages.RAW_EXCERPT_BYTES]), "internal error while parsing",
+                              delivery.queue, now)
+
+    def claim(self, transport: Transport, pairs: List[tuple]) -> List[bool]:
+        """Which of the (parsed, delivery) pairs are ours; TransportError when the claim
+        fails. A bug on this batch's ids costs the claim, not the messages: all are ours."""
+        try:
+            return transport.claim([item.key for item, _ in pairs], [d for _, d in pairs])
+        except TransportError:
+            raise
+        except Exception as exc:
+            self.metrics.of(self.metrics.internal_errors, pairs[0][1].queue, "claim").inc()
+            log.error("internal error while claiming %d ids (%s); processing them unclaimed",
+                      len(pairs), type(exc).__name__)
+            return [True] * len(pairs)
 
     def internal_error(self, stage: str, exc: Exception, item, delivery: Optional[Delivery]) -> None:
         queue = getattr(item, "queue", None) or (delivery.queue if delivery is not None else "")
