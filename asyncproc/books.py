@@ -270,10 +270,10 @@ class Books:
         if entries:
             log.info("putting back %d unfinished requests", len(entries))
 
-    def unwritten(self) -> List[str]:
-        """The ids of results and put-backs still in the outbox (logged when they are lost)."""
-        return [k for k, _, _ in self.outbox.results] + [
-            orjson.loads(raw).get("id") for raw, _, _ in self.outbox.retries]
+    def log_unwritten(self, why: str = "") -> None:
+        """The outbox is given up: the ids of its results and put-backs, logged as lost."""
+        lost = [k for k, _, _ in self.outbox.results] + [orjson.loads(raw).get("id") for raw, _, _ in self.outbox.retries]
+        log.error(why + "%d results and put-backs not written (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
 
     # -- writing -----------------------------------------------------------------------------
     def flush(self, transport: Transport) -> Optional[Exception]:

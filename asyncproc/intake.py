@@ -1,7 +1,8 @@
 """Intake, the books' side of reading: what to take from the queue system each tick (what
 waits unclaimed, new deliveries, due retries from the retry set) as far as there is room,
 and, on a transport that must be drained (pub/sub), overflow staged in the retry set so
-memory stays bounded. The books accept what is read (books.py).
+memory stays bounded; the leases of what is held kept alive. The books accept what is
+read (books.py).
 
 The clock is passed in. The supervisor owns the connection: it hands in how to flush and
 whom to tell a TransportError (it reconnects).
@@ -28,6 +29,7 @@ class Intake:
         self.retry_poll = Timer()            # set to 0 on (re)connect: ask at once
         self.more_to_read = False            # the last read was a full batch: do not sleep
         self.subscriber_drops = 0            # the transport's count, last seen
+        self.lease_renewal = Timer(transport.keep_alive_interval)
 
     def step(self, now: float, flush: Callable[[], bool], down: Callable[[Exception], None]) -> None:
         """New messages and due retries, as far as there is room (pub/sub: drain it all).
@@ -77,3 +79,12 @@ class Intake:
             self.books.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
             self.metrics.of(self.metrics.staged, queue).inc()
             excess -= 1
+
+    def keep_alive(self, now: float) -> None:
+        """Extend the leases of everything held, so no other replica takes it over. Raises
+        TransportError."""
+        if self.transport.keep_alive_interval is None or not self.lease_renewal.every(now):
+            return
+        held = self.books.ledger.deliveries()
+        if held:
+            self.transport.keep_alive(held)

@@ -82,7 +82,6 @@ class Supervisor:
         self.reconnect_delay = RECONNECT_MIN
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
-        self.lease_renewal = Timer(self.transport.keep_alive_interval)
         self.watchdog = Timer(self.notifier.watchdog_interval)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -118,9 +117,7 @@ class Supervisor:
             if not self.books.outbox:
                 self._enter(Lifecycle.STOPPED, now)
             elif self.deadline.due(now):
-                lost = self.books.unwritten()
-                log.error("queue system unreachable at stop: %d results and put-backs not written"
-                          " (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
+                self.books.log_unwritten("queue system unreachable at stop: ")
                 self._enter(Lifecycle.STOPPED, now)
 
     def _enter(self, state: Lifecycle, now: float) -> None:
@@ -201,8 +198,7 @@ class Supervisor:
                 if self.books.outbox:
                     self._wait([self._wake_r], timeout=RECONNECT_MIN)
             if self.books.outbox:
-                lost = self.books.unwritten()
-                log.error("%d results and put-backs not written (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
+                self.books.log_unwritten()
         except Exception:
             log.exception("internal error while putting back; stopping without it")
         self.state = Lifecycle.STOPPED
@@ -341,9 +337,9 @@ class Supervisor:
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
         self.keeper.housekeep(now)
-        self.keep_alive(now)
         if self.connected:
             try:
+                self.inbound.keep_alive(now)
                 self.cancels.refresh(now)
             except TransportError as exc:
                 self.transport_down(exc)
@@ -385,19 +381,6 @@ class Supervisor:
         self.connected = True
         self.connected_once = True
         self.inbound.retry_poll.set(0.0)
-
-    def keep_alive(self, now: float) -> None:
-        """Extend the leases of everything held, so no other replica takes it over."""
-        if self.transport.keep_alive_interval is None or not self.connected:
-            return
-        if not self.lease_renewal.every(now):
-            return
-        held = self.ledger.deliveries()
-        if held:
-            try:
-                self.transport.keep_alive(held)
-            except TransportError as exc:
-                self.transport_down(exc)
 
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""

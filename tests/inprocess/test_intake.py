@@ -3,7 +3,8 @@ end-to-end tests see only with real processes, or not at all."""
 import orjson
 
 from asyncproc import messages
-from tests.inprocess.fakes import Rig
+from asyncproc.transports.memory import Memory
+from tests.inprocess.fakes import Rig, answers_after
 
 
 def answered(rig, ids):
@@ -50,3 +51,17 @@ def test_a_bug_in_parsing_costs_that_message_a_dead_letter(monkeypatch):
     assert rig.transport.result_ids() == ["good"]
     assert rig.metric(rig.sup.metrics.internal_errors, "batch-queue", "parse") == 1
 
+
+
+def test_the_leases_of_what_is_held_are_kept_alive_every_interval(monkeypatch):
+    monkeypatch.setattr(Memory, "keep_alive_interval", 2.0)
+    rig = Rig(gateway=answers_after(7))
+    renewed = []
+    rig.transport.keep_alive = lambda held: renewed.append((rig.clock(), sorted(d.token for d in held)))
+    rig.requests(["a", "b"])
+    rig.run_until(answered(rig, ["a", "b"]))
+    start = rig.clock()
+    rig.run_until(lambda: rig.clock() >= start + 5)
+    assert len(renewed) >= 3 and all(tokens == [1, 2] for _, tokens in renewed)
+    assert all(later - earlier >= 2.0 for (earlier, _), (later, _) in zip(renewed, renewed[1:]))
+    assert renewed[-1][0] < start  # nothing held: nothing to renew

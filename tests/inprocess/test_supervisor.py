@@ -2,6 +2,7 @@
 fake clock. Dispatch, gates, adaptive concurrency, retries, drain, outages, cancellation
 and a bug in the loop, each in milliseconds and without wall-clock windows."""
 import json
+import logging
 import signal
 
 from asyncproc.ledger import State
@@ -173,6 +174,32 @@ def test_a_bug_in_the_loop_puts_back_flushes_and_exits_non_zero():
     assert len(put_back) == 4 and put_back | queued == set(range(5))  # capacity 4: one never taken
     assert rig.sup.state is Lifecycle.STOPPED and not rig.sup.books.outbox
 
+
+def test_what_the_queue_system_never_takes_at_stop_is_logged_by_id(caplog):
+    rig = Rig(gateway=answers_after(1))
+    rig.requests(["a", "b"])
+    rig.run_until(lambda: rig.pool.in_flight() == 2)
+    rig.transport.down = True
+    rig.signal()
+    with caplog.at_level(logging.ERROR, "asyncproc.supervisor"):
+        rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    (line,) = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert line == 'queue system unreachable at stop: 2 results and put-backs not written (ids: "a" "b")'
+
+
+def test_after_a_bug_in_the_loop_what_cannot_be_put_back_is_logged_by_id(caplog):
+    rig = Rig("--concurrency", "2", start=False)
+    rig.requests(range(3))
+
+    def fail(handle, jobs):
+        rig.transport.down = True
+        raise RuntimeError("a bug")
+
+    rig.pool.send_jobs = fail
+    with caplog.at_level(logging.ERROR, "asyncproc.supervisor"):
+        assert rig.sup.run() == 1
+    (line,) = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert line.startswith("3 results and put-backs not written (ids: ")
 
 def test_a_second_sigint_stops_at_once_and_still_puts_back():
     rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "60", gateway=answers_after(5))
