@@ -9,7 +9,8 @@ worker held.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Optional
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from asyncproc.config import Settings
 from asyncproc.ledger import Entry, Ledger
@@ -23,22 +24,37 @@ RSS_CHECK_SECONDS = 5.0      # how often workers' memory is read (when --worker-
 MIB = 1024 * 1024
 
 
+def overdue_at(dispatched_at: float, deadline: float, request_timeout: float,
+               grace: float = STUCK_GRACE_SECONDS) -> float:
+    """When an attempt dispatched at `dispatched_at`, if still not answered, has outrun its
+    budget, min(--request-timeout, time to the deadline), by more than `grace`: the
+    worker's own watchdog (gateway.expire_overdue) did not end it."""
+    return min(dispatched_at + request_timeout, deadline) + grace
+
+
 def attempt_overdue(dispatched_at: float, deadline: float, request_timeout: float, now: float,
                     grace: float = STUCK_GRACE_SECONDS) -> bool:
-    """An attempt dispatched at `dispatched_at` and still not answered at `now` has outrun
-    its budget, min(--request-timeout, time to the deadline), by more than `grace`: the
-    worker's own watchdog (gateway.expire_overdue) did not end it."""
-    return now > min(dispatched_at + request_timeout, deadline) + grace
+    return now > overdue_at(dispatched_at, deadline, request_timeout, grace)
 
 
 def overdue_by_worker(assigned: Iterable[Entry], request_timeout: float, now: float,
                       grace: float = STUCK_GRACE_SECONDS) -> Dict[int, List[Entry]]:
     """The assigned entries whose attempt is overdue, by the worker holding them."""
+    return scan_overdue(assigned, request_timeout, now, grace)[0]
+
+
+def scan_overdue(assigned: Iterable[Entry], request_timeout: float, now: float,
+                 grace: float = STUCK_GRACE_SECONDS) -> Tuple[Dict[int, List[Entry]], float]:
+    """(the overdue entries by worker, when the next of the others becomes overdue)."""
     overdue: Dict[int, List[Entry]] = {}
+    soonest = math.inf
     for entry in assigned:
-        if attempt_overdue(entry.dispatched_at, entry.request.deadline, request_timeout, now, grace):
+        at = min(entry.dispatched_at + request_timeout, entry.request.deadline) + grace
+        if now > at:
             overdue.setdefault(entry.worker, []).append(entry)
-    return overdue
+        elif at < soonest:
+            soonest = at
+    return overdue, soonest
 
 
 def retire_reason(served: int, max_requests: int, rss: Optional[int] = None,
@@ -87,9 +103,12 @@ class WorkerKeeper:
         then gives back what it held, to be dispatched again (the overdue ones counted as a
         failed attempt), and a request whose deadline has passed by then is answered
         "deadline exceeded"."""
-        if not self.stuck_check.every(now):
+        if not self.stuck_check.due(now):
             return
-        overdue = overdue_by_worker(self.ledger.assigned(), self.request_timeout, now)
+        overdue, soonest = scan_overdue(self.ledger.assigned(), self.request_timeout, now)
+        # Nothing held becomes overdue before `soonest`, and nothing dispatched from now on
+        # before now + the grace: no walk over thousands of attempts every second.
+        self.stuck_check.set(max(min(soonest, now + STUCK_GRACE_SECONDS), now + STUCK_CHECK_SECONDS))
         handles = {h.index: h for h in self.pool.handles}
         for index, entries in overdue.items():
             handle = handles.get(index)

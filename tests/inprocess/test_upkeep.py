@@ -5,7 +5,15 @@ import pytest
 from asyncproc import config
 from asyncproc.ledger import Ledger
 from asyncproc.messages import Request
-from asyncproc.upkeep import MIB, RSS_CHECK_SECONDS, WorkerKeeper, overdue_by_worker, retire_reason
+from asyncproc.upkeep import (
+    MIB,
+    RSS_CHECK_SECONDS,
+    STUCK_CHECK_SECONDS,
+    STUCK_GRACE_SECONDS,
+    WorkerKeeper,
+    overdue_by_worker,
+    retire_reason,
+)
 from tests.inprocess.fakes import START, Clock, FakePool
 
 
@@ -40,6 +48,24 @@ def test_overdue_by_worker(dispatched_at, deadline, now, overdue):
     found = overdue_by_worker(ledger.assigned(), 10.0, START + now)
     assert (found.keys() == {1} and [e.request.key for e in found[1]] == [ledger.assigned()[0].request.key]) \
         if overdue else found == {}
+
+
+@pytest.mark.parametrize("held_for, next_scan_in", [
+    ([], STUCK_GRACE_SECONDS),                      # nothing held: what is dispatched next needs the grace
+    ([(0.0, 600.0)], STUCK_GRACE_SECONDS),          # far from overdue: the same
+    ([(-12.0, 600.0)], STUCK_CHECK_SECONDS),        # overdue 1 s from now: never sooner than the check interval
+    ([(-11.0, 600.0), (0.0, 1.0)], 2.0),            # the soonest of the held ones
+])
+def test_the_stuck_scan_waits_until_something_can_be_overdue(held_for, next_scan_in):
+    """10,000 slow requests in flight are not walked every second: the next scan is when
+    the first held attempt could be overdue, or a grace from now (what is dispatched later
+    cannot be overdue sooner)."""
+    clock, pool, ledger, keep = keeper("--request-timeout", "10")
+    for n, (dispatched, deadline) in enumerate(held_for):
+        held(ledger, f"k{n}", pool.handles[0].index, clock() + dispatched, clock() + deadline)
+    keep.housekeep(clock())
+    assert keep.stuck_check.at == pytest.approx(clock() + next_scan_in)
+    assert not any(h.killed for h in pool.handles)
 
 
 def keeper(*args):
