@@ -2,11 +2,13 @@
 
 Each tick: wait (one sleep point) → handle signals → reap dead workers → collect outcomes →
 take in messages → dispatch → flush writes → housekeeping. Signal handlers only record;
-the loop acts. What goes where is the Dispatcher's (dispatch.py); what is held, written and
-settled is the books' (books.py); which workers to retire or replace, the keeper's
-(upkeep.py); what is cancelled, the watcher's (cancelwatcher.py); readiness and gauges,
-gauges.py's. This is the one module that knows both policy and mechanism. The clock, the
-pool and the wait are passed in, so tests drive it in-process.
+the loop acts. What goes where is the Dispatcher's (dispatch.py; its gate readings,
+gate_sources.GateFeed's); what is held, written and settled is the books' (books.py); what
+is read each tick, staged and leased, intake.py's; which workers to retire or replace, the
+keeper's (upkeep.py); what a worker starts with, pool.py's; what is cancelled, the
+watcher's (cancelwatcher.py); readiness and gauges, gauges.py's. This is the one module
+that knows both policy and mechanism. The clock, the pool and the wait are passed in, so
+tests drive it in-process.
 """
 from __future__ import annotations
 
