@@ -1,12 +1,13 @@
 """The books: the ledger of held requests, the outbox of writes not yet made, and the
 cancellations in force. Deliveries are accepted here, outcomes settled, unfinished work put
-back, overflow staged, and what is written forgotten.
+back, and what is written forgotten; what is read each tick and overflow staging are
+intake.py's.
 
 The one owner of "publish before acknowledge" (README: delivery guarantees): a delivery is
 settled in the same write as what replaces it (result, retry, dead letter), and the ledger
-forgets an id only after that write succeeded. One message's unexpected error costs that
-message an error result (or a dead letter), never the loop or another message. The clock
-is passed in; the transport is handed to the two calls that use it (claim, flush).
+forgets an id only after that write succeeded. A message's or a write's fault costs only
+that item (isolation.py). The clock is passed in; the transport is handed to the calls
+that use it (claim, flush).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from typing import Callable, Dict, List, Optional
 
 import orjson
 
-from asyncproc import cancelwatch, llmd, messages, metrics, outbox, retry, tracing
+from asyncproc import cancelwatch, llmd, messages, metrics, retry, tracing
 from asyncproc.config import Settings
+from asyncproc.isolation import MessageIsolation, WriteIsolation
 from asyncproc.ledger import Entry, Ledger
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Kind, Outcome
-from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Unconfirmed, Writes
+from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Writes
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -33,7 +35,7 @@ class Books:
         self.metrics = metrics_
         self.clock = clock
         self.rng = rng
-        self.ledger = Ledger(settings.dispatch_order)
+        self.ledger = Ledger(settings.dispatch.order)
         self.outbox = Writes()
         self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
         self.cancelled = messages.Cancellations()
@@ -43,6 +45,8 @@ class Books:
         self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
         self.result_queues = {q.name: q.result_queue for q in settings.request_queues if q.result_queue}
         self.tracing: tracing.Off = tracing.Off()   # the Supervisor hands in the Dispatcher's
+        self.isolation = MessageIsolation(self, metrics_)
+        self.write_isolation = WriteIsolation(metrics_, settings.messages.result_format)
 
     # -- intake ------------------------------------------------------------------------------
     def accept_new(self, transport: Transport, deliveries: List[Delivery], now: float) -> None:
@@ -51,7 +55,7 @@ class Books:
         fresh = []
         for delivery in deliveries:
             if delivery.state is not None:  # a due retry handed over with new work
-                self.isolated("retry", None, delivery, self.accept_retry, delivery, now)
+                self.isolation.run("retry", None, delivery, self.accept_retry, delivery, now)
             else:
                 fresh.append(delivery)
         if not fresh:
@@ -59,9 +63,9 @@ class Books:
         pairs = []
         for delivery in fresh:
             self.metrics.of(self.metrics.received, delivery.queue).inc()
-            item = self.parse(delivery, now)
+            item = self.isolation.parse(delivery, now, self.limits)
             if isinstance(item, DeadLetter):
-                self.isolated("accept", item, delivery, self.accept, item, delivery)
+                self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
                 pairs.append((item, delivery))
         self.check_markers(transport, [item for item, _ in pairs if isinstance(item, Request)])
@@ -92,18 +96,13 @@ class Books:
         if not pairs:
             return
         try:
-            ours = transport.claim([item.key for item, _ in pairs], [d for _, d in pairs])
+            ours = self.isolation.claim(transport, pairs)
         except TransportError:
             self.unclaimed = pairs
             raise
-        except Exception as exc:  # a bug on this batch's ids: process them unclaimed
-            self.metrics.of(self.metrics.internal_errors, pairs[0][1].queue, "claim").inc()
-            log.error("internal error while claiming %d ids (%s); processing them unclaimed",
-                      len(pairs), type(exc).__name__)
-            ours = [True] * len(pairs)
         for (item, delivery), mine in zip(pairs, ours):
             if mine:
-                self.isolated("accept", item, delivery, self.accept, item, delivery)
+                self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
                 self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
                 log.debug("id=%s is claimed by another replica or already answered", item.key,
@@ -112,25 +111,15 @@ class Books:
     def release_unclaimed(self) -> None:
         """Draining: what was read but never claimed is accepted, to be put back with the rest."""
         for item, delivery in self.unclaimed:
-            self.isolated("accept", item, delivery, self.accept, item, delivery)
+            self.isolation.run("accept", item, delivery, self.accept, item, delivery)
         self.unclaimed = []
-
-    def parse(self, delivery: Delivery, now: float):
-        try:
-            return messages.parse_request(delivery.raw, delivery.queue, now, self.limits)
-        except Exception as exc:  # parse_request never raises; if it does, one message pays
-            self.metrics.of(self.metrics.internal_errors, delivery.queue, "parse").inc()
-            log.error("internal error while parsing a message from %s (%s); dead-lettering it",
-                      delivery.queue, type(exc).__name__)
-            return DeadLetter(bytes(delivery.raw[:messages.RAW_EXCERPT_BYTES]), "internal error while parsing",
-                              delivery.queue, now)
 
     def accept_retry(self, delivery: Delivery, now: float) -> None:
         """A due retry, a put-back request, or work abandoned by a holder that died."""
         if delivery.state is not None:
             parsed = messages.decode_state(delivery.state, delivery.queue)
         else:
-            parsed = self.parse(delivery, now)
+            parsed = self.isolation.parse(delivery, now, self.limits)
         if isinstance(parsed, Request) and parsed.deadline <= now:
             if not self.ledger.holds(parsed.key):
                 self.finish(parsed, messages.result_of(parsed, False, retry.deadline_exceeded(parsed.last_error)),
@@ -171,26 +160,13 @@ class Books:
             self.outbox.drops.append(delivery)
         log.warning("id=%s is already being processed; duplicate delivery ignored", key)
 
-    def stage_overflow(self, capacity: int, now: float) -> None:
-        """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""
-        excess = len(self.ledger) - capacity
-        waiting = self.ledger.waiting_by_queue
-        while excess > 0 and waiting:
-            queue = max(waiting, key=lambda q: len(waiting[q]))
-            if not waiting[queue]:
-                return
-            entry = self.ledger.take_last(queue)
-            self.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
-            self.metrics.of(self.metrics.staged, queue).inc()
-            excess -= 1
-
     # -- outcomes ----------------------------------------------------------------------------
     def conclude(self, entry: Entry, outcome: Outcome, now: float) -> None:
         """A settled entry's outcome: a retry at its due time, or its result."""
         before = entry.request
         request = before.after_attempt(None if outcome.kind is Kind.OK else outcome.describe())
         decision = retry.decide(outcome, request.attempts, request.deadline, now,
-                                self.settings.backoff, self.rng, self.settings.max_attempts,
+                                self.settings.retry.backoff, self.rng, self.settings.retry.max_attempts,
                                 last_error=before.last_error)
         key = request.key
         if isinstance(decision, retry.RetryAt):
@@ -222,15 +198,15 @@ class Books:
         """Encode a result into the outbox; one larger than --max-result-bytes becomes an
         error result naming its size (on every transport: Redis and its subscribers have
         limits of their own)."""
-        raw = messages.encode_result(result, self.settings.result_format)
-        limit = self.settings.max_result_bytes
+        raw = messages.encode_result(result, self.settings.messages.result_format)
+        limit = self.settings.messages.max_result_bytes
         if len(raw) > limit:
             log.warning("id=%s: result of %d bytes is over --max-result-bytes (%d); writing an error"
                         " result instead", result.key, len(raw), limit, extra={"id": result.id})
             raw = messages.encode_result(Result(
                 result.id, result.queue, False, f"result too large: {len(raw)} bytes, limit {limit}",
                 status_code=result.status_code, attempts=result.attempts, metadata=result.metadata,
-                token=result.token), self.settings.result_format)
+                token=result.token), self.settings.messages.result_format)
         self.outbox.results.append((result.key, raw, delivery))
         destination = llmd.result_queue(self.result_queues.get(result.queue), result.reply_to)
         if destination or result.token:  # llm-d-async: where it goes, which marker it releases
@@ -266,36 +242,18 @@ class Books:
             return outcome
         return Outcome(Kind.CANCELLED, error="cancelled", elapsed=outcome.elapsed)
 
-    # -- isolation ---------------------------------------------------------------------------
-    def isolated(self, stage: str, item, delivery: Optional[Delivery], call, *args) -> None:
-        """One message's step. An unexpected error costs that message an error result (or a
-        dead letter), a count and one log line; never the loop, never another message."""
-        try:
-            call(*args)
-        except Exception as exc:
-            if isinstance(item, str):  # an id key (an outcome's): the ledger knows the request
-                entry = self.ledger.entry(item)
-                item = entry.request if entry is not None else None
-            if item is None and delivery is not None and delivery.state is not None:
-                decoded = messages.decode_state(delivery.state, delivery.queue)
-                item = decoded if isinstance(decoded, Request) else None
-            self.internal_error(stage, exc, item, delivery)
+    # -- answers for isolation.MessageIsolation ----------------------------------------------
+    def answer_with_error(self, item, reason: str, delivery: Optional[Delivery]) -> None:
+        """Answer a request (or a rejected message) with an error result; the ledger lets go
+        of it once that is written."""
+        key = item.key
+        if self.ledger.holds(key):
+            entry = self.ledger.withdraw(key) or self.ledger.settle(key) or self.ledger.entry(key)
+            delivery = delivery or entry.delivery
+            self.outbox_keys.append(key)
+        self.queue_result(messages.result_of(item, False, reason), delivery)
 
-    def internal_error(self, stage: str, exc: Exception, item, delivery: Optional[Delivery]) -> None:
-        queue = getattr(item, "queue", None) or (delivery.queue if delivery is not None else "")
-        self.metrics.of(self.metrics.internal_errors, queue, stage).inc()
-        reason = f"internal error while {stage} ({type(exc).__name__})"
-        if isinstance(item, (Request, Rejected)) and messages.usable_id(item.id):
-            key = item.key
-            log.error("id=%s: %s; answering it with an error result", key, reason, extra={"id": item.id})
-            if self.ledger.holds(key):
-                entry = self.ledger.withdraw(key) or self.ledger.settle(key) or self.ledger.entry(key)
-                delivery = delivery or entry.delivery
-                self.outbox_keys.append(key)
-            self.queue_result(messages.result_of(item, False, reason), delivery)
-            return
-        raw = delivery.raw if delivery is not None else b""
-        log.error("%s on a message from %s; dead-lettering it", reason, queue or "the retry set")
+    def dead_letter(self, raw: bytes, reason: str, queue: str, delivery: Optional[Delivery]) -> None:
         self.outbox.dead_letters.append((messages.encode_dead_letter(
             DeadLetter(bytes(raw[:messages.RAW_EXCERPT_BYTES]), reason, queue, self.clock())), delivery))
 
@@ -312,10 +270,10 @@ class Books:
         if entries:
             log.info("putting back %d unfinished requests", len(entries))
 
-    def unwritten(self) -> List[str]:
-        """The ids of results and put-backs still in the outbox (logged when they are lost)."""
-        return [k for k, _, _ in self.outbox.results] + [
-            orjson.loads(raw).get("id") for raw, _, _ in self.outbox.retries]
+    def log_unwritten(self, why: str = "") -> None:
+        """The outbox is given up: the ids of its results and put-backs, logged as lost."""
+        lost = [k for k, _, _ in self.outbox.results] + [orjson.loads(raw).get("id") for raw, _, _ in self.outbox.retries]
+        log.error(why + "%d results and put-backs not written (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
 
     # -- writing -----------------------------------------------------------------------------
     def flush(self, transport: Transport) -> Optional[Exception]:
@@ -326,48 +284,10 @@ class Books:
         try:
             transport.write(self.outbox)
         except Exception as exc:  # TransportError, or a transport's bug on one item
-            failure = self.write_one_by_one(transport, exc)
+            failure, self.outbox = self.write_isolation.write_item_by_item(transport, self.outbox, exc)
             if failure is not None:
                 return failure
         for key in self.outbox_keys:
             self.ledger.forget(key)
         self.outbox, self.outbox_keys = Writes(), []
-        return None
-
-    def write_one_by_one(self, transport: Transport, failure: Exception) -> Optional[Exception]:
-        """A write failed. If the queue system still answers, one item may be what it refuses
-        (over proto-max-bulk-len, ...): write the items one at a time and replace each one
-        refused on its own by an error result (a dead letter: dropped, logged). None when
-        everything is written; `failure` when even a small write fails (an outage)."""
-        if isinstance(failure, Unconfirmed):  # written, not yet on enough replicas: wait
-            return failure
-        try:
-            transport.ping()
-        except TransportError:
-            return failure
-        fixed = Writes()
-        items = outbox.singles(self.outbox)
-        for n, single in enumerate(items):
-            try:
-                try:
-                    transport.write(single)
-                except Exception:
-                    transport.write(single)  # once more: a passing fault is not the item's
-            except Exception as exc:
-                replacement = outbox.replacement(single, exc, self.settings.result_format)
-                try:
-                    transport.write(replacement)
-                except Exception:
-                    # the queue system refuses even a small write: not this item's fault
-                    for rest in items[n:]:
-                        outbox.extend(fixed, rest)
-                    self.outbox = fixed
-                    return failure
-                kind = outbox.kind_of(single)
-                self.metrics.of(self.metrics.writes_refused, kind).inc()
-                log.error("the queue system refused a %s on its own (%s); %s instead", kind,
-                          str(exc)[:200], "an error result was written" if kind != "dead letter"
-                          else "it was dropped")
-                single = replacement
-            outbox.extend(fixed, single)
         return None

@@ -24,7 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except config.ConfigError as exc:
         config.print_error(str(exc))
         return 2
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.operations.log_format, settings.operations.log_level)
     from asyncproc.supervisor import Supervisor
 
     return Supervisor(settings).run()

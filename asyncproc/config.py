@@ -1,4 +1,6 @@
-"""Configuration: one OPTIONS table → a configargparse parser → frozen Settings.
+"""Configuration: one OPTIONS table → a configargparse parser → frozen Settings, in
+sections by what they configure (Redis, GCP, the gateway, retries, dispatch, messages,
+operations); each option names its section, and each transport is given only its own.
 
 Every option is a flag, an environment variable (`ASYNCPROC_` + the flag in capitals,
 `-` and `.` as `_`) and a config-file key (the flag without dashes). A bad value fails
@@ -143,190 +145,191 @@ class Option(NamedTuple):
     check: Optional[Callable[[Any], Optional[str]]] = None
     choices: Optional[Tuple[str, ...]] = None
     append: bool = False
+    section: str = "processing"   # the part of Settings it configures (SECTIONS)
 
 
 OPTIONS: Tuple[Option, ...] = (
-    Option("--concurrency", int, 8, "requests in flight at once, over all workers", _at_least(1)),
+    Option("--concurrency", int, 8, "requests in flight at once, over all workers", _at_least(1), section="processing"),
     Option("--workers", int, 0,
-           "worker processes; 0 = one per CPU, at most --concurrency", _at_least(0)),
+           "worker processes; 0 = one per CPU, at most --concurrency", _at_least(0), section="processing"),
     Option("--inference-gateway", str, "http://localhost:8000",
            "gateway base URL, or a full endpoint URL whose path is used for every request",
-           _http_url),
+           _http_url, section="gateway"),
     Option("--inference-objective", str, "",
-           "sent as the x-gateway-inference-objective header when not empty"),
+           "sent as the x-gateway-inference-objective header when not empty", section="gateway"),
     # -- security: gateway authentication and TLS, Redis TLS and ACLs ------------------------
     Option("--gateway-header", str, None,
            "NAME=VALUE header sent with every gateway request; give it several times", _headers,
-           append=True),
+           append=True, section="gateway"),
     Option("--gateway-token", str, "",
            "bearer token sent as Authorization: Bearer ... (prefer the environment variable or"
-           " --gateway-token-file: a flag shows in ps)"),
+           " --gateway-token-file: a flag shows in ps)", section="gateway"),
     Option("--gateway-token-file", str, "",
            "file holding the bearer token; read again whenever it changes (projected service-account"
-           " tokens, rotated Secrets)", _readable_file),
+           " tokens, rotated Secrets)", _readable_file, section="gateway"),
     Option("--gateway-ca-file", str, "",
-           "PEM file of the CAs trusted for an https:// gateway, instead of the system's", _readable_file),
+           "PEM file of the CAs trusted for an https:// gateway, instead of the system's", _readable_file, section="gateway"),
     Option("--gateway-client-cert", str, "",
            "PEM client certificate presented to an https:// gateway (mutual TLS); may hold the key too",
-           _readable_file),
-    Option("--gateway-client-key", str, "", "PEM private key of --gateway-client-cert", _readable_file),
+           _readable_file, section="gateway"),
+    Option("--gateway-client-key", str, "", "PEM private key of --gateway-client-cert", _readable_file, section="gateway"),
     Option("--gateway-tls-verify", parse_bool, True,
-           "verify the gateway's certificate and host name; false is logged as a warning (true|false)"),
-    Option("--redis-username", str, "", "Redis ACL user name (instead of the URL's)"),
+           "verify the gateway's certificate and host name; false is logged as a warning (true|false)", section="gateway"),
+    Option("--redis-username", str, "", "Redis ACL user name (instead of the URL's)", section="redis"),
     Option("--redis-password", str, "",
-           "Redis password (instead of the URL's; prefer the environment variable or --redis-password-file)"),
+           "Redis password (instead of the URL's; prefer the environment variable or --redis-password-file)", section="redis"),
     Option("--redis-password-file", str, "",
            "file holding the Redis password, read at each new connection (a rotated Secret is picked up)",
-           _readable_file),
-    Option("--redis-ca-file", str, "", "rediss://: PEM file of the CAs trusted for Redis", _readable_file),
+           _readable_file, section="redis"),
+    Option("--redis-ca-file", str, "", "rediss://: PEM file of the CAs trusted for Redis", _readable_file, section="redis"),
     Option("--redis-client-cert", str, "", "rediss://: PEM client certificate presented to Redis",
-           _readable_file),
-    Option("--redis-client-key", str, "", "rediss://: PEM private key of --redis-client-cert", _readable_file),
+           _readable_file, section="redis"),
+    Option("--redis-client-key", str, "", "rediss://: PEM private key of --redis-client-cert", _readable_file, section="redis"),
     Option("--request-merge-policy", str, "random-robin",
-           "how messages of several request queues are merged", choices=merge.POLICIES),
+           "how messages of several request queues are merged", choices=merge.POLICIES, section="dispatch"),
     Option("--message-queue-impl", str, "redis-pubsub",
            "the queue transport: redis-pubsub (channels), redis-sortedset, redis-streams, gcp-pubsub"
            " (Google Cloud Pub/Sub; the gcp extra)",
-           choices=TRANSPORTS),
+           choices=TRANSPORTS, section="processing"),
     Option("--redis-url", str, "redis://localhost:6379/0",
            "Redis URL (redis://, rediss://, unix://; redis+cluster:// or rediss+cluster:// for a Redis"
-           " Cluster, seed nodes host:port[,host:port...]); REDIS_URL is honoured too", _redis_url),
+           " Cluster, seed nodes host:port[,host:port...]); REDIS_URL is honoured too", _redis_url, section="redis"),
     Option("--redis.cluster", parse_bool, False,
-           "--redis-url names a seed node of a Redis Cluster (as redis+cluster:// does) (true|false)"),
+           "--redis-url names a seed node of a Redis Cluster (as redis+cluster:// does) (true|false)", section="redis"),
     Option("--redis.wait-replicas", int, 0,
            "WAIT until this many replicas have each claim, result, retry and acknowledgement; a"
-           " write they do not confirm in --redis.wait-timeout is repeated; 0 = do not wait", _at_least(0)),
+           " write they do not confirm in --redis.wait-timeout is repeated; 0 = do not wait", _at_least(0), section="redis"),
     Option("--redis.wait-timeout", float, 2.0, "seconds --redis.wait-replicas waits for the replicas",
-           _above(0)),
+           _above(0), section="redis"),
     Option("--redis.request-queue-name", str, None,
            "request queue (channel, sorted set or stream); give it several times to consume several"
            " (default batch-queue)",
-           _queue_names, append=True),
+           _queue_names, append=True, section="processing"),
     Option("--redis.retry-queue-name", str, "batch-sortedset-retry",
-           "Redis sorted set holding retries (and staged overflow), scored by due time"),
+           "Redis sorted set holding retries (and staged overflow), scored by due time", section="redis"),
     Option("--redis.result-queue-name", str, "batch-queue-result",
-           "where results go: a channel (pub/sub), a list (sorted set) or a stream (streams)"),
+           "where results go: a channel (pub/sub), a list (sorted set) or a stream (streams)", section="redis"),
     Option("--redis.dead-letter-queue-name", str, "batch-queue-dead-letter",
-           "where messages with no usable id go: a list (a stream for redis-streams)"),
+           "where messages with no usable id go: a list (a stream for redis-streams)", section="redis"),
     Option("--redis.key-prefix", str, "asyncproc",
-           "prefix of asyncproc's own Redis keys (claims, result markers, leases, held messages)"),
+           "prefix of asyncproc's own Redis keys (claims, result markers, leases, held messages)", section="redis"),
     Option("--redis.claim", parse_bool, True,
            "claim each request id in Redis at intake so replicas on one channel process it once"
-           " (true|false)"),
-    Option("--redis.claim-ttl", float, 3600.0, "seconds a claim on a request id lasts", _at_least(1)),
+           " (true|false)", section="redis"),
+    Option("--redis.claim-ttl", float, 3600.0, "seconds a claim on a request id lasts", _at_least(1), section="redis"),
     Option("--result-dedupe-window", float, 3600.0,
            "seconds during which a second result for the same id is not published; 0 = off",
-           _at_least(0)),
+           _at_least(0), section="redis"),
     Option("--redis.lease-seconds", float, 60.0,
            "a request held but not kept alive this long (its holder died) is taken up again: sorted-set"
-           " and stream entries, pub/sub messages received and retries taken", _at_least(1)),
-    Option("--redis.consumer-group", str, "asyncproc", "redis-streams: the consumer group"),
+           " and stream entries, pub/sub messages received and retries taken", _at_least(1), section="redis"),
+    Option("--redis.consumer-group", str, "asyncproc", "redis-streams: the consumer group", section="redis"),
     Option("--max-deliveries", int, 5,
-           "redis-streams: an entry delivered more often goes to the dead-letter stream", _at_least(1)),
+           "redis-streams: an entry delivered more often goes to the dead-letter stream", _at_least(1), section="redis"),
     Option("--redis.result-maxlen", int, 1000000,
            "redis-streams: the result stream is trimmed to about this many entries; 0 = never",
-           _at_least(0)),
+           _at_least(0), section="redis"),
     Option("--gcp.project", str, "",
            "gcp-pubsub: Google Cloud project of the subscriptions and topics given by short name;"
-           " GOOGLE_CLOUD_PROJECT is honoured too"),
+           " GOOGLE_CLOUD_PROJECT is honoured too", section="gcp"),
     Option("--gcp.subscription", str, None,
            "gcp-pubsub: request subscription (a name or projects/P/subscriptions/S); give it several"
            " times to consume several (queues-file names are subscriptions too)",
-           _queue_names, append=True),
-    Option("--gcp.result-topic", str, "", "gcp-pubsub: topic results are published to (required)"),
+           _queue_names, append=True, section="processing"),
+    Option("--gcp.result-topic", str, "", "gcp-pubsub: topic results are published to (required)", section="gcp"),
     Option("--gcp.dead-letter-topic", str, "",
            "gcp-pubsub: topic for messages with no usable id; empty = leave them unacknowledged for"
-           " the subscription's dead-letter policy"),
+           " the subscription's dead-letter policy", section="gcp"),
     Option("--gcp.ack-deadline", int, 60,
-           "gcp-pubsub: seconds of each lease asyncproc takes and keeps extending (10-600)", _between(10, 600)),
+           "gcp-pubsub: seconds of each lease asyncproc takes and keeps extending (10-600)", _between(10, 600), section="gcp"),
     Option("--queues-file", str, "",
            "JSON file of per-queue settings (name, gateway, path, objective, labels, weight,"
-           " priority, gate, max_in_flight, allowed_endpoints, headers, token, token_file)"),
+           " priority, gate, max_in_flight, allowed_endpoints, headers, token, token_file)", section="processing"),
     Option("--dispatch-order", str, "arrival",
            "order inside a queue: arrival, or deadline (earliest deadline first among the requests held)",
-           choices=ledger.ORDERS),
+           choices=ledger.ORDERS, section="dispatch"),
     Option("--gate", str, "",
            "dispatch gate (a JSON object, see Choosing a gate) for every queue without its own in the"
-           " queues file; empty = always open"),
+           " queues file; empty = always open", section="dispatch"),
     Option("--gate-interval", float, 1.0,
-           "seconds a gate reading is cached (a gate's own \"interval\" overrides it)", _above(0)),
+           "seconds a gate reading is cached (a gate's own \"interval\" overrides it)", _above(0), section="dispatch"),
     Option("--gate-timeout", float, 0.25,
            "seconds one gate reading (Redis, scrape, Prometheus query) may take; a slower one fails",
-           _above(0)),
+           _above(0), section="dispatch"),
     Option("--adaptive-concurrency", parse_bool, False,
            "adapt the in-flight limit: additive increase on successes, multiplicative decrease"
-           " when the gateway is overloaded (429 or 503) or slow (true|false)"),
-    Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1)),
+           " when the gateway is overloaded (429 or 503) or slow (true|false)", section="dispatch"),
+    Option("--adaptive-floor", int, 1, "adaptive concurrency: the lowest in-flight limit", _at_least(1), section="dispatch"),
     Option("--adaptive-decrease", float, 0.8,
            "adaptive concurrency: the limit is multiplied by this on a 429, a 503 or a slow answer",
-           lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})"),
+           lambda v: None if 0 < v < 1 else f"must be between 0 and 1 exclusive (got {v:g})", section="dispatch"),
     Option("--adaptive-latency-target", float, 0.0,
            "adaptive concurrency: seconds; a success slower than this counts as overload; 0 = off",
-           _at_least(0)),
+           _at_least(0), section="dispatch"),
     Option("--priority-aging", float, 0.0,
            "priority merge policy: a waiting queue gains one priority level per this many seconds"
-           " unserved, so none starves; 0 = strict priority", _at_least(0)),
+           " unserved, so none starves; 0 = strict priority", _at_least(0), section="dispatch"),
     Option("--retry-policy", str, "exponential", "back-off between attempts",
-           choices=retry.POLICIES),
+           choices=retry.POLICIES, section="retry"),
     Option("--retry-base-delay", float, 1.0,
-           "seconds: the fixed delay, or the exponential policy's first ceiling", _above(0)),
-    Option("--retry-max-delay", float, 60.0, "seconds: cap on one exponential delay", _above(0)),
+           "seconds: the fixed delay, or the exponential policy's first ceiling", _above(0), section="retry"),
+    Option("--retry-max-delay", float, 60.0, "seconds: cap on one exponential delay", _above(0), section="retry"),
     Option("--max-attempts", int, 0, "attempts per request; 0 = until the deadline",
-           _at_least(0)),
+           _at_least(0), section="retry"),
     Option("--request-timeout", float, 300.0,
-           "seconds: cap on one whole attempt, connect, headers and body (also bounded by the deadline)", _above(0)),
+           "seconds: cap on one whole attempt, connect, headers and body (also bounded by the deadline)", _above(0), section="retry"),
     Option("--connect-timeout", float, 5.0, "seconds to establish a gateway connection",
-           _above(0)),
+           _above(0), section="retry"),
     Option("--max-response-bytes", int, 64 * 1024 * 1024,
            "a larger gateway response gets the error result \"response too large\" (not retried)",
-           _at_least(1024)),
+           _at_least(1024), section="messages"),
     Option("--max-message-bytes", int, 1048576,
            "larger request messages are not parsed: an error result when the id opens the message,"
-           " else a dead letter", _at_least(64)),
+           " else a dead letter", _at_least(64), section="messages"),
     Option("--max-deadline-horizon", float, messages.DEFAULT_HORIZON,
            "seconds: a deadline further ahead than this gets an error result (default 31 days)",
-           _above(0)),
+           _above(0), section="messages"),
     Option("--allowed-endpoints", str, ",".join(messages.DEFAULT_ENDPOINTS),
            "comma-separated paths a message's endpoint may name (a path ending in /* allows what is"
-           " below it); anything else gets the error result 'endpoint not allowed'", _endpoints),
+           " below it); anything else gets the error result 'endpoint not allowed'", _endpoints, section="messages"),
     Option("--max-result-bytes", int, 16 * 1048576,
            "an encoded result larger than this is replaced by an error result naming its size",
-           _at_least(1024)),
+           _at_least(1024), section="messages"),
     Option("--result-format", str, "seed",
-           "result shape: seed ({id, payload|error}) or llm-d-async", choices=messages.RESULT_FORMATS),
+           "result shape: seed ({id, payload|error}) or llm-d-async", choices=messages.RESULT_FORMATS, section="messages"),
     Option("--request-headers", parse_bool, True,
            "send each request's own headers (llm-d-async's `headers`) after the queue's; hop-by-hop"
-           " headers, Host and Content-Length are refused (per queue: request_headers in --queues-file)"),
+           " headers, Host and Content-Length are refused (per queue: request_headers in --queues-file)", section="gateway"),
     Option("--fairness-header", str, "x-llm-d-inference-fairness-id",
            "header set from the request metadata key --fairness-metadata-key, replacing the"
-           " request's own (as llm-d-async does); empty = not set", _header_name_or_empty),
+           " request's own (as llm-d-async does); empty = not set", _header_name_or_empty, section="gateway"),
     Option("--fairness-metadata-key", str, "userid", "metadata key whose value --fairness-header carries",
-           _non_empty),
+           _non_empty, section="gateway"),
     Option("--tracing", parse_bool, False,
            "record OpenTelemetry spans (receive, each attempt, result) and send each attempt's W3C"
            " traceparent to the gateway, continuing the request's own (headers or metadata);"
-           " exported as the OTEL_* environment variables say; needs asyncproc[otel]"),
+           " exported as the OTEL_* environment variables say; needs asyncproc[otel]", section="operations"),
     Option("--cancel-poll-interval", float, 0.5,
            "seconds between reads of cancellations (asyncproc cancel, llm-d-async's request-cancel"
            " markers) for what is held: one pipelined read each time; in flight ones are aborted",
-           _between_float(0.05, 10.0)),
+           _between_float(0.05, 10.0), section="operations"),
     Option("--intake-buffer", int, 0,
            "requests held in memory beyond those in flight; more are staged in the retry set"
-           " (0 = as many as --concurrency)", _at_least(0)),
+           " (0 = as many as --concurrency)", _at_least(0), section="processing"),
     Option("--metrics-port", int, 9090,
-           "port for /metrics, /healthz and /readyz; 0 turns the server off", _port),
-    Option("--metrics-host", str, "0.0.0.0", "address the metrics server listens on"),
+           "port for /metrics, /healthz and /readyz; 0 turns the server off", _port, section="operations"),
+    Option("--metrics-host", str, "0.0.0.0", "address the metrics server listens on", section="operations"),
     Option("--shutdown-grace-period", float, 30.0,
-           "seconds in-flight requests may finish after SIGTERM", _at_least(0)),
+           "seconds in-flight requests may finish after SIGTERM", _at_least(0), section="operations"),
     Option("--worker-timeout", float, 60.0,
-           "seconds a worker may go silent before it is killed and replaced", _above(0)),
+           "seconds a worker may go silent before it is killed and replaced", _above(0), section="operations"),
     Option("--worker-max-requests", int, 0,
-           "retire a worker (gracefully) after this many requests; 0 = never", _at_least(0)),
+           "retire a worker (gracefully) after this many requests; 0 = never", _at_least(0), section="operations"),
     Option("--worker-max-rss", float, 0.0,
            "retire a worker (gracefully) when its resident memory passes this many MiB; 0 = never",
-           _at_least(0)),
-    Option("--log-format", str, "text", "text or json lines", choices=LOG_FORMATS),
-    Option("--log-level", str, "INFO", "log threshold", choices=LOG_LEVELS),
+           _at_least(0), section="operations"),
+    Option("--log-format", str, "text", "text or json lines", choices=LOG_FORMATS, section="operations"),
+    Option("--log-level", str, "INFO", "log threshold", choices=LOG_LEVELS, section="operations"),
 )
 
 
@@ -437,78 +440,144 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
-class Settings:
-    concurrency: int
-    workers: int
-    inference_gateway: str = field(repr=False)
-    inference_objective: str
-    request_merge_policy: str
-    message_queue_impl: str
-    redis_url: str = field(repr=False)
-    request_queues: Tuple[QueueConfig, ...]
-    retry_queue: str
-    result_queue: str
-    dead_letter_queue: str
-    key_prefix: str
-    claim: bool
-    claim_ttl: float
-    result_dedupe_window: float
-    lease_seconds: float
-    consumer_group: str
-    max_deliveries: int
-    result_maxlen: int
-    gcp_project: str
-    gcp_result_topic: str
-    gcp_dead_letter_topic: str
-    gcp_ack_deadline: int
-    backoff: retry.Backoff
-    max_attempts: int
-    request_timeout: float
-    connect_timeout: float
-    max_message_bytes: int
-    max_deadline_horizon: float
-    allowed_endpoints: messages.Endpoints
-    max_result_bytes: int
-    result_format: str
-    intake_buffer: int
-    metrics_port: int
-    metrics_host: str
-    shutdown_grace_period: float
-    worker_timeout: float
-    worker_max_requests: int
-    worker_max_rss: float
-    log_format: str
-    log_level: str
-    default_gate: Any = gates.OPEN
-    adaptive: Optional[aimd.Policy] = None
-    priority_aging: float = 0.0
-    dispatch_order: str = "arrival"
-    gateway_headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
-    gateway_token: str = field(default="", repr=False)
-    gateway_token_file: str = ""
-    gateway_tls: TlsFiles = TlsFiles()
-    redis_auth: RedisAuth = RedisAuth()
-    max_response_bytes: int = 64 * 1024 * 1024
-    redis_cluster: bool = False
+class RedisConfig:
+    """The Redis server and asyncproc's keys on it (--redis-url, --redis.*): how to reach it
+    (URL, credentials and TLS, cluster, replicas to wait for), the queue names beside the
+    request queues, and what guards exactly-once (claims, leases, result deduplication)."""
+
+    url: str = field(default="redis://localhost:6379/0", repr=False)
+    auth: RedisAuth = RedisAuth()
+    cluster: bool = False
     wait_replicas: int = 0
     wait_timeout: float = 2.0
+    retry_queue: str = "batch-sortedset-retry"
+    result_queue: str = "batch-queue-result"
+    dead_letter_queue: str = "batch-queue-dead-letter"
+    key_prefix: str = "asyncproc"
+    claim: bool = True
+    claim_ttl: float = 3600.0
+    result_dedupe_window: float = 3600.0
+    lease_seconds: float = 60.0
+    consumer_group: str = "asyncproc"   # redis-streams
+    max_deliveries: int = 5             # redis-streams
+    result_maxlen: int = 1000000        # redis-streams
+
+
+@dataclass(frozen=True)
+class GcpConfig:
+    """Google Cloud Pub/Sub (--gcp.*): the project short names resolve in, where results and
+    dead letters are published, and the lease asyncproc keeps on what it pulled."""
+
+    project: str = ""
+    result_topic: str = ""
+    dead_letter_topic: str = ""
+    ack_deadline: int = 60
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The inference gateway (--inference-gateway, --gateway-*): where requests go and the
+    headers, credentials and TLS they go with; a queue's own (--queues-file) beat these."""
+
+    url: str = field(default="http://localhost:8000", repr=False)
+    objective: str = ""
+    headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    tls: TlsFiles = TlsFiles()
     request_headers: bool = True
     fairness_header: str = "x-llm-d-inference-fairness-id"
     fairness_metadata_key: str = "userid"
-    cancel_poll_interval: float = 0.5
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How long one attempt may take and how attempts are repeated until the deadline."""
+
+    backoff: retry.Backoff = retry.Backoff("exponential", 1.0, 60.0)
+    max_attempts: int = 0
+    request_timeout: float = 300.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """Which waiting request goes next, and when: the merge of several queues, the order
+    inside one, dispatch gates and adaptive concurrency (README: Choosing a gate)."""
+
+    merge_policy: str = "random-robin"
+    order: str = "arrival"
+    default_gate: Any = gates.OPEN       # for every queue without its own gate
+    adaptive: Optional[aimd.Policy] = None   # None: --adaptive-concurrency off
+    priority_aging: float = 0.0
+
+
+@dataclass(frozen=True)
+class MessagesConfig:
+    """What a request message may be and what comes back (README: Bad input): sizes, the
+    deadline horizon, allowed endpoints, the gateway response cap and the result format."""
+
+    max_message_bytes: int = 1048576
+    max_deadline_horizon: float = messages.DEFAULT_HORIZON
+    allowed_endpoints: messages.Endpoints = messages.Endpoints.parse(",".join(messages.DEFAULT_ENDPOINTS))
+    max_result_bytes: int = 16 * 1048576
+    max_response_bytes: int = 64 * 1024 * 1024
+    result_format: str = "seed"
+
+
+@dataclass(frozen=True)
+class OperationsConfig:
+    """Running and watching the process: metrics server, logs, tracing, worker recycling,
+    the shutdown grace period and how often cancellations are read."""
+
+    metrics_port: int = 9090
+    metrics_host: str = "0.0.0.0"
+    log_format: str = "text"
+    log_level: str = "INFO"
     tracing: bool = False
+    shutdown_grace_period: float = 30.0
+    worker_timeout: float = 60.0
+    worker_max_requests: int = 0
+    worker_max_rss: float = 0.0
+    cancel_poll_interval: float = 0.5
+
+
+#: OPTIONS' `section` → the part of Settings it configures ("processing": Settings itself).
+SECTIONS = {"processing": "Settings", "redis": "RedisConfig", "gcp": "GcpConfig", "gateway": "GatewayConfig",
+            "retry": "RetryConfig", "dispatch": "DispatchConfig", "messages": "MessagesConfig",
+            "operations": "OperationsConfig"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything asyncproc runs with: what it processes (concurrency, workers, the transport,
+    the request queues) and one section per thing it talks to or decides."""
+
+    concurrency: int
+    workers: int
+    message_queue_impl: str
+    request_queues: Tuple[QueueConfig, ...]
+    intake_buffer: int
+    redis: RedisConfig = RedisConfig()
+    gcp: GcpConfig = GcpConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    retry: RetryConfig = RetryConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    messages: MessagesConfig = MessagesConfig()
+    operations: OperationsConfig = OperationsConfig()
 
     def message_limits(self) -> messages.Limits:
         """What every request message is checked against (README: Bad input)."""
-        own = {self.retry_queue, self.result_queue, self.dead_letter_queue, *self.queue_names,
+        redis, limits = self.redis, self.messages
+        own = {redis.retry_queue, redis.result_queue, redis.dead_letter_queue, *self.queue_names,
                *(q.result_queue for q in self.request_queues if q.result_queue)}
         return messages.Limits(
-            self.max_message_bytes, self.max_deadline_horizon, self.allowed_endpoints,
+            limits.max_message_bytes, limits.max_deadline_horizon, limits.allowed_endpoints,
             {q.name: q.allowed_endpoints for q in self.request_queues if q.allowed_endpoints is not None},
-            self.key_prefix, frozenset(own - {self.result_queue}))
+            redis.key_prefix, frozenset(own - {redis.result_queue}))
 
     def gate_of(self, queue: QueueConfig) -> Any:
-        return queue.gate if queue.gate is not None else self.default_gate
+        return queue.gate if queue.gate is not None else self.dispatch.default_gate
 
     @property
     def queue_names(self) -> List[str]:
@@ -608,64 +677,78 @@ def parse_args(
     settings = Settings(
         concurrency=concurrency,
         workers=workers,
-        inference_gateway=ns.inference_gateway,
-        inference_objective=ns.inference_objective,
-        request_merge_policy=ns.request_merge_policy,
         message_queue_impl=ns.message_queue_impl,
-        redis_url=ns.redis_url,
         request_queues=queues,
-        retry_queue=ns.redis_retry_queue_name,
-        result_queue=ns.redis_result_queue_name,
-        dead_letter_queue=ns.redis_dead_letter_queue_name,
-        key_prefix=ns.redis_key_prefix,
-        claim=ns.redis_claim,
-        claim_ttl=ns.redis_claim_ttl,
-        result_dedupe_window=ns.result_dedupe_window,
-        lease_seconds=ns.redis_lease_seconds,
-        consumer_group=ns.redis_consumer_group,
-        max_deliveries=ns.max_deliveries,
-        result_maxlen=ns.redis_result_maxlen,
-        gcp_project=ns.gcp_project,
-        gcp_result_topic=ns.gcp_result_topic,
-        gcp_dead_letter_topic=ns.gcp_dead_letter_topic,
-        gcp_ack_deadline=ns.gcp_ack_deadline,
-        backoff=retry.Backoff(ns.retry_policy, ns.retry_base_delay, ns.retry_max_delay),
-        max_attempts=ns.max_attempts,
-        request_timeout=ns.request_timeout,
-        connect_timeout=ns.connect_timeout,
-        max_message_bytes=ns.max_message_bytes,
-        max_deadline_horizon=ns.max_deadline_horizon,
-        allowed_endpoints=messages.Endpoints.parse(ns.allowed_endpoints),
-        max_result_bytes=ns.max_result_bytes,
-        result_format=ns.result_format,
         intake_buffer=ns.intake_buffer or concurrency,
-        metrics_port=ns.metrics_port,
-        metrics_host=ns.metrics_host,
-        shutdown_grace_period=ns.shutdown_grace_period,
-        worker_timeout=ns.worker_timeout,
-        worker_max_requests=ns.worker_max_requests,
-        worker_max_rss=ns.worker_max_rss,
-        log_format=ns.log_format,
-        log_level=ns.log_level,
-        default_gate=default_gate,
-        adaptive=aimd.Policy(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
-        if ns.adaptive_concurrency else None,
-        priority_aging=ns.priority_aging,
-        dispatch_order=ns.dispatch_order,
-        gateway_headers=gateway_headers,
-        gateway_token=ns.gateway_token.strip(),
-        gateway_token_file=token_file,
-        gateway_tls=gateway_tls,
-        redis_auth=redis_auth,
-        max_response_bytes=ns.max_response_bytes,
-        redis_cluster=cluster,
-        wait_replicas=ns.redis_wait_replicas,
-        wait_timeout=ns.redis_wait_timeout,
-        request_headers=ns.request_headers,
-        fairness_header=ns.fairness_header,
-        fairness_metadata_key=ns.fairness_metadata_key,
-        cancel_poll_interval=ns.cancel_poll_interval,
-        tracing=ns.tracing,
+        redis=RedisConfig(
+            url=ns.redis_url,
+            auth=redis_auth,
+            cluster=cluster,
+            wait_replicas=ns.redis_wait_replicas,
+            wait_timeout=ns.redis_wait_timeout,
+            retry_queue=ns.redis_retry_queue_name,
+            result_queue=ns.redis_result_queue_name,
+            dead_letter_queue=ns.redis_dead_letter_queue_name,
+            key_prefix=ns.redis_key_prefix,
+            claim=ns.redis_claim,
+            claim_ttl=ns.redis_claim_ttl,
+            result_dedupe_window=ns.result_dedupe_window,
+            lease_seconds=ns.redis_lease_seconds,
+            consumer_group=ns.redis_consumer_group,
+            max_deliveries=ns.max_deliveries,
+            result_maxlen=ns.redis_result_maxlen,
+        ),
+        gcp=GcpConfig(
+            project=ns.gcp_project,
+            result_topic=ns.gcp_result_topic,
+            dead_letter_topic=ns.gcp_dead_letter_topic,
+            ack_deadline=ns.gcp_ack_deadline,
+        ),
+        gateway=GatewayConfig(
+            url=ns.inference_gateway,
+            objective=ns.inference_objective,
+            headers=gateway_headers,
+            token=ns.gateway_token.strip(),
+            token_file=token_file,
+            tls=gateway_tls,
+            request_headers=ns.request_headers,
+            fairness_header=ns.fairness_header,
+            fairness_metadata_key=ns.fairness_metadata_key,
+        ),
+        retry=RetryConfig(
+            backoff=retry.Backoff(ns.retry_policy, ns.retry_base_delay, ns.retry_max_delay),
+            max_attempts=ns.max_attempts,
+            request_timeout=ns.request_timeout,
+            connect_timeout=ns.connect_timeout,
+        ),
+        dispatch=DispatchConfig(
+            merge_policy=ns.request_merge_policy,
+            order=ns.dispatch_order,
+            default_gate=default_gate,
+            adaptive=aimd.Policy(ns.adaptive_floor, concurrency, ns.adaptive_decrease, ns.adaptive_latency_target)
+            if ns.adaptive_concurrency else None,
+            priority_aging=ns.priority_aging,
+        ),
+        messages=MessagesConfig(
+            max_message_bytes=ns.max_message_bytes,
+            max_deadline_horizon=ns.max_deadline_horizon,
+            allowed_endpoints=messages.Endpoints.parse(ns.allowed_endpoints),
+            max_result_bytes=ns.max_result_bytes,
+            max_response_bytes=ns.max_response_bytes,
+            result_format=ns.result_format,
+        ),
+        operations=OperationsConfig(
+            metrics_port=ns.metrics_port,
+            metrics_host=ns.metrics_host,
+            log_format=ns.log_format,
+            log_level=ns.log_level,
+            tracing=ns.tracing,
+            shutdown_grace_period=ns.shutdown_grace_period,
+            worker_timeout=ns.worker_timeout,
+            worker_max_requests=ns.worker_max_requests,
+            worker_max_rss=ns.worker_max_rss,
+            cancel_poll_interval=ns.cancel_poll_interval,
+        ),
     )
     return settings, ns
 

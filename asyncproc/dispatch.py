@@ -1,7 +1,7 @@
 """The Dispatcher: which waiting request goes to which free worker thread now, and what is
 held back and why (README: gates, per-queue limits, adaptive concurrency, merge policies).
 It learns from outcomes (adaptive concurrency, first gateway failures). No I/O: gate
-readings are handed in, the clock is passed in.
+readings are handed in (gate_sources.GateFeed), the clock is passed in.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from asyncproc import aimd, credentials, gates, gateway, llmd, merge, messages, metrics, redact, tracing
-from asyncproc.config import QueueConfig, Settings
+from asyncproc.config import GatewayConfig, QueueConfig, Settings
 from asyncproc.ledger import Ledger, State
 from asyncproc.messages import Request
 from asyncproc.outcomes import Assignment, Kind, Outcome
@@ -22,33 +22,40 @@ from asyncproc.timers import Timer
 log = logging.getLogger("asyncproc.supervisor")
 
 TOKEN_CHECK_SECONDS = 1.0
+#: A tick waits for more outcomes at most this share of the mean attempt latency...
+BATCH_WINDOW_SHARE = 0.01
+#: ...and never longer than this.
+BATCH_WINDOW_MAX = 0.02
+#: Weight of the newest outcome in the mean attempt latency.
+LATENCY_SMOOTHING = 0.05
 
 
 class Route:
-    """Where one queue's requests go: gateway origin, paths, headers (objective, credentials)."""
+    """Where one queue's requests go: gateway origin, paths, headers (objective, credentials);
+    the queue's own settings (--queues-file) over `defaults`, the gateway section."""
 
-    def __init__(self, queue: QueueConfig, settings: Settings,
+    def __init__(self, queue: QueueConfig, defaults: GatewayConfig,
                  token_files: Optional[Dict[str, credentials.TokenFile]] = None) -> None:
-        url = queue.gateway or settings.inference_gateway
+        url = queue.gateway or defaults.url
         parts = urlsplit(url)
         self.origin = credentials.origin(url)
         self.gateway_path = parts.path if parts.path not in ("", "/") else None
         self.queue_path = queue.path
-        objective = queue.objective if queue.objective is not None else settings.inference_objective
+        objective = queue.objective if queue.objective is not None else defaults.objective
         base = dict(gateway.BASE_HEADERS)
         if objective:
             base["x-gateway-inference-objective"] = objective
-        headers = [*settings.gateway_headers, *queue.headers.items()]
-        token = queue.token if queue.token is not None else settings.gateway_token
-        path = queue.token_file or (settings.gateway_token_file if queue.token is None else "")
+        headers = [*defaults.headers, *queue.headers.items()]
+        token = queue.token if queue.token is not None else defaults.token
+        path = queue.token_file or (defaults.token_file if queue.token is None else "")
         token_file = None
         if path:
             token_files = {} if token_files is None else token_files
             token_file = token_files.get(path) or token_files.setdefault(path, credentials.TokenFile(path))
         self.auth = credentials.RouteAuth(base, url, headers, token, token_file)
         self.headers: Dict[str, str] = self.auth.headers
-        self.request_headers = queue.request_headers if queue.request_headers is not None else settings.request_headers
-        self.fairness = (settings.fairness_header, settings.fairness_metadata_key)
+        self.request_headers = queue.request_headers if queue.request_headers is not None else defaults.request_headers
+        self.fairness = (defaults.fairness_header, defaults.fairness_metadata_key)
 
     def headers_for(self, request: Request) -> Dict[str, str]:
         """The route's headers, then the request's own, then the fairness header (llm-d-async)."""
@@ -83,8 +90,8 @@ class Dispatcher:
         self.metrics = metrics_
         self.rng = rng
         queues = settings.request_queues
-        self.pick = merge.policy(settings.request_merge_policy, {q.name: q.weight for q in queues},
-                                 {q.name: q.priority for q in queues}, settings.priority_aging)
+        self.pick = merge.policy(settings.dispatch.merge_policy, {q.name: q.weight for q in queues},
+                                 {q.name: q.priority for q in queues}, settings.dispatch.priority_aging)
         # Gates and limits: each queue's gate, its own in-flight limit, the budget decided last.
         self.gates = {q.name: settings.gate_of(q) for q in queues}
         self.queue_limits = {q.name: min(q.max_in_flight or settings.concurrency, settings.concurrency)
@@ -104,14 +111,15 @@ class Dispatcher:
             self.decisions[name] = gates.decide(gate, {})  # sources not read yet: closed, unless fail_open
             self.metrics.of(self.metrics.gate_budget, name).set(self.decisions[name].budget)
         self.held: Dict[Tuple[str, str], int] = {}
-        self.aimd = settings.adaptive
+        self.aimd = settings.dispatch.adaptive
         self.aimd_state = aimd.start(self.aimd) if self.aimd is not None else None
         self.token_files: Dict[str, credentials.TokenFile] = {}
-        self.routes: Dict[str, Route] = {q.name: Route(q, settings, self.token_files) for q in queues}
-        self.default_route = Route(QueueConfig(""), settings, self.token_files)
+        self.routes: Dict[str, Route] = {q.name: Route(q, settings.gateway, self.token_files) for q in queues}
+        self.default_route = Route(QueueConfig(""), settings.gateway, self.token_files)
         self.token_check = Timer(TOKEN_CHECK_SECONDS)
         self.gateway_failures_logged: set = set()   # origins whose first failure was logged
-        self.tracing = tracing.load(settings.tracing)   # --tracing; off: no-ops
+        self.mean_latency = 0.0   # seconds an attempt takes, smoothed over recent outcomes
+        self.tracing = tracing.load(settings.operations.tracing)   # --tracing; off: no-ops
 
     # -- gates -------------------------------------------------------------------------------
     def source_intervals(self) -> Dict[gates.Source, float]:
@@ -204,10 +212,10 @@ class Dispatcher:
 
     def assignment(self, request: Request) -> Assignment:
         route = self.routes.get(request.queue, self.default_route)
-        s = self.settings
+        bounds = self.settings.retry
         return Assignment(request.key, route.origin, route.path(request), orjson.dumps(request.payload),
                           self.tracing.attempt_started(request, route.headers_for(request)), request.deadline,
-                          s.connect_timeout, s.request_timeout, s.max_response_bytes)
+                          bounds.connect_timeout, bounds.request_timeout, self.settings.messages.max_response_bytes)
 
     def _held(self, waiting, room: Dict[str, int], total_room: Optional[int],
               threads_free: bool) -> Dict[Tuple[str, str], int]:
@@ -239,12 +247,21 @@ class Dispatcher:
             return
         if outcome.kind is not Kind.EXPIRED:
             self.metrics.of(self.metrics.gateway_latency, request.queue).observe(outcome.elapsed)
+            self.mean_latency += LATENCY_SMOOTHING * (outcome.elapsed - self.mean_latency)
         if outcome.kind is Kind.SHED:
             self.metrics.of(self.metrics.shed, request.queue).inc()
         self._note_gateway(request, outcome)
         if self.aimd_state is not None and outcome.kind is not Kind.EXPIRED:
             self.aimd_state = aimd.adapt(self.aimd_state, self.aimd, outcome.status, outcome.kind is Kind.OK,
                                          outcome.elapsed, dispatched_at, now)
+
+    def batch_window(self) -> float:
+        """How long a tick may wait for more outcomes before it writes, reads and dispatches
+        (README: Performance): a small share of what an attempt takes, so a slot waits at
+        most that share longer, while thousands of slow requests in flight are handled a
+        batch per Redis round trip instead of one each. 0 below a millisecond."""
+        window = min(BATCH_WINDOW_SHARE * self.mean_latency, BATCH_WINDOW_MAX)
+        return window if window >= 0.001 else 0.0
 
     def _note_gateway(self, request: Request, outcome: Outcome) -> None:
         """The first failed connection (or refused credentials) per gateway: why, once, at ERROR."""

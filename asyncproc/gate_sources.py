@@ -5,7 +5,8 @@ PromQL instant query; cache each reading for its interval; turn every failure in
 Readings are taken in the supervisor loop, synchronously, but each source at most once per
 its interval and with a short timeout (`--gate-timeout`, 0.25 s by default): a healthy
 endpoint costs a few milliseconds a second, a dead one at most the timeout per interval.
-That keeps the loop one loop with one wait point, no thread behind it.
+That keeps the loop one loop with one wait point, no thread behind it. `GateFeed` takes
+the readings when due, counts failures and hands them to the Dispatcher (dispatch.py).
 """
 from __future__ import annotations
 
@@ -146,6 +147,38 @@ class Sources:
         for client in self.clients.values():
             client.close()
 
+
+class GateFeed:
+    """The Dispatcher's gate readings: the sources its gates read (none: nothing to do),
+    taken when due, failures counted; after each reading the Dispatcher decides again."""
+
+    def __init__(self, dispatcher, metrics_, clock: Callable[[], float], redis_url: str = "",
+                 redis_auth=None) -> None:
+        self.dispatcher = dispatcher
+        self.metrics = metrics_
+        intervals = dispatcher.source_intervals()
+        self.sources = Sources(intervals, clock, redis_url, redis_auth) if intervals else None
+
+    def next_due(self) -> Optional[float]:
+        return self.sources.next_due() if self.sources is not None else None
+
+    def refresh(self, now: float, ledger) -> None:
+        """Take the readings that are due (short timeouts, see above) and decide again, with
+        the ledger's requests in flight per queue."""
+        if self.sources is None or now < self.sources.next_due():
+            return
+        errors_before = dict(self.sources.errors)
+        self.sources.refresh(now)
+        for source, count in self.sources.errors.items():
+            if count != errors_before.get(source, 0):
+                self.metrics.of(self.metrics.gate_errors, describe(source)).inc(
+                    count - errors_before.get(source, 0))
+        self.dispatcher.decide_gates(self.sources.readings, now, self.sources.taken,
+                                     {q: ledger.assigned_in(q) for q in self.dispatcher.gates})
+
+    def close(self) -> None:
+        if self.sources is not None:
+            self.sources.close()
 
 def describe(source: Source) -> str:
     """How logs and the gate-errors metric name a source: never with its credentials."""

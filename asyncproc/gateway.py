@@ -1,5 +1,5 @@
-"""Worker-side HTTP: urllib3 connection pools (one per gateway origin, one connection per
-thread kept alive), timeouts bounded by the deadline, no hidden retries.
+"""Worker-side HTTP: each worker thread keeps one urllib3 connection per gateway origin
+alive and posts over it; timeouts bounded by the deadline, no hidden retries.
 
 Bounded whatever the gateway does: the body is read in chunks up to `max_response_bytes`
 (more: a final "response too large", the connection discarded), and one attempt, headers
@@ -9,19 +9,26 @@ socket it uses and the worker's main loop calls `expire_overdue()`: it shuts dow
 socket of an attempt past its budget, the blocked read fails, and the attempt is a
 retryable "attempt timed out".
 
-urllib3's pool directly, not requests: requests' per-call machinery (hooks, cookie jars,
-proxy lookup in the environment, header merging) cost more CPU than the whole rest of a
-dispatch (see the README's performance section).
+urllib3's connections (`urllib3.connection.HTTPConnection` / `HTTPSConnection`: TLS,
+connect errors, response objects), not its pool and not requests: a thread makes one
+request at a time, so threads and connections pair one to one and a pool has nothing to
+share; its per-request machinery (checkout and return, retry objects, URL re-encoding) and
+requests' (hooks, cookie jars, proxy lookup) cost more CPU than the whole rest of a
+dispatch (see the README's performance section). A connection the gateway closed while it
+sat idle is noticed before it is used (as urllib3's pool does) and opened again.
 """
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import urllib3
 from urllib3 import exceptions as u3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.util import parse_url
 
 from asyncproc import outcomes
 from asyncproc.outcomes import Assignment, Outcome
@@ -100,29 +107,43 @@ def tracked(connection_cls: type) -> type:
 
 
 class Gateway:
-    """The HTTP side of one worker process, shared by its threads."""
+    """The HTTP side of one worker process, shared by its threads (each with connections of
+    its own)."""
 
-    def __init__(self, pool_size: int, tls: Optional[Any] = None) -> None:
-        self.pool_size = max(pool_size, 1)
+    def __init__(self, threads: int, tls: Optional[Any] = None) -> None:
+        self.threads = max(threads, 1)
         self.tls_options = tls_options(tls)
-        self._pools: Dict[str, urllib3.HTTPConnectionPool] = {}
-        self._timeouts: Dict[tuple, urllib3.Timeout] = {}
+        self._local = threading.local()           # .connections: origin -> this thread's connection
+        self._connections: List[HTTPConnection] = []   # every one made, to close at the end
         self._lock = threading.Lock()
         self._attempts: Dict[int, Attempt] = {}   # thread ident -> its attempt in flight
         self._attempts_lock = threading.Lock()
         self._cancelled: Dict[str, float] = {}    # keys cancelled before their attempt began -> when
+        # The earliest budget end among the attempts in flight (or sooner): expire_overdue()
+        # returns at once before it, instead of walking thousands of attempts ten times a second.
+        self._next_expiry = float("inf")
 
-    def pool(self, origin: str) -> urllib3.HTTPConnectionPool:
-        pool = self._pools.get(origin)
-        if pool is None:
+    def connection(self, origin: str) -> HTTPConnection:
+        """The calling thread's connection to `origin` (scheme://host:port), made on first
+        use; one the gateway closed while idle is closed here too, so the request reconnects."""
+        connections = getattr(self._local, "connections", None)
+        if connections is None:
+            connections = self._local.connections = {}
+        conn = connections.get(origin)
+        if conn is None:
+            url = parse_url(origin)
+            https = url.scheme == "https"
+            cls = tracked(HTTPSConnection if https else HTTPConnection)
+            conn = cls(url.host, url.port or (443 if https else 80), **(self.tls_options if https else {}))
+            connections[origin] = conn
             with self._lock:
-                pool = self._pools.get(origin)
-                if pool is None:
-                    extra = self.tls_options if origin.startswith("https:") else {}
-                    pool = urllib3.connection_from_url(origin, maxsize=self.pool_size, block=True, **extra)
-                    pool.ConnectionCls = tracked(pool.ConnectionCls)
-                    self._pools[origin] = pool
-        return pool
+                self._connections.append(conn)
+        elif conn.sock is not None and not conn.is_connected:
+            conn.close()
+        return conn
+
+    def connections_made(self) -> int:
+        return len(self._connections)
 
     def post(self, job: Assignment, clock: Callable[[], float] = time.time) -> Outcome:
         """POST the payload once and classify what came back (README: Dispatch and retries)."""
@@ -130,14 +151,7 @@ class Gateway:
         if remaining < MIN_ATTEMPT_SECONDS:
             return outcomes.expired()
         budget = min(job.request_timeout, remaining)
-        if remaining > job.request_timeout and remaining > job.connect_timeout:
-            timeout = self._timeouts.get((job.connect_timeout, job.request_timeout))
-            if timeout is None:  # the common case: the deadline is further than both caps
-                timeout = self._timeouts.setdefault(
-                    (job.connect_timeout, job.request_timeout),
-                    urllib3.Timeout(connect=job.connect_timeout, read=job.request_timeout))
-        else:
-            timeout = urllib3.Timeout(connect=min(job.connect_timeout, remaining), read=budget)
+        timeouts = (min(job.connect_timeout, remaining), budget)
         started = time.monotonic()
         attempt = Attempt(started + budget, job.key)
         ident = threading.get_ident()
@@ -145,9 +159,11 @@ class Gateway:
             if self._cancelled.pop(job.key, None) is not None:
                 return outcomes.cancelled()
             self._attempts[ident] = attempt
+            if attempt.ends_at < self._next_expiry:
+                self._next_expiry = attempt.ends_at
         _current.attempt = attempt
         try:
-            outcome = self._attempt(job, timeout, attempt, started)
+            outcome = self._attempt(job, timeouts, attempt, started)
         finally:
             _current.attempt = None
             with self._attempts_lock:
@@ -175,19 +191,26 @@ class Gateway:
                 self._cancelled[key] = now
         return aborted
 
-    def _attempt(self, job: Assignment, timeout: urllib3.Timeout, attempt: Attempt, started: float) -> Outcome:
+    def _attempt(self, job: Assignment, timeouts: Tuple[float, float], attempt: Attempt,
+                 started: float) -> Outcome:
+        conn = self.connection(job.origin)
         try:
-            response = self.pool(job.origin).urlopen(
-                "POST", job.path, body=job.body, headers=job.headers, retries=False, redirect=False,
-                timeout=timeout, preload_content=False, assert_same_host=False,
-            )
+            conn.timeout = timeouts[0]          # connecting, if it must
+            conn.request("POST", job.path, body=job.body, headers=job.headers, preload_content=False)
+            conn.timeout = timeouts[1]          # waiting for the answer
+            response = conn.getresponse()
         except u3.NewConnectionError as exc:  # before ConnectTimeoutError: it is a subclass
+            conn.close()
             return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
         except u3.ConnectTimeoutError:
+            conn.close()
             return outcomes.connection_failure("connect timeout", time.monotonic() - started)
-        except u3.ReadTimeoutError:
-            return outcomes.connection_failure("read timeout", time.monotonic() - started)
-        except (u3.ProtocolError, u3.HTTPError, OSError) as exc:
+        except (TimeoutError, socket.timeout, u3.ReadTimeoutError):
+            conn.close()
+            return outcomes.connection_failure(TIMED_OUT if attempt.expired else "read timeout",
+                                               time.monotonic() - started)
+        except (u3.HTTPError, http.client.HTTPException, OSError) as exc:
+            conn.close()
             if attempt.expired:
                 return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
             return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
@@ -198,25 +221,27 @@ class Gateway:
             if declared is not None and declared > limit:
                 return outcomes.too_large(response.status, limit, time.monotonic() - started)
             if declared is not None and 0 < declared <= READ_CHUNK and "Content-Encoding" not in response.headers:
-                body = response.read(declared)  # the common case: one read, no loop
+                body = response.read(declared)  # the common case: one read, no loop (short: an error)
+                clean = True
             else:
                 body = self._read(response, attempt, limit)
-            if body is None:
-                return outcomes.too_large(response.status, limit, time.monotonic() - started)
+                if body is None:
+                    return outcomes.too_large(response.status, limit, time.monotonic() - started)
+                clean = True
             if attempt.expired:  # a body read "to the end" because its socket was shut
+                clean = False
                 return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
-            clean = True
-        except u3.ReadTimeoutError:
+        except (TimeoutError, socket.timeout, u3.ReadTimeoutError):
             return outcomes.connection_failure(
                 TIMED_OUT if attempt.expired else "read timeout", time.monotonic() - started)
-        except (u3.ProtocolError, u3.HTTPError, OSError) as exc:
+        except (u3.HTTPError, http.client.HTTPException, OSError) as exc:
             if attempt.expired:
                 return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
             return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
         finally:
             if not clean:
-                response.close()  # the connection is discarded, never reused
-            response.release_conn()  # its slot in the pool (a closed one reconnects)
+                response.close()
+                conn.close()  # discarded, never reused: the next request connects afresh
         return outcomes.from_response(response.status, body, response.headers.get("Retry-After"),
                                       time.monotonic() - started)
 
@@ -249,27 +274,36 @@ class Gateway:
         """Shut the sockets of attempts past their budget (called by the worker's main loop,
         at least every half second): their blocked reads fail and they end as timeouts."""
         now = time.monotonic() if now is None else now
-        expired = []
+        expired: List[Attempt] = []
         with self._attempts_lock:
             if self._cancelled:
                 for key in [k for k, at in self._cancelled.items() if now - at > CANCEL_MEMORY_SECONDS]:
                     del self._cancelled[key]
+            if now < self._next_expiry:
+                return expired
+            next_expiry = float("inf")
             for attempt in self._attempts.values():
-                if attempt.done or attempt.ends_at > now:
+                if attempt.done:
+                    continue
+                if attempt.ends_at > now:
+                    next_expiry = min(next_expiry, attempt.ends_at)
                     continue
                 if not attempt.expired:
                     attempt.expired = True
                     expired.append(attempt)
+                next_expiry = now  # still reading: shut again at the next call, until it ends
                 if attempt.sock is not None:
                     try:
                         attempt.sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass  # already closed
+            self._next_expiry = next_expiry
         return expired
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
 
 
 def tls_options(tls: Optional[Any]) -> Dict[str, Any]:

@@ -85,6 +85,7 @@ class Ledger:
         self._waiting: Dict[str, Union[Deque[str], ByDeadline]] = {}
         self._by_worker: Dict[int, set] = {}
         self._assigned_in: Dict[str, int] = {}   # queue -> requests assigned to workers
+        self._tokened: Dict[str, None] = {}      # keys of held requests with a cancel token
 
     # -- intake --------------------------------------------------------------------
     def admit(self, request: Request, delivery: Any = None) -> bool:
@@ -94,6 +95,8 @@ class Ledger:
             return False
         self._entries[key] = Entry(request, delivery)
         self._queue(request.queue).append(key)
+        if request.token:
+            self._tokened[key] = None
         return True
 
     def _queue(self, name: str):
@@ -125,6 +128,7 @@ class Ledger:
     def take_last(self, queue: str) -> Entry:
         """The newest waiting request of `queue`, to stage it elsewhere; it is forgotten."""
         key = self._waiting[queue].pop()
+        self._tokened.pop(key, None)
         return self._entries.pop(key)
 
     def withdraw(self, key: str) -> Optional[Entry]:
@@ -158,6 +162,7 @@ class Ledger:
     def forget(self, key: str) -> None:
         """What settles `key` has been written: it may be admitted again later."""
         entry = self._entries.pop(key, None)
+        self._tokened.pop(key, None)
         if entry is not None and entry.state is State.WAITING:
             waiting = self._waiting.get(entry.request.queue)
             if waiting is not None:
@@ -198,6 +203,11 @@ class Ledger:
         wanted = set(states)
         return [e for e in self._entries.values() if e.state in wanted]
 
+    def assigned(self) -> List[Entry]:
+        """The entries at workers (from the per-worker index: no walk over what waits)."""
+        entries = self._entries
+        return [entries[key] for keys in self._by_worker.values() for key in keys]
+
     def deliveries(self) -> List[Any]:
         """The transport handles of everything held, to keep their leases alive."""
         return [e.delivery for e in self._entries.values() if e.delivery is not None]
@@ -210,12 +220,20 @@ class Ledger:
             return sum(len(s) for s in self._by_worker.values())
         return sum(1 for e in self._entries.values() if e.state is state)
 
-    def count_by_queue(self, state: State) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
-        for entry in self._entries.values():
-            if entry.state is state:
-                counts[entry.request.queue] = counts.get(entry.request.queue, 0) + 1
-        return counts
+    def assigned_by_queue(self) -> Dict[str, int]:
+        """Requests at workers per queue (the in-flight gauge), from the kept counts."""
+        return dict(self._assigned_in)
+
+    def tokened(self) -> List[Request]:
+        """The held (waiting or assigned) requests that carry an llm-d-async cancel token,
+        from an index kept at admission: the cancel watch reads only these, so it costs
+        nothing per held request that has none."""
+        out = []
+        for key in self._tokened:
+            entry = self._entries.get(key)
+            if entry is not None and entry.state is not State.SETTLING:
+                out.append(entry.request)
+        return out
 
     def __len__(self) -> int:
         return len(self._entries)

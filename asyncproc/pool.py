@@ -87,6 +87,16 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exited with status {exitcode}"
 
 
+def worker_spec(settings, index: int, threads: int) -> worker.WorkerSpec:
+    """What worker `index` starts with (config.Settings): a heartbeat well inside
+    --worker-timeout, the log format and level, the gateway's TLS files."""
+    return worker.WorkerSpec(
+        index=index, threads=threads, heartbeat=max(min(settings.operations.worker_timeout / 4, 5.0), 0.1),
+        log_format=settings.operations.log_format, log_level=settings.operations.log_level,
+        tls=settings.gateway.tls,
+    )
+
+
 class Pool:
     def __init__(
         self,

@@ -2,53 +2,46 @@
 
 Each tick: wait (one sleep point) → handle signals → reap dead workers → collect outcomes →
 take in messages → dispatch → flush writes → housekeeping. Signal handlers only record;
-the loop acts. What goes where is the Dispatcher's (dispatch.py); what is held, written and
-settled is the books' (books.py). This is the one module that knows both policy and
-mechanism. The clock, the pool and the wait are passed in, so tests drive it in-process.
+the loop acts. What goes where is the Dispatcher's (dispatch.py; its gate readings,
+gate_sources.GateFeed's); what is held, written and settled is the books' (books.py); what
+is read each tick, staged and leased, intake.py's; which workers to retire or replace, the
+keeper's (upkeep.py); what a worker starts with, pool.py's; what is cancelled, the
+watcher's (cancelwatcher.py); readiness and gauges, gauges.py's. This is the one module
+that knows both policy and mechanism. The clock, the pool and the wait are passed in, so
+tests drive it in-process.
 """
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import random
 import signal
 import time
 from multiprocessing.connection import wait as wait_for
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from asyncproc import cancelwatch, gate_sources, messages, metrics, notify, redact, worker
+from asyncproc import gate_sources, metrics, notify, redact, worker
 from asyncproc.books import Books
+from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
 from asyncproc.dispatch import Dispatcher
-from asyncproc.ledger import Entry, State
-from asyncproc.messages import Request
-from asyncproc.outcomes import Assignment, Outcome
-from asyncproc.pool import BootFailure, Pool
+from asyncproc.gauges import Gauges
+from asyncproc.intake import Intake
+from asyncproc.ledger import State
+from asyncproc.outcomes import Outcome
+from asyncproc.pool import BootFailure, Pool, worker_spec
 from asyncproc.timers import Timer
 from asyncproc.transports import Transport, TransportError, open_transport
+from asyncproc.upkeep import WorkerKeeper
 
 log = logging.getLogger("asyncproc.supervisor")
 
-RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
-RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
-QUEUE_STATS_SECONDS = 5.0
-GAUGE_SECONDS = 0.25
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
-RSS_CHECK_SECONDS = 5.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for the queue system
-STUCK_GRACE_SECONDS = 3.0    # a worker holding an attempt this long past its budget is replaced
-STUCK_CHECK_SECONDS = 1.0    # how often held attempts are compared with their budgets
 EXIT_INTERNAL_ERROR = 1
-
-
-def attempt_overdue(dispatched_at: float, deadline: float, request_timeout: float, now: float,
-                    grace: float = STUCK_GRACE_SECONDS) -> bool:
-    """An attempt dispatched at `dispatched_at` and still not answered at `now` has outrun
-    its budget, min(--request-timeout, time to the deadline), by more than `grace`: the
-    worker's own watchdog (gateway.expire_overdue) did not end it."""
-    return now > min(dispatched_at + request_timeout, deadline) + grace
 
 
 class Lifecycle(enum.Enum):
@@ -72,11 +65,14 @@ class Supervisor:
         self.books = Books(settings, self.metrics, clock, self.rng)
         self.dispatcher = Dispatcher(settings, self.metrics, self.rng)
         self.books.tracing = self.dispatcher.tracing
-        self.pool = pool if pool is not None else Pool(settings.threads_per_worker(), self._worker_spec)
-        intervals = self.dispatcher.source_intervals()
-        self.sources = gate_sources.Sources(intervals, clock, settings.redis_url,
-                                            settings.redis_auth) if intervals else None
-        self.capacity = settings.concurrency + settings.intake_buffer
+        self.pool = pool if pool is not None else Pool(settings.threads_per_worker(),
+                                                          functools.partial(worker_spec, settings))
+        self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
+        self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
+        self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
+        self.gate_feed = gate_sources.GateFeed(self.dispatcher, self.metrics, clock, settings.redis.url,
+                                               settings.redis.auth)
+        self.inbound = Intake(self.transport, self.books, self.metrics, settings.concurrency + settings.intake_buffer)
         self.state = Lifecycle.STARTING
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
         self.signals: List[int] = []
@@ -84,17 +80,11 @@ class Supervisor:
         self.connected = False               # the queue system answers (until a call fails)
         self.connected_once = False
         self.outage = False                  # logged as unreachable, no write has succeeded since
-        self.subscriber_drops = 0            # the transport's count, last seen
         self.reconnect = Timer()
         self.reconnect_delay = RECONNECT_MIN
-        self.retry_poll = Timer()
-        self.more_to_read = False
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
-        self.timers = {name: Timer(interval) for name, interval in (
-            ("stats", QUEUE_STATS_SECONDS), ("gauges", GAUGE_SECONDS), ("cancellations", settings.cancel_poll_interval),
-            ("rss", RSS_CHECK_SECONDS), ("stuck", STUCK_CHECK_SECONDS),
-            ("keep_alive", self.transport.keep_alive_interval), ("watchdog", self.notifier.watchdog_interval))}
+        self.watchdog = Timer(self.notifier.watchdog_interval)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -111,7 +101,7 @@ class Supervisor:
         if signum is not None:
             name = signal.Signals(signum).name
             if state in (Lifecycle.STARTING, Lifecycle.RUNNING):
-                log.info("%s received: draining (grace %.0fs)", name, self.settings.shutdown_grace_period)
+                log.info("%s received: draining (grace %.0fs)", name, self.settings.operations.shutdown_grace_period)
                 self._enter(Lifecycle.DRAINING, now)
             elif state is Lifecycle.STOPPING:
                 log.warning("%s while stopping: exiting without waiting for the queue system", name)
@@ -129,9 +119,7 @@ class Supervisor:
             if not self.books.outbox:
                 self._enter(Lifecycle.STOPPED, now)
             elif self.deadline.due(now):
-                lost = self.books.unwritten()
-                log.error("queue system unreachable at stop: %d results and put-backs not written"
-                          " (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
+                self.books.log_unwritten("queue system unreachable at stop: ")
                 self._enter(Lifecycle.STOPPED, now)
 
     def _enter(self, state: Lifecycle, now: float) -> None:
@@ -141,7 +129,7 @@ class Supervisor:
         self.state = state
         if state is Lifecycle.DRAINING:  # intake stops; what is not dispatched goes back now
             self.notifier.send("STOPPING=1", "STATUS=draining")
-            self.deadline.after(now, self.settings.shutdown_grace_period)
+            self.deadline.after(now, self.settings.operations.shutdown_grace_period)
             self.books.release_unclaimed()
             self.books.put_back(self.ledger.unfinished([State.WAITING]), now)
         elif state is Lifecycle.STOPPING:  # last step: write the outbox, waiting a little if need be
@@ -152,18 +140,18 @@ class Supervisor:
         1 after an internal error in the loop (what was held is put back first)."""
         self._install_signals()
         try:
-            server = metrics.serve(self.metrics, self.health, self.settings.metrics_host,
-                                   self.settings.metrics_port)
+            server = metrics.serve(self.metrics, self.health, self.settings.operations.metrics_host,
+                                   self.settings.operations.metrics_port)
         except OSError as exc:
-            log.error("cannot serve metrics on %s:%d: %s", self.settings.metrics_host,
-                      self.settings.metrics_port, exc.strerror or exc)
+            log.error("cannot serve metrics on %s:%d: %s", self.settings.operations.metrics_host,
+                      self.settings.operations.metrics_port, exc.strerror or exc)
             return 3
         log.info(
             "asyncproc starting: %d workers, concurrency %d, queues %s, gateway %s",
             self.settings.workers, self.settings.concurrency, ",".join(self.settings.queue_names),
-            redact.url(self.settings.inference_gateway),
+            redact.url(self.settings.gateway.url),
         )
-        if not self.settings.gateway_tls.verify:
+        if not self.settings.gateway.tls.verify:
             log.warning("--gateway-tls-verify false: the gateway's certificate is not checked;"
                         " anyone on the path can read the requests and their credentials")
         code = 0
@@ -183,8 +171,7 @@ class Supervisor:
             self.pool.stop(timeout=1.0)
             self.dispatcher.tracing.close()
             self.transport.close()
-            if self.sources is not None:
-                self.sources.close()
+            self.gate_feed.close()
             if server is not None:
                 server.shutdown()
             signal.set_wakeup_fd(-1)
@@ -213,8 +200,7 @@ class Supervisor:
                 if self.books.outbox:
                     self._wait([self._wake_r], timeout=RECONNECT_MIN)
             if self.books.outbox:
-                lost = self.books.unwritten()
-                log.error("%d results and put-backs not written (ids: %s)", len(lost), " ".join(map(str, lost[:100])))
+                self.books.log_unwritten()
         except Exception:
             log.exception("internal error while putting back; stopping without it")
         self.state = Lifecycle.STOPPED
@@ -242,23 +228,29 @@ class Supervisor:
         fileno = self.transport.fileno() if self.connected and self.state is Lifecycle.RUNNING else None
         if fileno is not None:
             objects.append(fileno)
-        self.readable = set(self._wait(objects, timeout=self._timeout()))
+        timeout = self._timeout()
+        window = self.dispatcher.batch_window() if self.state is Lifecycle.RUNNING and timeout > 0 else 0.0
+        if window:  # let outcomes gather (only a signal cuts it short), then take them all at once
+            self._wait([self._wake_r], timeout=min(window, timeout))
+            timeout = 0.0 if self.signals else max(timeout - window, 0.0)
+        self.readable = set(self._wait(objects, timeout=timeout))
 
     def _timeout(self) -> float:
-        if self.signals or self.more_to_read:
+        if self.signals or self.inbound.more_to_read:
             return 0.0
         now = self.clock()
         wake = [now + HOUSEKEEPING_SECONDS]
-        if self.connected and len(self.ledger) < self.capacity and self.state is Lifecycle.RUNNING:
-            wake.append(self.retry_poll.at)
+        if self.connected and len(self.ledger) < self.inbound.capacity and self.state is Lifecycle.RUNNING:
+            wake.append(self.inbound.retry_poll.at)
         if not self.connected:
             wake.append(self.reconnect.at)
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
             wake.append(self.deadline.at)
         if self.notifier.watchdog_interval is not None:
-            wake.append(self.timers["watchdog"].at)
-        if self.sources is not None and self.state is Lifecycle.RUNNING:
-            wake.append(self.sources.next_due())
+            wake.append(self.watchdog.at)
+        gates_due = self.gate_feed.next_due()
+        if gates_due is not None and self.state is Lifecycle.RUNNING:
+            wake.append(gates_due)
         restart = self.pool.next_restart()
         if restart is not None:
             wake.append(now + max(restart - time.monotonic(), 0.0))
@@ -288,7 +280,7 @@ class Supervisor:
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
                     for key, outcome in message[1]:
-                        self.books.isolated("settle", key, None, self.settle, key, outcome)
+                        self.books.isolation.run("settle", key, None, self.settle, key, outcome)
 
     def settle(self, key: str, outcome: Outcome) -> None:
         entry = self.ledger.settle(key)
@@ -301,117 +293,67 @@ class Supervisor:
         self.books.conclude(entry, outcome, now)
 
     def intake(self) -> None:
-        """New messages and due retries, as far as there is room (pub/sub: drain it all)."""
-        self.more_to_read = False
-        if self.state is not Lifecycle.RUNNING or not self.connected:
-            return
-        now = self.clock()
-        books, transport = self.books, self.transport
-        if books.unclaimed:
-            self.flush()  # results first: a claim that keeps failing must not hold them back
-            if not self.connected:
-                return
-        try:
-            if books.unclaimed:
-                books.claim_and_accept(transport, [])
-            if transport.must_drain:
-                deliveries = transport.receive(RECEIVE_BATCH)
-                self.more_to_read = len(deliveries) == RECEIVE_BATCH
-                books.accept_new(transport, deliveries, now)
-            room = self.capacity - len(self.ledger)
-            if room > 0 and self.retry_poll.due(now):
-                claimed = transport.claim_due(now, room)
-                for delivery in claimed:
-                    books.isolated("retry", None, delivery, books.accept_retry, delivery, now)
-                room -= len(claimed)
-                if room > 0 and not transport.must_drain:
-                    deliveries = transport.receive(room)
-                    books.accept_new(transport, deliveries, now)
-                    room -= len(deliveries)
-                self.retry_poll.set(now if room <= 0 else now + RETRY_POLL_SECONDS)
-        except TransportError as exc:
-            self.transport_down(exc)
-        drops = transport.subscriber_drops
-        if drops != self.subscriber_drops:
-            self.metrics.subscriber_dropped.inc(drops - self.subscriber_drops)
-            self.subscriber_drops = drops
-        if transport.must_drain:
-            books.stage_overflow(self.capacity, now)
+        """New messages and due retries while running (intake.py); the supervisor only
+        flushes first when asked and reconnects after a TransportError."""
+        self.inbound.more_to_read = False
+        if self.state is Lifecycle.RUNNING and self.connected:
+            self.inbound.step(self.clock(), self.flush, self.transport_down)
 
     def dispatch(self) -> None:
         """Fill free worker threads as the Dispatcher plans; one pipe write per worker."""
         if self.state is not Lifecycle.RUNNING:
             return
         now = self.clock()
-        self.refresh_gates(now)
+        self.gate_feed.refresh(now, self.ledger)  # readings due: gates decided again
         free = {h.index: h.threads - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
         for request, exc in plan.failed:
-            self.books.internal_error("dispatch", exc, request, None)
-        sends = self.cancel_before_send(plan.tokened, plan.sends) if plan.tokened else plan.sends
+            self.books.isolation.internal_error("dispatch", exc, request, None)
+        sends = plan.sends
+        if plan.tokened:  # a failed read dispatches: the in-flight watch still aborts them
+            try:
+                sends = self.cancels.before_send(plan.tokened, sends)
+            except TransportError as exc:
+                self.transport_down(exc)
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
 
-    def cancel_before_send(self, requests: List[Request], sends: Dict[int, List[Assignment]]):
-        """llm-d-async checks a request's cancel marker just before dispatch: so do we, one
-        read for the batch. A failed read dispatches (the in-flight watch still aborts it)."""
-        try:
-            marked = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in requests])
-        except TransportError as exc:
-            self.transport_down(exc)
-            return sends
-        gone = {r.key for r, hit in zip(requests, marked) if hit}
-        if not gone:
-            return sends
-        for key in gone:
-            entry = self.ledger.settle(key)
-            if entry is not None:
-                log.info("id=%s cancelled before dispatch", key, extra={"id": entry.request.id})
-                self.books.finish(entry.request, messages.cancelled_result(entry.request), entry.delivery,
-                                  messages.CANCELLED)
-        return {i: kept for i, jobs in sends.items() if (kept := [j for j in jobs if j.key not in gone])}
-
-    def refresh_gates(self, now: float) -> None:
-        """Take the readings that are due (short timeouts, see gate_sources) and decide again."""
-        if self.sources is None or now < self.sources.next_due():
-            return
-        errors_before = dict(self.sources.errors)
-        self.sources.refresh(now)
-        for source, count in self.sources.errors.items():
-            if count != errors_before.get(source, 0):
-                self.metrics.of(self.metrics.gate_errors, gate_sources.describe(source)).inc(
-                    count - errors_before.get(source, 0))
-        self.dispatcher.decide_gates(self.sources.readings, now, self.sources.taken,
-                                     {q: self.ledger.assigned_in(q) for q in self.dispatcher.gates})
-
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write the outbox; whether the queue system still answers."""
         if not self.connected:
-            return
+            return False
         failure = self.books.flush(self.transport)
         if failure is not None:
             self.transport_down(failure)
-            return
+            return False
         if self.outage:  # only a write (or nothing left to write) shows the outage is over
             log.info("queue system reachable again")
             self.outage = False
         self.reconnect_delay = RECONNECT_MIN
+        return True
 
     def housekeep(self) -> None:
         now = self.clock()
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
-        self.pool.kill_silent(self.settings.worker_timeout)
-        self.replace_stuck_workers(now)
-        self.recycle_workers(now)
-        self.keep_alive(now)
-        self.refresh_cancellations(now)
+        self.keeper.housekeep(now)
+        if self.connected:
+            try:
+                self.inbound.keep_alive(now)
+                self.cancels.refresh(now)
+            except TransportError as exc:
+                self.transport_down(exc)
         self.dispatcher.refresh_tokens(now)
         if not self.connected and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
             self._reconnect()
         self.advance(now)
-        self._update_health(now)
+        try:
+            self.gauges.update(now, self.state.value if self.state is not Lifecycle.RUNNING else None,
+                               self.connected)
+        except TransportError as exc:
+            self.transport_down(exc)
         self.tell_systemd(now)
 
     # -- the queue system ------------------------------------------------------------------------
@@ -440,86 +382,7 @@ class Supervisor:
             return
         self.connected = True
         self.connected_once = True
-        self.retry_poll.set(0.0)
-
-    def keep_alive(self, now: float) -> None:
-        """Extend the leases of everything held, so no other replica takes it over."""
-        if self.transport.keep_alive_interval is None or not self.connected:
-            return
-        if not self.timers["keep_alive"].every(now):
-            return
-        held = self.ledger.deliveries()
-        if held:
-            try:
-                self.transport.keep_alive(held)
-            except TransportError as exc:
-                self.transport_down(exc)
-
-    def refresh_cancellations(self, now: float) -> None:
-        """Every --cancel-poll-interval: read what `asyncproc cancel` named and, in one
-        pipelined read, llm-d-async's markers of the held requests with a token. The books
-        answer the waiting ones covered; in-flight ones are aborted by their workers."""
-        if not self.connected or not self.timers["cancellations"].every(now):
-            return
-        held = self.ledger.unfinished()
-        tokened = cancelwatch.with_tokens(e.request for e in held)
-        try:
-            batches, ids = self.transport.cancellations(now)
-            hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened]) if tokened else []
-        except TransportError as exc:
-            self.transport_down(exc)
-            return
-        self.metrics.cancel_reads.inc()
-        self.metrics.cancel_watched.set(len(tokened))
-        marked = {r.key for r, hit in zip(tokened, hits) if hit}
-        abort = self.books.cancel(batches, ids, marked, held)
-        handles = {h.index: h for h in self.pool.handles}
-        for index, keys in abort.items():
-            handle = handles.get(index)
-            if handle is not None and self.pool.send_cancel(handle, keys):
-                self.books.aborting.update(keys)
-                log.info("aborting %d cancelled requests in flight on worker %d: %s", len(keys), index,
-                         " ".join(keys[:20]))
-
-    # -- workers ---------------------------------------------------------------------------------
-    def recycle_workers(self, now: float) -> None:
-        """Retire workers past --worker-max-requests / --worker-max-rss once they hold no work."""
-        max_requests, max_rss = self.settings.worker_max_requests, self.settings.worker_max_rss
-        check_rss = max_rss and self.timers["rss"].every(now)
-        for handle in self.pool.handles:
-            if not handle.retiring and handle.ready:
-                if max_requests and handle.served >= max_requests:
-                    handle.retiring = True
-                    log.info("worker %d served %d requests; retiring it", handle.index, handle.served)
-                elif check_rss:
-                    rss = self.pool.rss(handle)
-                    if rss is not None and rss > max_rss * 1024 * 1024:
-                        handle.retiring = True
-                        log.info("worker %d uses %.0f MiB (limit %.0f); retiring it", handle.index,
-                                 rss / 1048576, max_rss)
-            if handle.retiring and not handle.stop_sent and self.ledger.assigned_count(handle.index) == 0:
-                self.pool.retire(handle)
-
-    def replace_stuck_workers(self, now: float) -> None:
-        """Kill a worker that holds a request past its attempt budget plus a grace (a hung
-        worker that still heartbeats); reap() then gives back what it held, to be dispatched
-        again (the overdue ones counted as a failed attempt), and a request whose deadline
-        has passed by then is answered "deadline exceeded"."""
-        if not self.timers["stuck"].every(now):
-            return
-        overdue: Dict[int, List[Entry]] = {}
-        for entry in self.ledger.unfinished([State.ASSIGNED]):
-            if attempt_overdue(entry.dispatched_at, entry.request.deadline, self.settings.request_timeout, now):
-                overdue.setdefault(entry.worker, []).append(entry)
-        handles = {h.index: h for h in self.pool.handles}
-        for index, entries in overdue.items():
-            handle = handles.get(index)
-            if handle is None or not self.pool.kill(handle):
-                continue
-            for entry in entries:
-                entry.request = entry.request.after_attempt("attempt timed out (worker replaced)")
-            log.error("worker %d (pid %s) holds requests past their attempt budget; replacing it: %s",
-                      index, handle.pid, " ".join(e.request.key for e in entries[:20]))
+        self.inbound.retry_poll.set(0.0)
 
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""
@@ -527,39 +390,5 @@ class Supervisor:
             self.notified_ready = True
             self.notifier.send("READY=1", f"STATUS=running, {self.settings.workers} workers")
         # systemd watches only after start-up
-        if self.notifier.watchdog_interval is not None and self.notified_ready and self.timers["watchdog"].every(now):
+        if self.notifier.watchdog_interval is not None and self.notified_ready and self.watchdog.every(now):
             self.notifier.send("WATCHDOG=1")
-
-    # -- health and gauges ---------------------------------------------------------------------------
-    def _update_health(self, now: float) -> None:
-        self.health.last_tick = time.monotonic()
-        alive = self.pool.alive()
-        if self.state is not Lifecycle.RUNNING:
-            self.health.ready, self.health.reason = False, self.state.value
-        elif not self.connected:
-            self.health.ready, self.health.reason = False, "queue system unreachable"
-        elif alive == 0:
-            self.health.ready, self.health.reason = False, "no worker ready"
-        else:
-            self.health.ready, self.health.reason = True, "ready"
-        if not self.timers["gauges"].every(now):
-            return
-        m, dispatcher = self.metrics, self.dispatcher
-        m.observe(self.ledger.count_by_queue(State.ASSIGNED), dispatcher.routes, self.ledger.count(State.WAITING),
-                  dispatcher.aimd_state.in_flight if dispatcher.aimd_state is not None else None,
-                  dispatcher.held, alive, len(self.books.outbox))
-        if self.connected and self.timers["stats"].every(now):
-            try:
-                self.transport.tidy(now)
-                for name, by_queue in self.transport.stats().items():
-                    for queue, value in by_queue.items():
-                        m.queue_gauges[name].labels(queue).set(value)
-            except TransportError as exc:
-                self.transport_down(exc)
-
-    def _worker_spec(self, index: int, threads: int) -> worker.WorkerSpec:
-        return worker.WorkerSpec(
-            index=index, threads=threads, heartbeat=max(min(self.settings.worker_timeout / 4, 5.0), 0.1),
-            log_format=self.settings.log_format, log_level=self.settings.log_level,
-            tls=self.settings.gateway_tls,
-        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import List, Optional
@@ -42,11 +43,22 @@ def cluster_cli_binary(server: str) -> Optional[str]:
 
 
 def low_free_port() -> int:
+    """A free port at most 55535 whose cluster-bus port (+10000) is free too: tests run in
+    parallel, and a node whose bus port is taken exits at start."""
     for _ in range(200):
         port = free_port()
-        if port <= MAX_PORT:
+        if port <= MAX_PORT and _bindable(port + 10000):
             return port
-    raise RuntimeError("no free port at most 55535")
+    raise RuntimeError("no free port at most 55535 with a free bus port")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 class ClusterNodeProcess(ServerProcess):
@@ -88,7 +100,7 @@ class Cluster:
         ports: List[int] = []
         while len(ports) < masters * (1 + replicas):
             port = low_free_port()
-            if port not in ports:
+            if not {port, port + 10000, port - 10000} & set(ports):
                 ports.append(port)
         self.nodes = [ClusterNodeProcess(binary, workdir / str(p), p) for p in ports]
         self.replicas = replicas

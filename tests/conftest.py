@@ -2,6 +2,10 @@ import pytest
 
 from tests.harness import PERSISTENT, Processor, PubSubEmulator, PubSubQueues, RedisServer, Results, Sim, pubsub_emulator_missing
 
+#: Tests that share an expensive server run on one xdist worker (`--dist loadgroup`), so the
+#: server starts once per session, not once per worker: fixture name -> group.
+SHARED_SERVERS = {"pubsub_emulator": "pubsub-emulator", "shared_cluster": "redis-cluster"}
+
 
 def pytest_collection_modifyitems(items):
     for item in items:
@@ -9,6 +13,10 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         elif "faults" in str(item.fspath):
             item.add_marker(pytest.mark.faults)
+        for fixture, group in SHARED_SERVERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 @pytest.fixture

@@ -363,7 +363,7 @@ def submit(argv: List[str]) -> int:
     print(f"submitted {count} requests to {settings.queue_names[0]} ({settings.message_queue_impl});"
           f" {len(found.errors)} malformed lines skipped", file=sys.stderr)
     if not client.persisted:
-        print(f"note: redis-pubsub publishes each result once, on {settings.result_queue}: only a subscriber"
+        print(f"note: redis-pubsub publishes each result once, on {settings.redis.result_queue}: only a subscriber"
               " listening then gets it (run-batch listens while it submits)", file=sys.stderr)
     print(batch)
     return 0
@@ -477,7 +477,7 @@ def status(argv: List[str]) -> int:
     if ns.json:
         print(orjson.dumps({"transport": settings.message_queue_impl, "queues": stats, "batches": rows}).decode())
         return 0
-    print(f"transport {settings.message_queue_impl} at {redact.url(settings.redis_url)}")
+    print(f"transport {settings.message_queue_impl} at {redact.url(settings.redis.url)}")
     for gauge, by_queue in stats.items():
         for queue, value in by_queue.items():
             print(f"  {gauge:<20} {queue:<32} {value:>10g}")

@@ -6,6 +6,12 @@ produces N messages, collects every result, and prints one table row: messages/s
 the middle 80% of results, so start-up and the last stragglers do not blur the rate),
 p50/p99 end-to-end latency, CPU per message summed over the asyncproc tree (psutil), peak
 RSS summed over the tree, and lost and duplicate counts.
+
+Absolute figures move twice over between machines, so every run also measures a reference
+on the same stand-in: one thread posting the same payload over one keep-alive
+`http.client` connection (with the stand-in's latency set to 0), its CPU per POST. The row
+gives asyncproc's CPU per message as a multiple of it (`x ref`), and the stand-in's own
+rate at the scenario's concurrency (`gw alone`) beside asyncproc's (`msg/s`).
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ SCENARIOS = {
     "P2": Scenario("P2", 256, "0.5-1.5", 10000, describe="latency 0.5-1.5 s, 256 in flight"),
     "P3": Scenario("P3", 1000, "0.5-1.5", 20000, describe="latency 0.5-1.5 s, 1000 in flight"),
     "P4": Scenario("P4", 16, "0", 20000, rate_503=0.1, describe="zero latency, 10% 503s"),
+    "P5": Scenario("P5", 10000, "10-30", 30000, describe="latency 10-30 s, 10,000 in flight"),
 }
 
 
@@ -64,6 +71,7 @@ class Row:
     rss_mb: float
     lost: int
     duplicates: int
+    ref_us: float = float("nan")   # CPU of one bare keep-alive http.client POST to the same stand-in
 
 
 def sim_args(s: Scenario) -> List[str]:
@@ -103,6 +111,31 @@ def gateway_capacity(url: str, concurrency: int, seconds: float) -> float:
         return done
 
     return asyncio.run(run()) / seconds
+
+
+def bare_post_reference(url: str, seconds: float = 2.0) -> float:
+    """CPU seconds per POST of one thread posting over one keep-alive `http.client`
+    connection to the stand-in (latency 0): the cost of the HTTP exchange itself, measured on
+    this machine, in this run, to compare asyncproc's cost per message with."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body = orjson.dumps({"model": "m", "prompt": "p0", "x_sim": {"latency": 0}})
+    headers = {"Content-Type": "application/json"}
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        for _ in range(50):  # warm: the connection, the stand-in's code paths
+            conn.request("POST", "/v1/completions", body, headers)
+            conn.getresponse().read()
+        n, cpu0, stop = 0, time.thread_time(), time.monotonic() + seconds
+        while time.monotonic() < stop:
+            conn.request("POST", "/v1/completions", body, headers)
+            conn.getresponse().read()
+            n += 1
+        return (time.thread_time() - cpu0) / max(n, 1)
+    finally:
+        conn.close()
 
 
 def tree_usage(root: psutil.Process) -> tuple:
@@ -182,7 +215,8 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", *sim_args(s)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
-        if s.rate_503:
+        ref = bare_post_reference(url)
+        if s.rate_503 or mean_latency(s) >= 5:  # 503s are not capacity; long latencies: the bound is exact
             gateway_rate = 0.0
         else:  # a window several latencies long, so requests cut off at its end weigh little
             gateway_rate = gateway_capacity(url, s.concurrency, max(capacity_seconds, 8 * mean_latency(s)))
@@ -234,7 +268,7 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
             s.concurrency / mean_latency(s) if mean_latency(s) else None, gateway_rate,
             _pct(latencies, 50), _pct(latencies, 99),
             (cpu_after - cpu_before) / max(done, 1) * 1e6, peak_rss / 1048576,
-            s.messages - done, collector.count - done,
+            s.messages - done, collector.count - done, ref * 1e6,
         )
     finally:
         procs.stop()
@@ -516,14 +550,16 @@ def _pct(values: List[float], p: int) -> float:
 
 
 HEADER = (f"{'scen':4} {'transport':15} {'inflight':>8} {'wrk':>3} {'msgs':>6} {'msg/s':>7} {'bound':>6} "
-          f"{'gw alone':>8} {'p50 s':>6} {'p99 s':>6} {'cpu us/msg':>10} {'rss MB':>7} {'lost':>4} {'dup':>4}")
+          f"{'gw alone':>8} {'p50 s':>6} {'p99 s':>6} {'cpu us/msg':>10} {'ref us':>6} {'x ref':>5} {'rss MB':>7} "
+          f"{'lost':>4} {'dup':>4}")
 
 
 def format_row(r: Row) -> str:
     bound = f"{r.bound:6.0f}" if r.bound else "     -"
     gw = f"{r.gateway_rate:8.0f}" if r.gateway_rate else "       -"
     return (f"{r.scenario:4} {r.transport:15} {r.concurrency:8d} {r.workers:3d} {r.messages:6d} {r.rate:7.0f} {bound} "
-            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.rss_mb:7.0f} {r.lost:4d} {r.duplicates:4d}")
+            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.ref_us:6.0f} {r.cpu_us / r.ref_us:5.2f} {r.rss_mb:7.0f} "
+            f"{r.lost:4d} {r.duplicates:4d}")
 
 
 def main(argv=None) -> int:

@@ -15,37 +15,40 @@ from asyncproc.transports.base import (
 
 
 def open_transport(settings) -> Transport:
-    """The transport `--message-queue-impl` names."""
-    if settings.message_queue_impl == "redis-pubsub":
+    """The transport `--message-queue-impl` names, given its own section of the settings and
+    the request queues it reads."""
+    impl, queues = settings.message_queue_impl, settings.queue_names
+    if impl == "redis-pubsub":
         from asyncproc.transports.redis_pubsub import RedisPubSub
 
-        return RedisPubSub(settings)
-    if settings.message_queue_impl == "redis-sortedset":
+        return RedisPubSub(settings.redis, queues, settings.messages.max_message_bytes)
+    if impl == "redis-sortedset":
         from asyncproc.transports.redis_sortedset import RedisSortedSet
 
-        return RedisSortedSet(settings)
-    if settings.message_queue_impl == "redis-streams":
+        return RedisSortedSet(settings.redis, queues, settings.messages.result_format)
+    if impl == "redis-streams":
         from asyncproc.transports.redis_streams import RedisStreams
 
-        return RedisStreams(settings)
-    if settings.message_queue_impl == "gcp-pubsub":
+        return RedisStreams(settings.redis, queues)
+    if impl == "gcp-pubsub":
         from asyncproc.transports.gcp_pubsub import GcpPubSub
 
-        return GcpPubSub(settings)
-    raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
+        return GcpPubSub(settings.gcp, queues, settings.messages.result_format)
+    raise ValueError(f"unknown transport {impl!r}")
 
 
 def open_producer(settings, queue: str) -> Producer:
     """The producer's side of the transport `--message-queue-impl` names, for `queue`."""
-    if settings.message_queue_impl == "gcp-pubsub":
+    impl = settings.message_queue_impl
+    if impl == "gcp-pubsub":
         from asyncproc.transports.gcp_producer import GcpProducer
 
-        return GcpProducer(settings, queue)
+        return GcpProducer(settings.gcp, queue)
     from asyncproc.transports.redis_producer import PRODUCERS
 
-    if settings.message_queue_impl not in PRODUCERS:
-        raise ValueError(f"unknown transport {settings.message_queue_impl!r}")
-    return PRODUCERS[settings.message_queue_impl](settings, queue)
+    if impl not in PRODUCERS:
+        raise ValueError(f"unknown transport {impl!r}")
+    return PRODUCERS[impl](settings.redis, queue, lambda: open_transport(settings), settings.messages.result_format)
 
 
 __all__ = ["Delivery", "Producer", "ProducerError", "ResultReader", "ResultRoute", "Transport", "TransportError", "Unconfirmed",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import orjson
 from google.api_core import exceptions as gexc
@@ -24,16 +24,19 @@ from asyncproc.transports.gcp_pubsub import (
     resource_path,
 )
 
+if TYPE_CHECKING:
+    from asyncproc.config import GcpConfig
+
 ERRORS = (gexc.GoogleAPIError, auth_exc.GoogleAuthError)
 RESULTS_PREFIX = "asyncproc-results-"
 RESULTS_TTL_SECONDS = 7 * 24 * 3600   # a batch's results subscription lapses after a week unused
 
 
 class GcpQueues:
-    def __init__(self, settings, queue: str) -> None:
-        self.project = settings.gcp_project
+    def __init__(self, gcp: GcpConfig, queue: str) -> None:
+        self.project = gcp.project
         self.subscription = resource_path(self.project, "subscriptions", queue)
-        self.result_topic = resource_path(self.project, "topics", settings.gcp_result_topic)
+        self.result_topic = resource_path(self.project, "topics", gcp.result_topic)
         self.publisher, self.subscriber = make_clients(os.environ.get("PUBSUB_EMULATOR_HOST"))
         self._topic: Optional[str] = None
 
@@ -94,8 +97,8 @@ class GcpProducer(Producer):
     errors = ERRORS + (OSError,)
     where = "pubsub"
 
-    def __init__(self, settings, queue: str) -> None:
-        self.queues = self.run(lambda: GcpQueues(settings, queue))
+    def __init__(self, gcp: GcpConfig, queue: str) -> None:
+        self.queues = self.run(lambda: GcpQueues(gcp, queue))
 
     def submit(self, requests: List[dict], forget: bool = False) -> int:
         self.run(lambda: self.queues.publish([orjson.dumps(r) for r in requests]))

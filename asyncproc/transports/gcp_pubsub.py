@@ -24,7 +24,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import orjson
 from google.api_core import exceptions as gexc
@@ -34,6 +34,9 @@ from google.pubsub_v1 import PublisherClient, PubsubMessage, SubscriberClient
 from asyncproc import messages
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.redis_sortedset import shares
+
+if TYPE_CHECKING:
+    from asyncproc.config import GcpConfig
 
 log = logging.getLogger("asyncproc.gcp")
 
@@ -108,15 +111,15 @@ class Lease:
 class GcpPubSub(Transport):
     must_drain = False
 
-    def __init__(self, settings) -> None:
-        self.project = settings.gcp_project
+    def __init__(self, gcp: GcpConfig, subscriptions: Sequence[str], result_format: str = "seed") -> None:
+        self.project = gcp.project
         self.subscriptions: Dict[str, str] = {
-            q: resource_path(self.project, "subscriptions", q) for q in settings.queue_names}
-        self.result_topic = resource_path(self.project, "topics", settings.gcp_result_topic)
-        self.dead_letter_topic = (resource_path(self.project, "topics", settings.gcp_dead_letter_topic)
-                                  if settings.gcp_dead_letter_topic else None)
-        self.ack_deadline = int(settings.gcp_ack_deadline)
-        self.result_format = settings.result_format
+            q: resource_path(self.project, "subscriptions", q) for q in subscriptions}
+        self.result_topic = resource_path(self.project, "topics", gcp.result_topic)
+        self.dead_letter_topic = (resource_path(self.project, "topics", gcp.dead_letter_topic)
+                                  if gcp.dead_letter_topic else None)
+        self.ack_deadline = int(gcp.ack_deadline)
+        self.result_format = result_format
         self.keep_alive_interval = self.ack_deadline / 3
         self._publisher: Optional[PublisherClient] = None
         self._subscriber: Optional[SubscriberClient] = None

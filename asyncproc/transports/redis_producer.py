@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import abc
 import time
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import orjson
 
 from asyncproc import messages, redact
-from asyncproc.transports.base import Producer, ProducerError, ResultReader, TransportError
+from asyncproc.transports.base import Producer, ProducerError, ResultReader, Transport, TransportError
 from asyncproc.transports.keys import aux_key, cancel_key, pubsub_marker
 from asyncproc.transports.redisbase import ERRORS, make_client
 
+if TYPE_CHECKING:
+    from asyncproc.config import RedisConfig
+
 CHUNK = 500                          # messages per pipeline round trip
 SOCKET_TIMEOUT = 10.0
-REPLY_COMPLETION = 1.0               # seconds the rest of a partly arrived reply may take
+REPLY_COMPLETION = SOCKET_TIMEOUT    # seconds the rest of a partly arrived reply may take (a busy host)
 
 
 def batch_key(prefix: str, batch: str) -> str:
@@ -30,13 +33,19 @@ def batches_key(prefix: str) -> str:
 class RedisProducer(Producer):
     errors = (*ERRORS, TransportError)  # TransportError: a cluster client that cannot be made
 
-    def __init__(self, settings, queue: str) -> None:
-        self.settings = settings
+    transport_name = ""   # the --message-queue-impl it produces for, recorded with each batch
+
+    def __init__(self, config: RedisConfig, queue: str, open_transport: Callable[[], Transport],
+                 result_format: str = "seed") -> None:
+        """`open_transport`: the processor's side of every request queue, for queue_stats."""
+        self.config = config
         self.queue = queue
-        self.prefix = settings.key_prefix
-        self.where = f"redis at {redact.url(settings.redis_url)}"
-        self.redis = make_client(settings.redis_url, settings.redis_auth, timeout=SOCKET_TIMEOUT, keepalive=False,
-                                 cluster=settings.redis_cluster)
+        self.open_transport = open_transport
+        self.result_format = result_format
+        self.prefix = config.key_prefix
+        self.where = f"redis at {redact.url(config.url)}"
+        self.redis = make_client(config.url, config.auth, timeout=SOCKET_TIMEOUT, keepalive=False,
+                                 cluster=config.cluster)
 
     # -- what each transport adds ----------------------------------------------------------
     @abc.abstractmethod
@@ -64,7 +73,7 @@ class RedisProducer(Producer):
         key = batch_key(self.prefix, batch)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hsetnx(key, "created", time.time())
-        pipe.hset(key, mapping={"queue": self.queue, "transport": self.settings.message_queue_impl})
+        pipe.hset(key, mapping={"queue": self.queue, "transport": self.transport_name})
         if total is None:
             pipe.hincrby(key, "total", count)
         else:
@@ -90,16 +99,14 @@ class RedisProducer(Producer):
 
     def queue_stats(self) -> Dict[str, Dict[str, float]]:
         """The processor's own queue gauges (depth, leased, retry set) plus dead letters."""
-        from asyncproc.transports import open_transport
-
-        transport = open_transport(self.settings)
+        transport = self.open_transport()
         try:
             stats = transport.stats()
         except TransportError as exc:
             raise ProducerError(str(exc)) from None
         finally:
             transport.close()
-        dead = self.settings.dead_letter_queue
+        dead = self.config.dead_letter_queue
         kind = self.run(lambda: self.redis.type(dead)).decode()
         size = {"list": self.redis.llen, "stream": self.redis.xlen}.get(kind)
         stats["dead_letters"] = {dead: self.run(lambda: size(dead)) if size else 0}
@@ -113,18 +120,19 @@ class RedisReader(ResultReader):
     def __init__(self, producer: RedisProducer) -> None:
         self.producer = producer
         self.redis = producer.redis
-        self.key = producer.settings.result_queue
+        self.key = producer.config.result_queue
 
 
 # -- redis-pubsub ---------------------------------------------------------------------------
 class PubSubProducer(RedisProducer):
+    transport_name = "redis-pubsub"
     persisted = False
 
     def enqueue(self, pipe, raw: bytes, request: dict) -> None:
         pipe.publish(self.queue, raw)
 
     def markers(self, key: str) -> List[str]:
-        return [pubsub_marker(self.prefix, self.settings.result_queue, kind, key) for kind in ("claim", "done")]
+        return [pubsub_marker(self.prefix, self.config.result_queue, kind, key) for kind in ("claim", "done")]
 
     def results(self, from_start: bool = True, batch: Optional[str] = None, total: int = 0) -> ResultReader:
         """Subscribed on return: submit after this (a result is published once)."""
@@ -166,13 +174,14 @@ class PubSubResults(RedisReader):
 
 # -- redis-sortedset ------------------------------------------------------------------------
 class SortedSetProducer(RedisProducer):
+    transport_name = "redis-sortedset"
     counts_results = True
 
     def enqueue(self, pipe, raw: bytes, request: dict) -> None:
         pipe.zadd(self.queue, {raw: float(request["deadline"])})
 
     def markers(self, key: str) -> List[str]:
-        return [aux_key(self.prefix, self.settings.result_queue, f"done:{key}")]
+        return [aux_key(self.prefix, self.config.result_queue, f"done:{key}")]
 
     def results(self, from_start: bool = True, batch: Optional[str] = None, total: int = 0) -> ResultReader:
         """The result list, from its start (or from now), nothing removed."""
@@ -185,7 +194,7 @@ class ListResults(RedisReader):
 
     def __init__(self, producer: RedisProducer, from_start: bool) -> None:
         super().__init__(producer)
-        self.from_tail = getattr(producer.settings, "result_format", "seed") == "llm-d-async"
+        self.from_tail = producer.result_format == "llm-d-async"
         self.cursor = 0 if from_start else producer.run(lambda: self.redis.llen(self.key))
 
     def _range(self) -> list:
@@ -206,6 +215,8 @@ class ListResults(RedisReader):
 
 # -- redis-streams --------------------------------------------------------------------------
 class StreamsProducer(SortedSetProducer):
+    transport_name = "redis-streams"
+
     def enqueue(self, pipe, raw: bytes, request: dict) -> None:
         pipe.xadd(self.queue, {b"message": raw})
 

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import redis
 
@@ -26,6 +26,9 @@ from asyncproc.transports.keys import pubsub_key, pubsub_marker
 from asyncproc.transports.markers import Markers
 from asyncproc.transports.redisbase import SOCKET_TIMEOUT, describe, group_by_destination, guarded, make_client, read_cancellations
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
+
+if TYPE_CHECKING:
+    from asyncproc.config import RedisConfig
 
 log = logging.getLogger("asyncproc.redis")
 
@@ -60,23 +63,23 @@ def decode_record(record: bytes) -> tuple:
 class RedisPubSub(Transport):
     must_drain = True
 
-    def __init__(self, settings) -> None:
-        self.channels = settings.queue_names
-        self.result_channel = settings.result_queue
-        self.dead_letter_key = settings.dead_letter_queue
-        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
-        self._retries = RetrySet(self._client, settings.retry_queue, settings.key_prefix)
-        self.lease_seconds = settings.lease_seconds
-        self.keep_alive_interval = settings.lease_seconds / 3
-        self._max_record = settings.max_message_bytes
-        self._held = pubsub_key(settings.key_prefix, settings.result_queue, "held")
-        self._held_messages = pubsub_key(settings.key_prefix, settings.result_queue, "held-messages")
+    def __init__(self, config: RedisConfig, queues: Sequence[str], max_message_bytes: int) -> None:
+        self.channels = list(queues)
+        self.result_channel = config.result_queue
+        self.dead_letter_key = config.dead_letter_queue
+        self._client = make_client(config.url, config.auth, cluster=config.cluster)
+        self._retries = RetrySet(self._client, config.retry_queue, config.key_prefix)
+        self.lease_seconds = config.lease_seconds
+        self.keep_alive_interval = config.lease_seconds / 3
+        self._max_record = max_message_bytes
+        self._held = pubsub_key(config.key_prefix, config.result_queue, "held")
+        self._held_messages = pubsub_key(config.key_prefix, config.result_queue, "held-messages")
         self._pubsub: Optional[redis.client.PubSub] = None
-        self._prefix = settings.key_prefix
-        self._result_queue = settings.result_queue
-        self._claims = settings.claim
-        self._claim_ttl = int(settings.claim_ttl)
-        self._window = int(settings.result_dedupe_window)
+        self._prefix = config.key_prefix
+        self._result_queue = config.result_queue
+        self._claims = config.claim
+        self._claim_ttl = int(config.claim_ttl)
+        self._window = int(config.result_dedupe_window)
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._claim_script = self._client.register_script(load_script("claim_ids.lua"))
         self._publish_script = self._client.register_script(load_script("publish_results.lua"))

@@ -7,7 +7,7 @@ member back in play. Retries wait in the lease set until their due time.
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 from asyncproc.transports.base import Delivery, Transport, Writes
 from asyncproc.transports.leases import LeaseSet
@@ -25,6 +25,9 @@ from asyncproc.transports.redisbase import (
     refresh,
 )
 
+if TYPE_CHECKING:
+    from asyncproc.config import RedisConfig
+
 
 def shares(names: List[str], limit: int, start: int) -> List[tuple]:
     """Spread `limit` over the queues, starting from a rotating one so none starves."""
@@ -38,22 +41,22 @@ def shares(names: List[str], limit: int, start: int) -> List[tuple]:
 class RedisSortedSet(Transport):
     must_drain = False
 
-    def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
-        self._prefix = settings.key_prefix
-        self.lease_seconds = settings.lease_seconds
-        self.keep_alive_interval = settings.lease_seconds / 3
+    def __init__(self, config: RedisConfig, queues: Sequence[str], result_format: str = "seed") -> None:
+        self._client = make_client(config.url, config.auth, cluster=config.cluster)
+        self._prefix = config.key_prefix
+        self.lease_seconds = config.lease_seconds
+        self.keep_alive_interval = config.lease_seconds / 3
         self.sets: Dict[str, LeaseSet] = {
-            q: LeaseSet(self._client, settings.key_prefix, q, ready_key=q) for q in settings.queue_names
+            q: LeaseSet(self._client, config.key_prefix, q, ready_key=q) for q in queues
         }
-        mode = "lpush" if getattr(settings, "result_format", "seed") == "llm-d-async" else "list"
-        self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, mode,
-                                    settings.result_dedupe_window)
+        mode = "lpush" if result_format == "llm-d-async" else "list"
+        self.results = ResultWriter(self._client, config.key_prefix, config.result_queue, mode,
+                                    config.result_dedupe_window)
         self.markers = Markers(self._client)
-        self.dead_letter_key = settings.dead_letter_queue
+        self.dead_letter_key = config.dead_letter_queue
         self._turn = 0
         self._resharding = Resharding()
-        self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
+        self._replication = Replication(self._client, config.wait_replicas, config.wait_timeout)
 
     def connect(self) -> None:
         def run() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import orjson
 import redis
@@ -35,6 +35,9 @@ from asyncproc.transports.redisbase import (
     refresh,
 )
 
+if TYPE_CHECKING:
+    from asyncproc.config import RedisConfig
+
 log = logging.getLogger("asyncproc.redis")
 
 ENTRY, LEASE = b"e", b"l"  # token kinds: a stream entry id, or a member of the lease set
@@ -45,25 +48,25 @@ DEPTH_COUNT_CAP = 1000
 class RedisStreams(Transport):
     must_drain = False
 
-    def __init__(self, settings) -> None:
-        self._client = make_client(settings.redis_url, settings.redis_auth, cluster=settings.redis_cluster)
-        self._prefix = settings.key_prefix
-        self.group = settings.consumer_group
+    def __init__(self, config: RedisConfig, queues: Sequence[str]) -> None:
+        self._client = make_client(config.url, config.auth, cluster=config.cluster)
+        self._prefix = config.key_prefix
+        self.group = config.consumer_group
         self.consumer = owner_name()
-        self.lease_seconds = settings.lease_seconds
-        self.keep_alive_interval = settings.lease_seconds / 3
-        self.max_deliveries = settings.max_deliveries
+        self.lease_seconds = config.lease_seconds
+        self.keep_alive_interval = config.lease_seconds / 3
+        self.max_deliveries = config.max_deliveries
         self.sets: Dict[str, LeaseSet] = {
-            q: LeaseSet(self._client, settings.key_prefix, q, ready_key=None) for q in settings.queue_names
+            q: LeaseSet(self._client, config.key_prefix, q, ready_key=None) for q in queues
         }
-        self.results = ResultWriter(self._client, settings.key_prefix, settings.result_queue, "stream",
-                                    settings.result_dedupe_window, settings.result_maxlen)
+        self.results = ResultWriter(self._client, config.key_prefix, config.result_queue, "stream",
+                                    config.result_dedupe_window, config.result_maxlen)
         self.markers = Markers(self._client)
-        self.dead_letter_key = settings.dead_letter_queue
+        self.dead_letter_key = config.dead_letter_queue
         self._turn = 0
         self._autoclaim_at = 0.0
         self._resharding = Resharding()
-        self._replication = Replication(self._client, settings.wait_replicas, settings.wait_timeout)
+        self._replication = Replication(self._client, config.wait_replicas, config.wait_timeout)
         # One MULTI for results and acknowledgements needs them in one slot; on a cluster
         # they are written in two steps, results first (a repeat is deduplicated).
         self._atomic = not is_cluster(self._client)

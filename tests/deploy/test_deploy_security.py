@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_systemd_example_binds_metrics_to_localhost():
     settings = config.load_settings(["-c", str(ROOT / "deploy" / "systemd" / "asyncproc.conf")], {})
-    assert settings.metrics_host == "127.0.0.1"
+    assert settings.operations.metrics_host == "127.0.0.1"
 
 
 def test_image_pins_its_base_tag_and_dependency_versions():

@@ -65,8 +65,8 @@ def test_defaults_render_valid_manifests(tmp_path):
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     settings = accepted_by_asyncproc(tmp_path, kinds)
-    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_grace_period
-    assert settings.concurrency == 16 and settings.metrics_port == 9090
+    assert pod["terminationGracePeriodSeconds"] > settings.operations.shutdown_grace_period
+    assert settings.concurrency == 16 and settings.operations.metrics_port == 9090
     env = {e["name"]: e for e in container["env"]}
     assert env["ASYNCPROC_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
     assert kinds["Secret"]["stringData"]["redis-url"] == "redis://redis-master:6379/0"
@@ -104,7 +104,7 @@ def test_production_values(tmp_path):
     ref = pod["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "redis-credentials", "key": "url"}
     settings = accepted_by_asyncproc(tmp_path, kinds)
-    assert settings.message_queue_impl == "redis-streams" and settings.claim is False
+    assert settings.message_queue_impl == "redis-streams" and settings.redis.claim is False
     assert settings.queue_names == ["{batch}:food", "{batch}:bulk"]
     assert settings.request_queues[0].objective == "food-review"
     monitor = kinds["ServiceMonitor"]
@@ -155,7 +155,7 @@ def test_cluster_mode(tmp_path):
     env = {e["name"]: e.get("value") for e in kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["ASYNCPROC_REDIS_CLUSTER"] == "true"
     settings = accepted_by_asyncproc(tmp_path, kinds, env={"ASYNCPROC_REDIS_CLUSTER": "true"})
-    assert settings.redis_cluster and settings.wait_replicas == 1
+    assert settings.redis.cluster and settings.redis.wait_replicas == 1
     triggers = kinds["ScaledObject"]["spec"]["triggers"]
     assert [t["type"] for t in triggers] == ["redis-cluster-streams"] * 2
     assert triggers[0]["metadata"]["addresses"] == "redis-cluster-0:6379,redis-cluster-1:6379"

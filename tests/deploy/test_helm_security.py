@@ -65,7 +65,7 @@ def test_secured_values_render_valid_manifests_that_asyncproc_accepts(tmp_path):
     environ = {name: str(next(v for k, v in local.items() if name.endswith(k))) for name in files}
     environ.update(ASYNCPROC_REDIS_URL="rediss://redis:6380/0", ASYNCPROC_REDIS_USERNAME=env["ASYNCPROC_REDIS_USERNAME"])
     settings = config.load_settings(["--inference-gateway", SECURED["config"]["inference-gateway"]], environ)
-    assert settings.redis_auth.username == "asyncproc" and settings.gateway_tls.cert_file == str(pki.client_cert)
+    assert settings.redis.auth.username == "asyncproc" and settings.gateway.tls.cert_file == str(pki.client_cert)
 
 
 def test_keda_authenticates_with_the_same_secrets():

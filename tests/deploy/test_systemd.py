@@ -43,7 +43,7 @@ def test_unit_is_type_notify_hardened_and_outlasts_the_drain(tmp_path):
     assert argv[0].endswith("/asyncproc") and argv[1:] == ["-c", "/etc/asyncproc/asyncproc.conf"]
     settings = config.load_settings(["-c", str(DEPLOY / "asyncproc.conf")], {})
     stop_timeout = int(service["TimeoutStopSec"][0])
-    assert stop_timeout > settings.shutdown_grace_period + 10  # drain, then the wait for Redis
+    assert stop_timeout > settings.operations.shutdown_grace_period + 10  # drain, then the wait for Redis
     assert service["KillMode"] == ["mixed"]  # SIGTERM to the supervisor, which stops its workers
     assert int(service["WatchdogSec"][0]) >= 10
 
@@ -56,7 +56,7 @@ def test_example_environment_file_sets_only_known_variables():
     assert names and names <= known
     env = dict(line.split("=", 1) for line in lines)
     settings = config.load_settings(["-c", str(DEPLOY / "asyncproc.conf")], env)
-    assert settings.redis_url.startswith("redis://") and settings.workers == 4
+    assert settings.redis.url.startswith("redis://") and settings.workers == 4
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

@@ -40,8 +40,10 @@ def test_kill_9_of_the_whole_tree_then_restart(redis_server, sim, start_processo
 def test_replicas_share_the_work_and_survive_one_being_killed(redis_server, sim, start_processor, impl):
     queue = Queue(redis_server.client(), impl)
     ids = [f"r{i}" for i in range(300)]
-    queue.put([request(i, {"prompt": "x", "x_sim": {"latency": 0.05}}) for i in ids])
     replicas = [start(start_processor, sim, impl, "--concurrency", "4") for _ in range(3)]
+    # all three ready before the work arrives: a replica slow to start (a busy machine)
+    # must not find the work done already
+    queue.put([request(i, {"prompt": "x", "x_sim": {"latency": 0.05}}) for i in ids])
     wait_until(lambda: len(queue.results()) >= 60, what="some results")
     kill_group(replicas[0].proc, signal.SIGKILL)
     assert_exactly_once(queue.wait_results(300, timeout=90), ids)

@@ -6,6 +6,7 @@ answer (or its timeout), so a test of minutes of behaviour runs in milliseconds.
 """
 from __future__ import annotations
 
+import json
 import signal
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -47,6 +48,13 @@ class Handle:
 
 def ok(_assignment: Assignment, _now: float) -> Tuple[Outcome, float]:
     return Outcome(Kind.OK, 200, b'{"ok": true}', elapsed=0.05), 0.05
+
+
+def answers_after(seconds: float) -> Callable[[Assignment, float], Tuple[Outcome, float]]:
+    """A gateway that answers every request with 200 `{}` after `seconds`."""
+    def gateway(_assignment: Assignment, _now: float) -> Tuple[Outcome, float]:
+        return Outcome(Kind.OK, 200, b"{}", elapsed=seconds), seconds
+    return gateway
 
 
 class FakePool:
@@ -171,6 +179,24 @@ class Rig:
         message = {"id": id_value, "deadline": self.clock() + deadline_in, "payload": {"prompt": f"p-{id_value}"}}
         message.update(extra)
         self.transport.enqueue(queue or self.settings.queue_names[0], message)
+
+    def serve_at_most(self, capacity: int, seconds: float, on_request: Callable[[], object] = lambda: None) -> None:
+        """The gateway from now on: `capacity` requests at once, each in `seconds`; it sheds
+        (HTTP 429) the rest."""
+        def gateway(_assignment: Assignment, _now: float) -> Tuple[Outcome, float]:
+            on_request()
+            if self.pool.in_flight() >= capacity:
+                return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
+            return Outcome(Kind.OK, 200, b"{}", elapsed=seconds), seconds
+        self.pool.gateway = gateway
+
+    def requests(self, ids, **extra) -> None:
+        for id_value in ids:
+            self.request(id_value, **extra)
+
+    def put_back(self) -> set:
+        """The ids in the retry set."""
+        return {json.loads(state)["id"] for _, state, _ in self.transport.retry_set}
 
     def run_until(self, predicate: Callable[[], object], seconds: float = 600.0) -> None:
         """Turn the loop until `predicate` holds, at most `seconds` of the fake clock."""

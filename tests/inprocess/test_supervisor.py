@@ -2,12 +2,13 @@
 fake clock. Dispatch, gates, adaptive concurrency, retries, drain, outages, cancellation
 and a bug in the loop, each in milliseconds and without wall-clock windows."""
 import json
+import logging
 import signal
 
 from asyncproc.ledger import State
 from asyncproc.outcomes import Kind, Outcome
 from asyncproc.supervisor import RECONNECT_MIN, Lifecycle
-from tests.inprocess.fakes import Rig
+from tests.inprocess.fakes import Rig, answers_after
 
 
 def answered(rig, ids):
@@ -22,8 +23,7 @@ def exactly_once(rig, ids):
 def test_every_request_is_answered_once_within_concurrency():
     rig = Rig("--concurrency", "8")
     ids = list(range(100))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
     assert all(r["payload"] == {"ok": True} and r["attempts"] == 1 for r in rig.results().values())
@@ -75,8 +75,7 @@ def test_a_closed_gate_holds_everything_back_and_says_why():
 def test_a_half_open_gate_halves_what_is_in_flight():
     rig = Rig("--concurrency", "8", "--gate", json.dumps({"type": "constant", "budget": 0.5}))
     ids = list(range(40))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(answered(rig, ids))
     assert rig.pool.max_in_flight == 4
     exactly_once(rig, ids)
@@ -84,18 +83,10 @@ def test_a_half_open_gate_halves_what_is_in_flight():
 
 def test_adaptive_concurrency_finds_the_gateways_capacity():
     capacity = 5
-    rig = None
-
-    def limited(job, now):
-        if rig.pool.in_flight() >= capacity:
-            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
-        return Outcome(Kind.OK, 200, b"{}", elapsed=0.2), 0.2
-
-    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.1",
-              gateway=limited)
+    rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.1")
+    rig.serve_at_most(capacity, 0.2)
     ids = list(range(300))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
     limit = rig.sup.dispatcher.aimd_state.in_flight
@@ -104,26 +95,19 @@ def test_adaptive_concurrency_finds_the_gateways_capacity():
 
 
 def test_drain_finishes_in_flight_and_puts_back_the_rest():
-    def slow(job, now):
-        return Outcome(Kind.OK, 200, b"{}", elapsed=5), 5
-
-    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "30", gateway=slow)
+    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "30", gateway=answers_after(5))
     ids = list(range(20))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(lambda: rig.pool.in_flight() == 4)
     rig.signal(signal.SIGTERM)
     rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
-    put_back = {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set}
+    put_back = rig.put_back()
     assert len(rig.transport.result_ids()) == 4 and len(put_back) == 16
     assert set(rig.transport.result_ids()) | put_back == set(ids)
 
 
 def test_a_drain_out_of_time_puts_back_what_is_in_flight():
-    def hung(job, now):
-        return Outcome(Kind.OK, 200, b"{}", elapsed=1000), 1000
-
-    rig = Rig("--concurrency", "2", "--shutdown-grace-period", "3", gateway=hung)
+    rig = Rig("--concurrency", "2", "--shutdown-grace-period", "3", gateway=answers_after(1000))
     rig.request("a")
     rig.request("b")
     rig.run_until(lambda: rig.pool.in_flight() == 2)
@@ -131,7 +115,7 @@ def test_a_drain_out_of_time_puts_back_what_is_in_flight():
     rig.signal(signal.SIGINT)
     rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
     assert 3 <= rig.clock() - start < 5
-    assert {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set} == {"a", "b"}
+    assert rig.put_back() == {"a", "b"}
     assert rig.transport.result_ids() == []
 
 
@@ -150,12 +134,8 @@ def test_an_outage_keeps_results_until_the_queue_system_is_back():
 
 
 def test_cancelling_answers_waiting_requests_and_aborts_dispatched_ones():
-    def slow(job, now):
-        return Outcome(Kind.OK, 200, b"{}", elapsed=10), 10
-
-    rig = Rig("--concurrency", "1", "--intake-buffer", "4", workers=1, gateway=slow)
-    for i in ("a", "b", "c"):
-        rig.request(i)
+    rig = Rig("--concurrency", "1", "--intake-buffer", "4", workers=1, gateway=answers_after(10))
+    rig.requests(("a", "b", "c"))
     rig.run_until(lambda: rig.pool.in_flight() == 1 and rig.sup.ledger.count(State.WAITING) == 2)
     cancelled_at = rig.clock()
     rig.transport.cancel(ids=["a", "b", "c"])
@@ -167,13 +147,9 @@ def test_cancelling_answers_waiting_requests_and_aborts_dispatched_ones():
 
 
 def test_a_dead_worker_s_requests_are_dispatched_again():
-    def slow(job, now):
-        return Outcome(Kind.OK, 200, b"{}", elapsed=2), 2
-
-    rig = Rig("--concurrency", "4", gateway=slow)
+    rig = Rig("--concurrency", "4", gateway=answers_after(2))
     ids = list(range(8))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(lambda: rig.pool.in_flight() == 4)
     rig.pool.handles[0].dead = True
     rig.run_until(answered(rig, ids))
@@ -193,20 +169,42 @@ def test_a_bug_in_the_loop_puts_back_flushes_and_exits_non_zero():
 
     rig.pool.send_jobs = send_then_fail
     assert rig.sup.run() == 1
-    put_back = {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set}
+    put_back = rig.put_back()
     queued = {json.loads(raw)["id"] for raw in rig.transport.queues["batch-queue"]}
     assert len(put_back) == 4 and put_back | queued == set(range(5))  # capacity 4: one never taken
     assert rig.sup.state is Lifecycle.STOPPED and not rig.sup.books.outbox
 
 
-def test_a_second_sigint_stops_at_once_and_still_puts_back():
-    def slow(job, now):
-        return Outcome(Kind.OK, 200, b"{}", elapsed=5), 5
+def test_what_the_queue_system_never_takes_at_stop_is_logged_by_id(caplog):
+    rig = Rig(gateway=answers_after(1))
+    rig.requests(["a", "b"])
+    rig.run_until(lambda: rig.pool.in_flight() == 2)
+    rig.transport.down = True
+    rig.signal()
+    with caplog.at_level(logging.ERROR, "asyncproc.supervisor"):
+        rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    (line,) = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert line == 'queue system unreachable at stop: 2 results and put-backs not written (ids: "a" "b")'
 
-    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "60", gateway=slow)
+
+def test_after_a_bug_in_the_loop_what_cannot_be_put_back_is_logged_by_id(caplog):
+    rig = Rig("--concurrency", "2", start=False)
+    rig.requests(range(3))
+
+    def fail(handle, jobs):
+        rig.transport.down = True
+        raise RuntimeError("a bug")
+
+    rig.pool.send_jobs = fail
+    with caplog.at_level(logging.ERROR, "asyncproc.supervisor"):
+        assert rig.sup.run() == 1
+    (line,) = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert line.startswith("3 results and put-backs not written (ids: ")
+
+def test_a_second_sigint_stops_at_once_and_still_puts_back():
+    rig = Rig("--concurrency", "4", "--intake-buffer", "16", "--shutdown-grace-period", "60", gateway=answers_after(5))
     ids = list(range(20))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(lambda: rig.pool.in_flight() == 4)
     began = rig.clock()
     rig.signal(signal.SIGINT)
@@ -215,7 +213,7 @@ def test_a_second_sigint_stops_at_once_and_still_puts_back():
     rig.signal(signal.SIGINT)
     rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
     assert rig.clock() - began < 5  # not the 60 s grace, nor the 5 s requests
-    assert {json.loads(state)["id"] for _, state, _ in rig.transport.retry_set} == set(ids)
+    assert rig.put_back() == set(ids)
     assert rig.transport.result_ids() == []
 
 
@@ -223,20 +221,13 @@ def test_adaptive_concurrency_keeps_about_what_the_gateway_serves():
     """The gateway serves 6 at once and sheds the rest; 32 may be in flight, but the limit
     learns to stay near 6, with few sheds."""
     n, capacity = 300, 6
-    rig, limits = None, []
-
-    def limited(job, now):
-        limits.append(rig.sup.dispatcher.aimd_state.in_flight)
-        if rig.pool.in_flight() >= capacity:
-            return Outcome(Kind.SHED, 429, b"", "HTTP 429", elapsed=0.01), 0.01
-        return Outcome(Kind.OK, 200, b"{}", elapsed=0.1), 0.1
-
+    limits = []
     rig = Rig("--concurrency", "32", "--adaptive-concurrency", "true", "--retry-base-delay", "0.05",
-              "--retry-max-delay", "0.2", "--intake-buffer", "300", gateway=limited)
+              "--retry-max-delay", "0.2", "--intake-buffer", "300")
+    rig.serve_at_most(capacity, 0.1, lambda: limits.append(rig.sup.dispatcher.aimd_state.in_flight))
     assert rig.sup.dispatcher.aimd_state.in_flight == 1
     ids = list(range(n))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
     later = limits[len(limits) // 3:]
@@ -314,8 +305,7 @@ def test_a_worker_holding_an_attempt_past_its_budget_is_replaced():
 def test_workers_are_recycled_after_max_requests_without_loss():
     rig = Rig("--concurrency", "2", "--worker-max-requests", "5")
     ids = list(range(30))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
     assert rig.pool.restarts >= 4
@@ -325,8 +315,7 @@ def test_pubsub_overflow_is_staged_in_the_retry_set_not_held():
     rig = Rig("--concurrency", "2", "--intake-buffer", "3", start=False)
     rig.transport.must_drain = True  # pub/sub: what is not taken now is lost, so all is read
     ids = list(range(50))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.sup.start()
     rig.sup.tick()
     assert len(rig.sup.ledger) <= 5 and len(rig.transport.retry_set) >= 45
@@ -351,10 +340,7 @@ def test_a_gate_whose_source_fails_holds_dispatch_unless_it_fails_open():
 
 
 def test_results_are_written_while_a_claim_keeps_failing():
-    def slow(job, now):
-        return Outcome(Kind.OK, 200, b"{}", elapsed=1), 1
-
-    rig = Rig(gateway=slow)
+    rig = Rig(gateway=answers_after(1))
     rig.request("a")
     rig.run_until(lambda: rig.pool.in_flight() == 1)
     rig.transport.refuse_claims = True
@@ -383,11 +369,10 @@ def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_reque
     served = lambda job, now: (Outcome(Kind.OK, 200, b'{"ok": true}', elapsed=0.2), 0.2)  # noqa: E731
     gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1, "beta": 1}
     rig = Rig("--concurrency", "8", "--intake-buffer", "200", "--gate", json.dumps(gate), gateway=served, start=False)
-    rig.sup.sources.read = metrics_page
+    rig.sup.gate_feed.sources.read = metrics_page
     rig.sup.start()
     ids = list(range(200))
-    for i in ids:
-        rig.request(i)
+    rig.requests(ids)
     rig.run_until(lambda: len(rig.transport.result_ids()) >= 50)
     assert rig.pool.max_in_flight == 2 and rig.metric(rig.sup.metrics.gate_slots, "batch-queue") == 2
     pod["waiting"] = 1

@@ -15,7 +15,7 @@ from tests.harness import request, wait_until
 def transport(pubsub, monkeypatch):
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub.emulator.host)
     settings = config.load_settings(pubsub.args("--gcp.ack-deadline", "10"), {}, cpu_count=1)
-    t = GcpPubSub(settings)
+    t = GcpPubSub(settings.gcp, settings.queue_names)
     t.connect()
     yield t
     t.close()
@@ -107,7 +107,8 @@ def test_a_result_too_large_for_pubsub_becomes_an_error_result(pubsub, transport
 def test_without_a_dead_letter_topic_a_bad_message_is_left_to_the_subscription(pubsub, monkeypatch):
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub.emulator.host)
     args = pubsub.args("--gcp.dead-letter-topic", "")  # the last one given wins
-    transport = GcpPubSub(config.load_settings(args, {}, cpu_count=1))
+    settings = config.load_settings(args, {}, cpu_count=1)
+    transport = GcpPubSub(settings.gcp, settings.queue_names)
     transport.connect()
     try:
         pubsub.put([b"not json"])

@@ -44,7 +44,7 @@ def settings(server, pki, *extra):
 
 def test_acl_user_over_mutual_tls(tls_redis, pki):
     s = settings(tls_redis, pki, "--redis-username", APP_USER, "--redis-password", APP_PASSWORD)
-    client = make_client(s.redis_url, s.redis_auth)
+    client = make_client(s.redis.url, s.redis.auth)
     assert client.acl_whoami() == APP_USER
 
 
@@ -52,7 +52,7 @@ def test_password_file_is_read_at_each_new_connection(tls_redis, pki, tmp_path):
     secret = tmp_path / "password"
     secret.write_text("wrong-password-1\n")
     s = settings(tls_redis, pki, "--redis-password-file", str(secret))
-    client = make_client(s.redis_url, s.redis_auth)
+    client = make_client(s.redis.url, s.redis.auth)
     with pytest.raises(TransportError) as err:
         guarded(client.ping)
     assert redact.cause(str(err.value)) == "authentication failed"
@@ -65,7 +65,7 @@ def test_options_win_over_the_url_credentials(tls_redis, pki):
     s = config.load_settings(["--redis-url", url, "--redis-ca-file", str(pki.ca), "--redis-client-cert",
                               str(pki.client_cert), "--redis-client-key", str(pki.client_key),
                               "--redis-password", APP_PASSWORD], environ={})
-    assert make_client(s.redis_url, s.redis_auth).acl_whoami() == APP_USER
+    assert make_client(s.redis.url, s.redis.auth).acl_whoami() == APP_USER
 
 
 @pytest.mark.parametrize("case, cause", [
@@ -85,7 +85,7 @@ def test_failures_say_why(tls_redis, pki, case, cause):
                 "--redis-client-cert", str(pki.client_cert), "--redis-client-key", str(pki.client_key)]
     s = config.load_settings(argv, environ={})
     with pytest.raises(TransportError) as err:
-        guarded(make_client(s.redis_url, s.redis_auth).ping)
+        guarded(make_client(s.redis.url, s.redis.auth).ping)
     assert redact.cause(str(err.value)) == cause, str(err.value)
 
 

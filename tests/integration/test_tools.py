@@ -70,6 +70,8 @@ def test_bench_runs_a_scenario_and_prints_its_row():
     row = out.stdout.strip().splitlines()[-1].split()
     assert row[:2] == ["P1", "redis-streams"] and row[4] == "300"
     assert row[-2:] == ["0", "0"]  # nothing lost, nothing doubled
+    cpu, ref, times = float(row[10]), float(row[11]), float(row[12])  # the bare-POST reference, this run
+    assert ref > 0 and times == pytest.approx(cpu / ref, rel=0.03, abs=0.01)  # printed rounded
 
 
 def test_bench_cluster_scenario_runs_on_a_cluster_and_on_one_redis():

@@ -1,5 +1,5 @@
-"""When the supervisor judges that a worker holds an attempt past its budget (pure)."""
-from asyncproc.supervisor import attempt_overdue
+"""When worker upkeep judges that a worker holds an attempt past its budget (pure)."""
+from asyncproc.upkeep import attempt_overdue
 
 
 def test_the_request_timeout_bounds_an_attempt_when_the_deadline_is_further():

@@ -18,11 +18,11 @@ def load(*argv):
 
 
 def test_cluster_by_url_scheme_or_switch():
-    assert load(*SORTED, "--redis-url", "redis+cluster://h:7000").redis_cluster
-    assert load(*SORTED, "--redis-url", "redis://h:7000", "--redis.cluster", "true").redis_cluster
-    assert not load(*SORTED, "--redis-url", "redis://h:7000").redis_cluster
+    assert load(*SORTED, "--redis-url", "redis+cluster://h:7000").redis.cluster
+    assert load(*SORTED, "--redis-url", "redis://h:7000", "--redis.cluster", "true").redis.cluster
+    assert not load(*SORTED, "--redis-url", "redis://h:7000").redis.cluster
     settings = load(*SORTED, "--redis-url", "redis://h:1", "--redis.wait-replicas", "1")
-    assert (settings.wait_replicas, settings.wait_timeout) == (1, 2.0)
+    assert (settings.redis.wait_replicas, settings.redis.wait_timeout) == (1, 2.0)
 
 
 def test_cluster_urls_and_seed_nodes():

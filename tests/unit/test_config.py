@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -16,13 +17,13 @@ def test_seed_defaults():
     s = load()
     assert s.concurrency == 8 and s.workers == 4
     assert s.queue_names == ["batch-queue"]
-    assert s.retry_queue == "batch-sortedset-retry"
-    assert s.result_queue == "batch-queue-result"
-    assert s.request_merge_policy == "random-robin"
+    assert s.redis.retry_queue == "batch-sortedset-retry"
+    assert s.redis.result_queue == "batch-queue-result"
+    assert s.dispatch.merge_policy == "random-robin"
     assert s.message_queue_impl == "redis-pubsub"
-    assert s.redis_url == "redis://localhost:6379/0"
-    assert s.inference_objective == "" and s.max_attempts == 0
-    assert s.metrics_port == 9090
+    assert s.redis.url == "redis://localhost:6379/0"
+    assert s.gateway.objective == "" and s.retry.max_attempts == 0
+    assert s.operations.metrics_port == 9090
 
 
 @pytest.mark.parametrize("concurrency, cpus, workers, threads", [
@@ -40,7 +41,7 @@ def test_flag_env_and_file(tmp_path):
     cfg = tmp_path / "asyncproc.conf"
     cfg.write_text("concurrency = 12\nredis.request-queue-name = [a, b]\nretry-policy = fixed\n")
     s = load(["-c", str(cfg)])
-    assert s.concurrency == 12 and s.queue_names == ["a", "b"] and s.backoff.policy == "fixed"
+    assert s.concurrency == 12 and s.queue_names == ["a", "b"] and s.retry.backoff.policy == "fixed"
     s = load(["-c", str(cfg), "--concurrency", "3"], env={"ASYNCPROC_CONCURRENCY": "5"})
     assert s.concurrency == 3  # flag beats env beats file
     s = load(["-c", str(cfg)], env={"ASYNCPROC_CONCURRENCY": "5"})
@@ -48,8 +49,8 @@ def test_flag_env_and_file(tmp_path):
 
 
 def test_redis_url_env():
-    assert load(env={"REDIS_URL": "redis://r:1/2"}).redis_url == "redis://r:1/2"
-    assert load(env={"REDIS_URL": "redis://r:1/2", "ASYNCPROC_REDIS_URL": "redis://s:1/0"}).redis_url == "redis://s:1/0"
+    assert load(env={"REDIS_URL": "redis://r:1/2"}).redis.url == "redis://r:1/2"
+    assert load(env={"REDIS_URL": "redis://r:1/2", "ASYNCPROC_REDIS_URL": "redis://s:1/0"}).redis.url == "redis://s:1/0"
 
 
 def test_repeated_request_queues():
@@ -155,9 +156,9 @@ def test_gates_limits_and_merge_options(tmp_path):
     online, bulk = s.request_queues
     assert s.gate_of(online) == gates.Constant(0.5) and online.max_in_flight == 3
     assert s.gate_of(bulk) == gates.RedisGate(2.0, True, gates.RedisKey("redis://r:1/0", "bulk-budget", 0.1))
-    assert s.adaptive == aimd.Policy(2, 8, 0.8, 0.0)
-    assert s.request_merge_policy == "priority" and s.priority_aging == 30
-    assert load().adaptive is None and load().default_gate == gates.OPEN
+    assert s.dispatch.adaptive == aimd.Policy(2, 8, 0.8, 0.0)
+    assert s.dispatch.merge_policy == "priority" and s.dispatch.priority_aging == 30
+    assert load().dispatch.adaptive is None and load().dispatch.default_gate == gates.OPEN
 
 
 @pytest.mark.parametrize("argv, problem", [
@@ -191,7 +192,31 @@ def test_cli_misspelled_gate_exits_2_with_one_line(tmp_path):
 def test_gate_from_config_file_and_env(tmp_path):
     cfg = tmp_path / "asyncproc.conf"
     cfg.write_text('gate = {"type": "redis", "key": "x", "interval": 2}\n')
-    assert load(["-c", str(cfg)]).default_gate == gates.RedisGate(
+    assert load(["-c", str(cfg)]).dispatch.default_gate == gates.RedisGate(
         2.0, False, gates.RedisKey("redis://localhost:6379/0", "x", 0.25))
     env = {"ASYNCPROC_GATE": '{"type": "constant", "budget": 0.3}'}
-    assert load(env=env).default_gate == gates.Constant(0.3)
+    assert load(env=env).dispatch.default_gate == gates.Constant(0.3)
+
+
+def test_every_option_names_a_section_of_settings():
+    sections = {f.name for f in dataclasses.fields(config.Settings)} | {"processing"}
+    assert {o.section for o in config.OPTIONS} == set(config.SECTIONS) <= sections
+
+
+def test_a_section_built_by_hand_starts_from_the_option_defaults():
+    """Tests and embedders build one section (RedisConfig(url=...)): its defaults are the options'."""
+    s = load()
+    for name in set(config.SECTIONS) - {"processing"}:
+        section = getattr(s, name)
+        assert type(section)() == section, name
+
+
+def test_a_transport_takes_its_own_section():
+    from asyncproc.transports.redis_sortedset import RedisSortedSet
+
+    redis = config.RedisConfig(url="redis://localhost:1/0", key_prefix="p")
+    transport = RedisSortedSet(redis, ["a", "b"], "llm-d-async")
+    try:
+        assert list(transport.sets) == ["a", "b"] and transport.results.mode == "lpush"
+    finally:
+        transport.close()

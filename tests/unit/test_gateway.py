@@ -67,7 +67,38 @@ def test_connections_are_reused(origin):
     gateway = Gateway(1)
     for _ in range(3):
         assert gateway.post(job(origin)).kind is Kind.OK
-    assert gateway.pool(origin).num_connections == 1
+    assert gateway.connections_made() == 1
+
+
+def test_a_connection_the_gateway_closed_while_idle_is_opened_again():
+    """A gateway may close a kept-alive connection between requests (idle timeout, restart)
+    without saying so: the next request must notice and connect afresh, not fail."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    served, closed = [], threading.Event()
+
+    def serve():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b'{"prompt": "hi"}'):
+                data += conn.recv(65536)
+            served.append(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")  # keep-alive, then...
+            conn.close()                                                     # ...closed anyway
+            closed.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    gateway = Gateway(1)
+    try:
+        assert gateway.post(job(origin)).kind is Kind.OK
+        assert closed.wait(5)
+        outcome = gateway.post(job(origin))
+        assert outcome.kind is Kind.OK, outcome
+        assert len(served) == 2
+    finally:
+        gateway.close()
+        listener.close()
 
 
 @pytest.mark.parametrize("path, kind, status, retry_after", [

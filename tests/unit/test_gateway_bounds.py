@@ -146,8 +146,8 @@ def test_expire_overdue_touches_only_attempts_past_their_budget(hostile):
 def test_max_response_bytes_option():
     from asyncproc import config
 
-    assert config.load_settings([], {}, cpu_count=1).max_response_bytes == 64 * 1024 * 1024
-    assert config.load_settings(["--max-response-bytes", "5000"], {}, cpu_count=1).max_response_bytes == 5000
+    assert config.load_settings([], {}, cpu_count=1).messages.max_response_bytes == 64 * 1024 * 1024
+    assert config.load_settings(["--max-response-bytes", "5000"], {}, cpu_count=1).messages.max_response_bytes == 5000
     for bad in ("0", "lots"):
         with pytest.raises(config.ConfigError) as err:
             config.load_settings(["--max-response-bytes", bad], {}, cpu_count=1)

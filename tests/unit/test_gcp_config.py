@@ -19,8 +19,8 @@ def load(argv=(), env=None):
 def test_subscriptions_are_the_request_queues():
     s = load([*GCP, "--gcp.subscription", "a", "--gcp.subscription", "b", "--gcp.subscription", "a",
               "--redis.request-queue-name", "ignored"])
-    assert s.queue_names == ["a", "b"] and s.gcp_project == "p1" and s.gcp_result_topic == "results"
-    assert s.gcp_dead_letter_topic == "" and s.gcp_ack_deadline == 60
+    assert s.queue_names == ["a", "b"] and s.gcp.project == "p1" and s.gcp.result_topic == "results"
+    assert s.gcp.dead_letter_topic == "" and s.gcp.ack_deadline == 60
 
 
 def test_queues_file_names_subscriptions(tmp_path):
@@ -33,17 +33,17 @@ def test_queues_file_names_subscriptions(tmp_path):
 def test_project_from_google_cloud_project_and_env_vars():
     s = load(["--message-queue-impl", "gcp-pubsub", "--gcp.result-topic", "r", "--gcp.subscription", "s"],
              env={"GOOGLE_CLOUD_PROJECT": "from-env"})
-    assert s.gcp_project == "from-env"
+    assert s.gcp.project == "from-env"
     s = load([], env={"ASYNCPROC_MESSAGE_QUEUE_IMPL": "gcp-pubsub", "ASYNCPROC_GCP_PROJECT": "p",
                       "ASYNCPROC_GCP_RESULT_TOPIC": "r", "ASYNCPROC_GCP_SUBSCRIPTION": "[s1, s2]",
                       "ASYNCPROC_GCP_ACK_DEADLINE": "30", "ASYNCPROC_GCP_DEAD_LETTER_TOPIC": "dead"})
-    assert s.queue_names == ["s1", "s2"] and s.gcp_ack_deadline == 30 and s.gcp_dead_letter_topic == "dead"
+    assert s.queue_names == ["s1", "s2"] and s.gcp.ack_deadline == 30 and s.gcp.dead_letter_topic == "dead"
 
 
 def test_full_paths_need_no_project():
     s = load(["--message-queue-impl", "gcp-pubsub", "--gcp.subscription", "projects/a/subscriptions/s",
               "--gcp.result-topic", "projects/b/topics/r"])
-    assert s.gcp_project == ""
+    assert s.gcp.project == ""
     assert resource_path("x", "subscriptions", s.queue_names[0]) == "projects/a/subscriptions/s"
     assert resource_path("x", "topics", "r") == "projects/x/topics/r"
 

@@ -123,7 +123,7 @@ def test_an_unexpected_error_costs_one_error_result(stage):
     def boom(*_):
         raise TypeError("Integer exceeds 64-bit range")
 
-    sup.books.isolated(stage, request, delivery, boom)
+    sup.books.isolation.run(stage, request, delivery, boom)
     ((key, raw, settles),) = sup.books.outbox.results
     assert orjson.loads(raw) == {"id": "p", "error": f"internal error while {stage} (TypeError)", "attempts": 1}
     assert settles is delivery
@@ -132,7 +132,7 @@ def test_an_unexpected_error_costs_one_error_result(stage):
 
 def test_an_unexpected_error_without_an_id_is_a_dead_letter():
     sup = make(RefusingTransport())
-    sup.books.isolated("accept", None, Delivery(b"garbage", "q", token="t"), lambda: 1 / 0)
+    sup.books.isolation.run("accept", None, Delivery(b"garbage", "q", token="t"), lambda: 1 / 0)
     ((entry, _),) = sup.books.outbox.dead_letters
     assert orjson.loads(entry)["raw"] == "garbage" and "ZeroDivisionError" in orjson.loads(entry)["reason"]
 
@@ -143,7 +143,7 @@ def test_a_held_request_that_fails_is_answered_once_and_forgotten_after_the_writ
     request = Request("h", NOW + 60, {}, "q", NOW)
     sup.ledger.admit(request, None)
     sup.ledger.assign(request.key, 0, NOW)
-    sup.books.isolated("settle", request.key, None, lambda: 1 / 0)
+    sup.books.isolation.run("settle", request.key, None, lambda: 1 / 0)
     sup.settle(request.key, None)  # a late outcome for it is stale now: ignored
     sup.flush()
     assert written_ids(transport) == ["h"] and not sup.ledger.holds(request.key)

@@ -176,7 +176,7 @@ def test_tls_and_auth_options_are_settings(pki, tmp_path):
         "--redis-client-cert", str(pki.client_cert), "--redis-client-key", str(pki.client_key),
         "--redis-username", "app", "--redis-password-file", str(password),
         "--gateway-ca-file", str(pki.ca), "--gateway-tls-verify", "false"], environ={"ASYNCPROC_GATEWAY_TOKEN": "tk"})
-    assert settings.redis_auth.tls == config.TlsFiles(str(pki.ca), str(pki.client_cert), str(pki.client_key))
-    assert (settings.redis_auth.username, settings.redis_auth.password_file) == ("app", str(password))
-    assert settings.gateway_tls == config.TlsFiles(str(pki.ca), "", "", False)
-    assert settings.gateway_token == "tk"
+    assert settings.redis.auth.tls == config.TlsFiles(str(pki.ca), str(pki.client_cert), str(pki.client_key))
+    assert (settings.redis.auth.username, settings.redis.auth.password_file) == ("app", str(password))
+    assert settings.gateway.tls == config.TlsFiles(str(pki.ca), "", "", False)
+    assert settings.gateway.token == "tk"

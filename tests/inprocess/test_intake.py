@@ -1,0 +1,67 @@
+"""Intake in-process (intake.py, and the isolation of its parse and claim): what the
+end-to-end tests see only with real processes, or not at all."""
+import orjson
+
+from asyncproc import messages
+from asyncproc.transports.memory import Memory
+from tests.inprocess.fakes import Rig, answers_after
+
+
+def answered(rig, ids):
+    return lambda: set(ids) <= set(rig.transport.result_ids())
+
+
+def test_subscriber_drops_are_counted_as_the_transport_reports_them():
+    rig = Rig()
+    rig.transport.subscriber_drops = 2
+    rig.sup.tick()
+    rig.transport.subscriber_drops = 5
+    rig.sup.tick()
+    rig.sup.tick()
+    assert rig.metric(rig.sup.metrics.subscriber_dropped) == 5
+
+
+def test_a_bug_in_the_claim_costs_the_claim_not_the_messages():
+    rig = Rig()
+
+    def claim(keys, deliveries=None):
+        raise ValueError("a bug on these ids")
+
+    rig.transport.claim = claim
+    rig.requests(["a", "b"])
+    rig.run_until(answered(rig, ["a", "b"]))
+    assert sorted(rig.transport.result_ids()) == ["a", "b"]
+    assert rig.metric(rig.sup.metrics.internal_errors, "batch-queue", "claim") == 1
+
+
+def test_a_bug_in_parsing_costs_that_message_a_dead_letter(monkeypatch):
+    rig = Rig()
+
+    def parse_request(raw, queue, now, limits):
+        if b'"bad"' in raw:
+            raise TypeError("a bug on this message")
+        return real(raw, queue, now, limits)
+
+    real = messages.parse_request
+    monkeypatch.setattr(messages, "parse_request", parse_request)
+    rig.requests(["bad", "good"])
+    rig.run_until(lambda: rig.transport.dead_letters and answered(rig, ["good"])())
+    (letter,) = [orjson.loads(raw) for raw in rig.transport.dead_letters]
+    assert letter["reason"] == "internal error while parsing" and b'"bad"' in letter["raw"].encode()
+    assert rig.transport.result_ids() == ["good"]
+    assert rig.metric(rig.sup.metrics.internal_errors, "batch-queue", "parse") == 1
+
+
+
+def test_the_leases_of_what_is_held_are_kept_alive_every_interval(monkeypatch):
+    monkeypatch.setattr(Memory, "keep_alive_interval", 2.0)
+    rig = Rig(gateway=answers_after(7))
+    renewed = []
+    rig.transport.keep_alive = lambda held: renewed.append((rig.clock(), sorted(d.token for d in held)))
+    rig.requests(["a", "b"])
+    rig.run_until(answered(rig, ["a", "b"]))
+    start = rig.clock()
+    rig.run_until(lambda: rig.clock() >= start + 5)
+    assert len(renewed) >= 3 and all(tokens == [1, 2] for _, tokens in renewed)
+    assert all(later - earlier >= 2.0 for (earlier, _), (later, _) in zip(renewed, renewed[1:]))
+    assert renewed[-1][0] < start  # nothing held: nothing to renew
