@@ -107,3 +107,26 @@ def test_unknown_order():
 
     with pytest.raises(ValueError):
         Ledger("random")
+
+
+def test_tokened_and_assigned_counts_are_kept_not_walked():
+    """The cancel watch reads only the held requests with an llm-d-async token, waiting or
+    at a worker; the in-flight gauge reads the kept per-queue counts."""
+    from dataclasses import replace
+
+    ledger = Ledger()
+    for i, token in enumerate(["t0", None, "t2", "t3"]):
+        ledger.admit(replace(req(f"r{i}", queue="q" if i < 3 else "p"), token=token))
+    assert [r.id for r in ledger.tokened()] == ["r0", "r2", "r3"]
+    for queue in ("q", "q", "p"):
+        ledger.assign(ledger.take(queue).key, 0, 1.0)        # r0, r1 at worker 0 from q; r3 from p
+    assert ledger.assigned_by_queue() == {"q": 2, "p": 1}
+    assert sorted(e.request.id for e in ledger.assigned()) == ["r0", "r1", "r3"]
+    ledger.settle(req("r0").key)                               # settling: no longer watched
+    assert [r.id for r in ledger.tokened()] == ["r2", "r3"]
+    ledger.forget(req("r0").key)
+    ledger.forget(req("r3").key)                               # forgotten while assigned
+    assert [r.id for r in ledger.tokened()] == ["r2"]
+    assert ledger.assigned_by_queue() == {"q": 1, "p": 0}
+    staged = ledger.take_last("q")                             # r2 staged elsewhere: forgotten
+    assert staged.request.id == "r2" and ledger.tokened() == []
