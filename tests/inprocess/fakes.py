@@ -119,9 +119,11 @@ class FakePool:
         return min(times) if times else None
 
     def wait(self, objects: list, timeout: Optional[float] = None) -> list:
-        """multiprocessing.connection.wait for the fake: the clock moves to what comes first."""
+        """multiprocessing.connection.wait for the fake: the clock moves to what comes first
+        (an answer counts only when a worker's pipe is among `objects`)."""
         if timeout:
-            answer = self.next_answer()
+            watching = any(h.conn in objects for h in self.handles)
+            answer = self.next_answer() if watching else None
             self.clock.advance(timeout if answer is None else min(timeout, answer - self.clock()))
         now = self.clock()
         return [h.conn for h in self.handles if any(p[0] <= now for p in h.pending)]

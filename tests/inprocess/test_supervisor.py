@@ -385,3 +385,28 @@ def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_reque
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
     assert rig.pool.max_in_flight == 2
+
+
+def test_slow_requests_in_their_thousands_are_written_a_batch_at_a_time():
+    """With thousands in flight at seconds each, a tick waits for more outcomes (1% of the
+    mean attempt latency, at most 20 ms), so results are written a batch per write instead
+    of one each; every id still answered once."""
+    import random
+
+    rng = random.Random(7)
+
+    def gateway(_assignment, _now):
+        seconds = rng.uniform(1.0, 3.0)
+        return Outcome(Kind.OK, 200, b"{}", elapsed=seconds), seconds
+
+    rig = Rig("--concurrency", "2000", gateway=gateway)
+    writes = []
+    write = rig.transport.write
+    rig.transport.write = lambda w: (writes.append(len(w.results)), write(w))[1]
+    ids = list(range(6000))
+    rig.requests(ids)
+    rig.run_until(answered(rig, ids))
+    exactly_once(rig, ids)
+    assert rig.sup.dispatcher.batch_window() == 0.02
+    batches = [n for n in writes if n]
+    assert sum(batches) == 6000 and len(batches) < 6000 / 5, len(batches)
