@@ -1,5 +1,5 @@
-"""Worker process: N threads posting assignments through one Gateway (pooled connections),
-over one Pipe.
+"""Worker process: N threads posting assignments through one Gateway (a kept-alive
+connection per thread), over one Pipe.
 
 Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the supervisor
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
