@@ -15,6 +15,11 @@ SEEN = []
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    accepted = 0   # connections the server accepted
+
+    def setup(self):
+        type(self).accepted += 1
+        super().setup()
 
     def log_message(self, *args):
         pass
@@ -65,8 +70,10 @@ def test_post_sends_payload_and_objective_header(origin):
 
 def test_connections_are_reused(origin):
     gateway = Gateway(1)
+    accepted = Handler.accepted
     for _ in range(3):
         assert gateway.post(job(origin)).kind is Kind.OK
+    assert Handler.accepted - accepted == 1   # one socket, kept alive
     assert gateway.connections_made() == 1
 
 
