@@ -9,7 +9,7 @@ whom to tell a TransportError (it reconnects).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from asyncproc import messages, metrics
 from asyncproc.books import Books
@@ -18,20 +18,14 @@ from asyncproc.transports import Transport, TransportError
 
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
-READ_BATCH_DIVISOR = 10      # read once a tenth of --intake-buffer is free
 
 
 class Intake:
-    def __init__(self, transport: Transport, books: Books, metrics_: metrics.Metrics, capacity: int,
-                 buffer: int = 0) -> None:
+    def __init__(self, transport: Transport, books: Books, metrics_: metrics.Metrics, capacity: int) -> None:
         self.transport = transport
         self.books = books
         self.metrics = metrics_
         self.capacity = capacity             # held at most: --concurrency + --intake-buffer
-        # Read from the queue (and the retry set) once this much room is free, not for each
-        # freed slot: the buffer still holds nine tenths of its requests for dispatch, and
-        # each round trip brings a batch instead of one request.
-        self.read_at = max(1, buffer // READ_BATCH_DIVISOR)
         self.retry_poll = Timer()            # set to 0 on (re)connect: ask at once
         self.more_to_read = False            # the last read was a full batch: do not sleep
         self.subscriber_drops = 0            # the transport's count, last seen
@@ -53,7 +47,7 @@ class Intake:
                 self.more_to_read = len(deliveries) == RECEIVE_BATCH
                 books.accept_new(transport, deliveries, now)
             room = self.capacity - len(books.ledger)
-            if room >= self.read_at and self.retry_poll.due(now):
+            if room > 0 and self.retry_poll.due(now):
                 claimed = transport.claim_due(now, room)
                 for delivery in claimed:
                     books.isolation.run("retry", None, delivery, books.accept_retry, delivery, now)
@@ -71,11 +65,6 @@ class Intake:
             self.subscriber_drops = drops
         if transport.must_drain:
             self.stage_overflow(now)
-
-    def next_read(self) -> Optional[float]:
-        """When the next read is due (for the loop's wait), or None while there is too
-        little room to read."""
-        return self.retry_poll.at if self.capacity - len(self.books.ledger) >= self.read_at else None
 
     def stage_overflow(self, now: float) -> None:
         """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""

@@ -72,8 +72,7 @@ class Supervisor:
         self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
         self.gate_feed = gate_sources.GateFeed(self.dispatcher, self.metrics, clock, settings.redis.url,
                                                settings.redis.auth)
-        self.inbound = Intake(self.transport, self.books, self.metrics, settings.concurrency + settings.intake_buffer,
-                              settings.intake_buffer)
+        self.inbound = Intake(self.transport, self.books, self.metrics, settings.concurrency + settings.intake_buffer)
         self.state = Lifecycle.STARTING
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
         self.signals: List[int] = []
@@ -241,9 +240,8 @@ class Supervisor:
             return 0.0
         now = self.clock()
         wake = [now + HOUSEKEEPING_SECONDS]
-        read_at = self.inbound.next_read() if self.connected and self.state is Lifecycle.RUNNING else None
-        if read_at is not None:
-            wake.append(read_at)
+        if self.connected and len(self.ledger) < self.inbound.capacity and self.state is Lifecycle.RUNNING:
+            wake.append(self.inbound.retry_poll.at)
         if not self.connected:
             wake.append(self.reconnect.at)
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):

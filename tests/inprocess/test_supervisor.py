@@ -410,29 +410,3 @@ def test_slow_requests_in_their_thousands_are_written_a_batch_at_a_time():
     assert rig.sup.dispatcher.batch_window() == 0.02
     batches = [n for n in writes if n]
     assert sum(batches) == 6000 and len(batches) < 6000 / 5, len(batches)
-
-
-def test_a_backlog_is_read_a_tenth_of_the_buffer_at_a_time_with_slots_kept_busy():
-    """With a backlog, the queue is read once a tenth of --intake-buffer is free, not for
-    every freed slot: a batch per round trip, while the buffer keeps every thread busy."""
-    import random
-
-    rng = random.Random(3)
-
-    def gateway(_assignment, _now):
-        seconds = rng.uniform(0.5, 1.5)
-        return Outcome(Kind.OK, 200, b"{}", elapsed=seconds), seconds
-
-    rig = Rig("--concurrency", "100", "--intake-buffer", "100", gateway=gateway)
-    reads = []
-    receive = rig.transport.receive
-    rig.transport.receive = lambda limit: (lambda got: (reads.append(len(got)), got)[1])(receive(limit))
-    ids = list(range(3000))
-    rig.requests(ids)
-    busy = []
-    rig.run_until(lambda: busy.append(rig.pool.in_flight()) or set(ids) <= set(rig.transport.result_ids()))
-    exactly_once(rig, ids)
-    batches = [n for n in reads if n]
-    assert sum(batches) == 3000 and len(batches) < 3000 / 5, len(batches)
-    steady = busy[len(busy) // 10: len(busy) * 8 // 10]   # after the start, before the queue runs dry
-    assert min(steady) >= 95, min(steady)                  # the buffer kept the threads fed
