@@ -110,8 +110,7 @@ class Gateway:
     """The HTTP side of one worker process, shared by its threads (each with connections of
     its own)."""
 
-    def __init__(self, threads: int, tls: Optional[Any] = None) -> None:
-        self.threads = max(threads, 1)
+    def __init__(self, tls: Optional[Any] = None) -> None:
         self.tls_options = tls_options(tls)
         self._local = threading.local()           # .connections: origin -> this thread's connection
         self._connections: List[HTTPConnection] = []   # every one made, to close at the end

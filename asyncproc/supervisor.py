@@ -1,4 +1,4 @@
-"""The arbiter: lifecycle, signals, the one wait, reaping, reconnects, systemd notify.
+"""The arbiter: lifecycle, signals, the one wait, reaping, when to reconnect, systemd notify.
 
 Each tick: wait (one sleep point) → handle signals → reap dead workers → collect outcomes →
 take in messages → dispatch → flush writes → housekeeping. Signal handlers only record;
@@ -6,7 +6,8 @@ the loop acts. What goes where is the Dispatcher's (dispatch.py; its gate readin
 gate_sources.GateFeed's); what is held, written and settled is the books' (books.py); what
 is read each tick, staged and leased, intake.py's; which workers to retire or replace, the
 keeper's (upkeep.py); what a worker starts with, pool.py's; what is cancelled, the
-watcher's (cancelwatcher.py); readiness and gauges, gauges.py's. This is the one module
+watcher's (cancelwatcher.py); readiness and gauges, gauges.py's; whether the queue system
+answers and the reconnect back-off, the link's (link.py). This is the one module
 that knows both policy and mechanism. The clock, the pool and the wait are passed in, so
 tests drive it in-process.
 """
@@ -30,6 +31,7 @@ from asyncproc.dispatch import Dispatcher
 from asyncproc.gauges import Gauges
 from asyncproc.intake import Intake
 from asyncproc.ledger import State
+from asyncproc.link import RECONNECT_MIN, Link
 from asyncproc.outcomes import Outcome
 from asyncproc.pool import BootFailure, Pool, worker_spec
 from asyncproc.timers import Timer
@@ -39,7 +41,6 @@ from asyncproc.upkeep import WorkerKeeper
 log = logging.getLogger("asyncproc.supervisor")
 
 HOUSEKEEPING_SECONDS = 1.0   # the longest the loop sleeps
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 10.0
 STOP_FLUSH_SECONDS = 10.0    # at stop, how long unwritten results wait for the queue system
 EXIT_INTERNAL_ERROR = 1
 
@@ -50,6 +51,15 @@ class Lifecycle(enum.Enum):
     DRAINING = "draining"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+def log_start(settings: Settings) -> None:
+    """What runs, said once at start (no secret: the gateway URL is redacted)."""
+    log.info("asyncproc starting: %d workers, concurrency %d, queues %s, gateway %s", settings.workers,
+             settings.concurrency, ",".join(settings.queue_names), redact.url(settings.gateway.url))
+    if not settings.gateway.tls.verify:
+        log.warning("--gateway-tls-verify false: the gateway's certificate is not checked;"
+                    " anyone on the path can read the requests and their credentials")
 
 
 class Supervisor:
@@ -77,11 +87,7 @@ class Supervisor:
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
         self.signals: List[int] = []
         self.readable: set = set()           # what the last wait found ready
-        self.connected = False               # the queue system answers (until a call fails)
-        self.connected_once = False
-        self.outage = False                  # logged as unreachable, no write has succeeded since
-        self.reconnect = Timer()
-        self.reconnect_delay = RECONNECT_MIN
+        self.link = Link(self.transport, self.metrics, clock, lambda: self.inbound.retry_poll.set(0.0))
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
         self.watchdog = Timer(self.notifier.watchdog_interval)
@@ -146,14 +152,7 @@ class Supervisor:
             log.error("cannot serve metrics on %s:%d: %s", self.settings.operations.metrics_host,
                       self.settings.operations.metrics_port, exc.strerror or exc)
             return 3
-        log.info(
-            "asyncproc starting: %d workers, concurrency %d, queues %s, gateway %s",
-            self.settings.workers, self.settings.concurrency, ",".join(self.settings.queue_names),
-            redact.url(self.settings.gateway.url),
-        )
-        if not self.settings.gateway.tls.verify:
-            log.warning("--gateway-tls-verify false: the gateway's certificate is not checked;"
-                        " anyone on the path can read the requests and their credentials")
+        log_start(self.settings)
         code = 0
         try:
             self.start()
@@ -182,7 +181,7 @@ class Supervisor:
     def start(self) -> None:
         """Workers started, the queue system connected (or reconnecting): running."""
         self.pool.start()
-        self._reconnect()
+        self.link.connect()
         self._enter(Lifecycle.RUNNING, self.clock())
 
     def stop_after_error(self) -> None:
@@ -194,8 +193,7 @@ class Supervisor:
             self.books.put_back(self.ledger.unfinished(), now)
             self.deadline.after(now, STOP_FLUSH_SECONDS)
             while self.books.outbox and not self.signals and not self.deadline.due(self.clock()):
-                if not self.connected and self.reconnect.due(self.clock()):
-                    self._reconnect()
+                self.link.connect_if_due(self.clock())
                 self.flush()
                 if self.books.outbox:
                     self._wait([self._wake_r], timeout=RECONNECT_MIN)
@@ -225,7 +223,7 @@ class Supervisor:
         """The one sleep point: a signal, a worker's pipe or death, new messages, or the
         next timer due."""
         objects: list = [self._wake_r, *self.pool.wait_objects()]
-        fileno = self.transport.fileno() if self.connected and self.state is Lifecycle.RUNNING else None
+        fileno = self.transport.fileno() if self.link.connected and self.state is Lifecycle.RUNNING else None
         if fileno is not None:
             objects.append(fileno)
         timeout = self._timeout()
@@ -240,10 +238,10 @@ class Supervisor:
             return 0.0
         now = self.clock()
         wake = [now + HOUSEKEEPING_SECONDS]
-        if self.connected and len(self.ledger) < self.inbound.capacity and self.state is Lifecycle.RUNNING:
+        if self.link.connected and len(self.ledger) < self.inbound.capacity and self.state is Lifecycle.RUNNING:
             wake.append(self.inbound.retry_poll.at)
-        if not self.connected:
-            wake.append(self.reconnect.at)
+        if not self.link.connected:
+            wake.append(self.link.reconnect.at)
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
             wake.append(self.deadline.at)
         if self.notifier.watchdog_interval is not None:
@@ -296,8 +294,8 @@ class Supervisor:
         """New messages and due retries while running (intake.py); the supervisor only
         flushes first when asked and reconnects after a TransportError."""
         self.inbound.more_to_read = False
-        if self.state is Lifecycle.RUNNING and self.connected:
-            self.inbound.step(self.clock(), self.flush, self.transport_down)
+        if self.state is Lifecycle.RUNNING and self.link.connected:
+            self.inbound.step(self.clock(), self.flush, self.link.down)
 
     def dispatch(self) -> None:
         """Fill free worker threads as the Dispatcher plans; one pipe write per worker."""
@@ -315,23 +313,20 @@ class Supervisor:
             try:
                 sends = self.cancels.before_send(plan.tokened, sends)
             except TransportError as exc:
-                self.transport_down(exc)
+                self.link.down(exc)
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
 
     def flush(self) -> bool:
         """Write the outbox; whether the queue system still answers."""
-        if not self.connected:
+        if not self.link.connected:
             return False
         failure = self.books.flush(self.transport)
         if failure is not None:
-            self.transport_down(failure)
+            self.link.down(failure)
             return False
-        if self.outage:  # only a write (or nothing left to write) shows the outage is over
-            log.info("queue system reachable again")
-            self.outage = False
-        self.reconnect_delay = RECONNECT_MIN
+        self.link.written()  # only a write (or nothing left to write) shows the outage is over
         return True
 
     def housekeep(self) -> None:
@@ -339,50 +334,22 @@ class Supervisor:
         for _ in self.pool.restart_due():
             self.metrics.worker_restarts.inc()
         self.keeper.housekeep(now)
-        if self.connected:
+        if self.link.connected:
             try:
                 self.inbound.keep_alive(now)
                 self.cancels.refresh(now)
             except TransportError as exc:
-                self.transport_down(exc)
+                self.link.down(exc)
         self.dispatcher.refresh_tokens(now)
-        if not self.connected and self.reconnect.due(now) and self.state is not Lifecycle.STOPPED:
-            self._reconnect()
+        if self.state is not Lifecycle.STOPPED:
+            self.link.connect_if_due(now)
         self.advance(now)
         try:
             self.gauges.update(now, self.state.value if self.state is not Lifecycle.RUNNING else None,
-                               self.connected)
+                               self.link.connected)
         except TransportError as exc:
-            self.transport_down(exc)
+            self.link.down(exc)
         self.tell_systemd(now)
-
-    # -- the queue system ------------------------------------------------------------------------
-    def transport_down(self, exc: Exception) -> None:
-        """Stop using the queue system until the next reconnect. The back-off grows until a
-        write succeeds again: a successful connect alone does not reset it."""
-        self.metrics.transport_errors.inc()
-        if not self.outage:  # once per outage; at start-up, say why the first connect failed
-            if self.connected_once:
-                log.error("queue system unreachable: %s; reconnecting", exc)
-            else:
-                text = str(exc)
-                why = redact.cause(text)
-                log.error("cannot connect to the queue system: %s; retrying",
-                          text if why in text else f"{why}: {text}")
-            self.outage = True
-        self.connected = False
-        self.reconnect.after(self.clock(), self.reconnect_delay)
-        self.reconnect_delay = min(self.reconnect_delay * 2, RECONNECT_MAX)
-
-    def _reconnect(self) -> None:
-        try:
-            self.transport.connect()
-        except TransportError as exc:
-            self.transport_down(exc)
-            return
-        self.connected = True
-        self.connected_once = True
-        self.inbound.retry_poll.set(0.0)
 
     def tell_systemd(self, now: float) -> None:
         """READY=1 once workers are up; WATCHDOG=1 while the loop turns (Type=notify)."""

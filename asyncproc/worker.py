@@ -81,7 +81,7 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     logs.configure(spec.log_format, spec.log_level, f"worker-{spec.index}")
-    http = gateway.Gateway(spec.threads, spec.tls)
+    http = gateway.Gateway(spec.tls)
     jobs: "queue.SimpleQueue" = queue.SimpleQueue()
     out = Outbox(conn)
 

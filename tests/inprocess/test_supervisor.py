@@ -124,13 +124,13 @@ def test_an_outage_keeps_results_until_the_queue_system_is_back():
     rig.request("x")
     rig.run_until(lambda: rig.pool.in_flight() == 1)
     rig.transport.down = True
-    rig.run_until(lambda: rig.sup.outage and rig.sup.books.outbox)
-    rig.run_until(lambda: rig.sup.reconnect_delay > 4 * RECONNECT_MIN)  # it backs off while down
+    rig.run_until(lambda: rig.sup.link.outage and rig.sup.books.outbox)
+    rig.run_until(lambda: rig.sup.link.delay > 4 * RECONNECT_MIN)  # it backs off while down
     assert rig.transport.result_ids() == [] and not rig.sup.health.ready
     rig.transport.down = False
     rig.run_until(answered(rig, ["x"]))
     exactly_once(rig, ["x"])
-    assert not rig.sup.outage and rig.sup.reconnect_delay == RECONNECT_MIN
+    assert not rig.sup.link.outage and rig.sup.link.delay == RECONNECT_MIN
 
 
 def test_cancelling_answers_waiting_requests_and_aborts_dispatched_ones():

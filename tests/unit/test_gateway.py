@@ -60,7 +60,7 @@ def job(origin, path="/v1/completions", deadline_in=60.0, objective="food"):
 
 def test_post_sends_payload_and_objective_header(origin):
     SEEN.clear()
-    outcome = Gateway(2).post(job(origin))
+    outcome = Gateway().post(job(origin))
     assert outcome.kind is Kind.OK and outcome.status == 200 and json.loads(outcome.body) == {"choices": []}
     path, headers, body = SEEN[0]
     assert path == "/v1/completions" and body == b'{"prompt": "hi"}'
@@ -69,7 +69,7 @@ def test_post_sends_payload_and_objective_header(origin):
 
 
 def test_connections_are_reused(origin):
-    gateway = Gateway(1)
+    gateway = Gateway()
     accepted = Handler.accepted
     for _ in range(3):
         assert gateway.post(job(origin)).kind is Kind.OK
@@ -96,7 +96,7 @@ def test_a_connection_the_gateway_closed_while_idle_is_opened_again():
 
     threading.Thread(target=serve, daemon=True).start()
     origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    gateway = Gateway(1)
+    gateway = Gateway()
     try:
         assert gateway.post(job(origin)).kind is Kind.OK
         assert closed.wait(5)
@@ -114,7 +114,7 @@ def test_a_connection_the_gateway_closed_while_idle_is_opened_again():
     ("/text", Kind.OK, 200, None),
 ])
 def test_statuses(origin, path, kind, status, retry_after):
-    outcome = Gateway(1).post(job(origin, path))
+    outcome = Gateway().post(job(origin, path))
     assert (outcome.kind, outcome.status, outcome.retry_after) == (kind, status, retry_after)
     if kind is Kind.FATAL:
         assert outcome.error == 'gateway returned HTTP 400: {"error": "no such model"}'
@@ -122,7 +122,7 @@ def test_statuses(origin, path, kind, status, retry_after):
 
 def test_read_timeout_is_bounded_by_the_deadline(origin):
     started = time.monotonic()
-    outcome = Gateway(1).post(job(origin, "/slow", deadline_in=0.5))
+    outcome = Gateway().post(job(origin, "/slow", deadline_in=0.5))
     assert outcome.kind is Kind.RETRY and outcome.error == "read timeout"
     assert time.monotonic() - started < 1.5
 
@@ -131,12 +131,12 @@ def test_connection_refused_is_retryable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    outcome = Gateway(1).post(job(f"http://127.0.0.1:{port}"))
+    outcome = Gateway().post(job(f"http://127.0.0.1:{port}"))
     assert outcome.kind is Kind.RETRY and outcome.error.startswith("connection error")
     assert "refused" in outcome.error.lower()
 
 
 def test_no_attempt_after_the_deadline(origin):
     SEEN.clear()
-    outcome = Gateway(1).post(job(origin, deadline_in=-1))
+    outcome = Gateway().post(job(origin, deadline_in=-1))
     assert outcome.kind is Kind.EXPIRED and SEEN == []

@@ -21,7 +21,7 @@ def hostile():
 @pytest.fixture
 def gateway():
     """A Gateway whose overdue attempts are expired every 50 ms (the worker loop's job)."""
-    http = Gateway(2)
+    http = Gateway()
     stop = threading.Event()
 
     def watch():
@@ -86,8 +86,8 @@ def test_a_body_at_the_limit_is_read_whole(hostile, gateway):
     assert outcome.kind is Kind.FATAL
 
 
-def test_the_connection_of_a_response_too_large_is_discarded_and_its_pool_slot_returned(hostile):
-    http = Gateway(1)  # one connection slot: a leaked slot would block the next post for ever
+def test_the_connection_of_a_response_too_large_is_discarded_and_the_next_post_connects_afresh(hostile):
+    http = Gateway()  # a connection left mid-response and reused would fail the next post
     try:
         assert timed(http, job(hostile.url, "/ok"))[0].kind is Kind.OK
         before = hostile.connections
@@ -108,7 +108,7 @@ def test_a_body_cut_short_is_a_retryable_connection_error(hostile, gateway, path
 
 
 def test_bytes_beyond_the_declared_length_are_not_read_as_the_next_answer(hostile):
-    http = Gateway(1)
+    http = Gateway()
     try:
         first, _ = timed(http, job(hostile.url, "/long"))
         assert first.kind is Kind.OK and first.body == OK_BODY
@@ -118,15 +118,15 @@ def test_bytes_beyond_the_declared_length_are_not_read_as_the_next_answer(hostil
         http.close()
 
 
-def test_after_a_timed_out_attempt_the_pool_still_serves(hostile, gateway):
-    for _ in range(3):  # more attempts than pool slots: a leaked slot would block
+def test_after_a_timed_out_attempt_the_gateway_still_serves(hostile, gateway):
+    for _ in range(3):  # on the same connection: one left broken would fail the next post
         assert timed(gateway, job(hostile.url, "/drip", request_timeout=0.3))[0].error == TIMED_OUT
     assert timed(gateway, job(hostile.url, "/ok"))[0].kind is Kind.OK
     wait_until(lambda: gateway._attempts == {}, 5, what="no attempt left registered")
 
 
 def test_expire_overdue_touches_only_attempts_past_their_budget(hostile):
-    http = Gateway(2)
+    http = Gateway()
     results = []
     thread = threading.Thread(target=lambda: results.append(http.post(job(hostile.url, "/drip", 30.0))))
     thread.start()

@@ -40,7 +40,7 @@ def job(url, headers=None):
 
 
 def post(url, tls=None, headers=None):
-    gateway = Gateway(1, tls)
+    gateway = Gateway(tls)
     try:
         return gateway.post(job(url, headers))
     finally:

@@ -50,7 +50,7 @@ class RefusingTransport(Transport):
 def make(transport):
     settings = config.load_settings(["--workers", "1", "--metrics-port", "0"], environ={})
     sup = supervisor.Supervisor(settings, transport)
-    sup.connected = True
+    sup.link.connected = True
     return sup
 
 
@@ -72,7 +72,7 @@ def test_one_refused_result_is_replaced_and_the_rest_written():
     assert sorted(written_ids(transport)) == ["a", "b", "big"]
     big = [orjson.loads(raw) for _, raw, _ in transport.written.results if b'"big"' in raw][0]
     assert "refused by the queue system" in big["error"]
-    assert len(transport.written.retries) == 1 and not sup.books.outbox and sup.connected
+    assert len(transport.written.retries) == 1 and not sup.books.outbox and sup.link.connected
     assert sup.metrics.writes_refused.labels("result")._value.get() == 1
 
 
@@ -93,16 +93,16 @@ def test_an_outage_keeps_everything_and_the_back_off_grows_until_a_write_succeed
     sup.books.outbox.results.extend([result_item("a"), result_item("b")])
     delays = []
     for _ in range(4):
-        sup.connected = True  # as after a successful reconnect
+        sup.link.connected = True  # as after a successful reconnect
         sup.flush()
-        delays.append(sup.reconnect_delay)
+        delays.append(sup.link.delay)
     assert delays == sorted(delays) and delays[-1] > delays[0]  # a connect alone resets nothing
     assert len(sup.books.outbox.results) == 2 and transport.written.results == []
     transport.down = False
-    sup.connected = True
+    sup.link.connected = True
     sup.flush()
     assert sorted(written_ids(transport)) == ["a", "b"]
-    assert sup.reconnect_delay == supervisor.RECONNECT_MIN and not sup.outage
+    assert sup.link.delay == supervisor.RECONNECT_MIN and not sup.link.outage
 
 
 def test_even_a_small_write_refused_is_an_outage_not_the_items_fault():
@@ -110,7 +110,7 @@ def test_even_a_small_write_refused_is_an_outage_not_the_items_fault():
     sup = make(transport)
     sup.books.outbox.results.extend([result_item("a"), result_item("b")])
     sup.flush()
-    assert not sup.connected and len(sup.books.outbox.results) == 2
+    assert not sup.link.connected and len(sup.books.outbox.results) == 2
     assert all(b"payload" in raw for _, raw, _ in sup.books.outbox.results)  # not turned into errors
 
 
