@@ -32,24 +32,13 @@ def overdue_at(dispatched_at: float, deadline: float, request_timeout: float,
     return min(dispatched_at + request_timeout, deadline) + grace
 
 
-def attempt_overdue(dispatched_at: float, deadline: float, request_timeout: float, now: float,
-                    grace: float = STUCK_GRACE_SECONDS) -> bool:
-    return now > overdue_at(dispatched_at, deadline, request_timeout, grace)
-
-
-def overdue_by_worker(assigned: Iterable[Entry], request_timeout: float, now: float,
-                      grace: float = STUCK_GRACE_SECONDS) -> Dict[int, List[Entry]]:
-    """The assigned entries whose attempt is overdue, by the worker holding them."""
-    return scan_overdue(assigned, request_timeout, now, grace)[0]
-
-
 def scan_overdue(assigned: Iterable[Entry], request_timeout: float, now: float,
                  grace: float = STUCK_GRACE_SECONDS) -> Tuple[Dict[int, List[Entry]], float]:
     """(the overdue entries by worker, when the next of the others becomes overdue)."""
     overdue: Dict[int, List[Entry]] = {}
     soonest = math.inf
     for entry in assigned:
-        at = min(entry.dispatched_at + request_timeout, entry.request.deadline) + grace
+        at = overdue_at(entry.dispatched_at, entry.request.deadline, request_timeout, grace)
         if now > at:
             overdue.setdefault(entry.worker, []).append(entry)
         elif at < soonest:

@@ -11,8 +11,8 @@ from asyncproc.upkeep import (
     STUCK_CHECK_SECONDS,
     STUCK_GRACE_SECONDS,
     WorkerKeeper,
-    overdue_by_worker,
     retire_reason,
+    scan_overdue,
 )
 from tests.inprocess.fakes import START, Clock, FakePool
 
@@ -42,10 +42,10 @@ def held(ledger, key, worker, dispatched_at, deadline):
     (0.0, 2.0, 4.9, False),       # budget: the nearer deadline, plus 3 s grace
     (0.0, 2.0, 5.1, True),
 ])
-def test_overdue_by_worker(dispatched_at, deadline, now, overdue):
+def test_scan_overdue(dispatched_at, deadline, now, overdue):
     ledger = Ledger()
     held(ledger, "a", 1, START + dispatched_at, START + deadline)
-    found = overdue_by_worker(ledger.assigned(), 10.0, START + now)
+    found = scan_overdue(ledger.assigned(), 10.0, START + now)[0]
     assert (found.keys() == {1} and [e.request.key for e in found[1]] == [ledger.assigned()[0].request.key]) \
         if overdue else found == {}
 

@@ -1,5 +1,9 @@
 """When worker upkeep judges that a worker holds an attempt past its budget (pure)."""
-from asyncproc.upkeep import attempt_overdue
+from asyncproc.upkeep import overdue_at
+
+
+def attempt_overdue(dispatched_at, deadline, request_timeout, now, grace):
+    return now > overdue_at(dispatched_at, deadline, request_timeout, grace)
 
 
 def test_the_request_timeout_bounds_an_attempt_when_the_deadline_is_further():
