@@ -198,21 +198,9 @@ class Gateway:
             conn.request("POST", job.path, body=job.body, headers=job.headers, preload_content=False)
             conn.timeout = timeouts[1]          # waiting for the answer
             response = conn.getresponse()
-        except u3.NewConnectionError as exc:  # before ConnectTimeoutError: it is a subclass
+        except FAILURES as exc:
             conn.close()
-            return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
-        except u3.ConnectTimeoutError:
-            conn.close()
-            return outcomes.connection_failure("connect timeout", time.monotonic() - started)
-        except (TimeoutError, socket.timeout, u3.ReadTimeoutError):
-            conn.close()
-            return outcomes.connection_failure(TIMED_OUT if attempt.expired else "read timeout",
-                                               time.monotonic() - started)
-        except (u3.HTTPError, http.client.HTTPException, OSError) as exc:
-            conn.close()
-            if attempt.expired:
-                return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
-            return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
+            return _failure(exc, attempt, started)
         clean = False
         try:
             limit = job.max_response_bytes
@@ -230,13 +218,8 @@ class Gateway:
             if attempt.expired:  # a body read "to the end" because its socket was shut
                 clean = False
                 return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
-        except (TimeoutError, socket.timeout, u3.ReadTimeoutError):
-            return outcomes.connection_failure(
-                TIMED_OUT if attempt.expired else "read timeout", time.monotonic() - started)
-        except (u3.HTTPError, http.client.HTTPException, OSError) as exc:
-            if attempt.expired:
-                return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
-            return outcomes.connection_failure(f"connection error: {_reason(exc)}", time.monotonic() - started)
+        except FAILURES as exc:
+            return _failure(exc, attempt, started)
         finally:
             if not clean:
                 response.close()
@@ -316,6 +299,25 @@ def tls_options(tls: Optional[Any]) -> Dict[str, Any]:
         options.update(cert_reqs="CERT_NONE", assert_hostname=False)
         urllib3.disable_warnings(u3.InsecureRequestWarning)  # said once at start, not per request
     return options
+
+
+#: What an attempt can fail with: connecting, sending, or reading the answer.
+FAILURES = (u3.HTTPError, http.client.HTTPException, OSError)
+
+
+def _failure(exc: BaseException, attempt: Attempt, started: float) -> Outcome:
+    """The retryable outcome of an attempt that failed with `exc`."""
+    if isinstance(exc, u3.NewConnectionError):  # before ConnectTimeoutError: it is a subclass
+        reason = f"connection error: {_reason(exc)}"
+    elif isinstance(exc, u3.ConnectTimeoutError):
+        reason = "connect timeout"
+    elif attempt.expired:  # its socket was shut from the worker's main loop
+        reason = TIMED_OUT
+    elif isinstance(exc, (TimeoutError, socket.timeout, u3.ReadTimeoutError)):
+        reason = "read timeout"
+    else:
+        reason = f"connection error: {_reason(exc)}"
+    return outcomes.connection_failure(reason, time.monotonic() - started)
 
 
 def _content_length(response) -> Optional[int]:
