@@ -1,6 +1,13 @@
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.harness import PERSISTENT, Processor, PubSubEmulator, PubSubQueues, RedisServer, Results, Sim, pubsub_emulator_missing
+
+# The suite runs in several processes on a couple of cores: a property test's examples are
+# checked in full, but how fast Hypothesis draws them or one runs is the machine's load, not
+# the code's behaviour (benchmarks measure speed).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 #: Tests that share an expensive server run on one xdist worker (`--dist loadgroup`), so the
 #: server starts once per session, not once per worker: fixture name -> group.
