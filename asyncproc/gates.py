@@ -24,7 +24,7 @@ PARAMS = {
     "endpoint-scrape": COMMON | {"url", "metric", "labels", "capacity", "pods", "reserved", "aggregate"},
     "prometheus-query": COMMON | {"url", "query"},
     "min": {"type", "gates"},
-    "vllm": COMMON | {"url", "capacity", "beta", "window", "kv_cache_limit", "max_age"},
+    "vllm": COMMON | {"url", "capacity", "beta", "window", "kv_cache_limit", "max_age", "preempt"},
 }
 POD_PARAMS = {"url", "metric", "labels"}
 
@@ -127,6 +127,7 @@ class VllmGate(Leaf):
     window: float = 1.0           # seconds: time constant of the online-load estimate
     kv_cache_limit: float = 0.9   # at or above this KV-cache usage on any pod, asyncproc takes no more
     max_age: float = 3.0          # seconds: an older reading is a failed one
+    preempt: bool = False         # abort asyncproc's newest attempts to the pool when online requests wait
 
 
 Gate = Union[Constant, VllmGate, RedisGate, ScrapeGate, PromQueryGate, MinGate]
@@ -209,11 +210,14 @@ def _vllm(doc: Mapping[str, Any], interval: float, timeout: float, fail_open: bo
     max_age = _positive(doc.get("max_age", max(VllmGate.max_age, 3 * interval)), f"{where}.max_age")
     if max_age < interval:
         raise GateError(f"{where}.max_age: must be at least the interval ({interval:g} s)")
+    preempt = doc.get("preempt", VllmGate.preempt)
+    if not isinstance(preempt, bool):
+        raise GateError(f"{where}.preempt: must be true or false (got {preempt!r})")
     return VllmGate(interval, fail_open, _pages(doc, timeout, where),
                     _positive(doc["capacity"], f"{where}.capacity"), beta,
                     _positive(doc.get("window", VllmGate.window), f"{where}.window"),
                     _fraction(doc.get("kv_cache_limit", VllmGate.kv_cache_limit), f"{where}.kv_cache_limit"),
-                    max_age)
+                    max_age, preempt)
 
 
 def _pages(doc: Mapping[str, Any], timeout: float, where: str) -> Tuple[Scrape, ...]:
@@ -428,6 +432,27 @@ def decide_vllm(gate: VllmGate, readings: Mapping[Source, Reading], now: float,
     if slots <= 0:
         return Decision(0.0, "closed", detail, 0)
     return Decision(1.0, "open" if slots >= total else "throttled", detail, slots)
+
+
+def preemptions(gate: VllmGate, readings: Mapping[Source, Reading], taken: Optional[Mapping[Source, float]],
+                own: int, aborting: int, since: float, now: float) -> int:
+    """With `preempt`: how many more of asyncproc's attempts to the pool to abort now, so
+    that online requests waiting get their slots. The online requests waiting are vLLM's
+    waiting count less those of asyncproc's own that cannot be running (`own` beyond the
+    running count); the attempts already being aborted (`aborting`, counted in `own`) count
+    towards them. Only a reading of every page taken after the last abort was sent
+    (`since`) is acted on, so a reading that predates an abort never causes a second one
+    for the same waiting requests. 0 without `preempt`, or when the reading failed."""
+    if not gate.preempt or own <= aborting:
+        return 0
+    try:
+        pool = read_pool(gate, readings, taken, now)
+    except ReadingError:
+        return 0
+    if pool.taken <= since:
+        return 0
+    online_waiting = pool.waiting - max(own - pool.running, 0.0)
+    return max(min(math.ceil(online_waiting - 1e-9), own) - aborting, 0)
 
 
 def decide(gate: Gate, readings: Mapping[Source, Reading], now: float = 0.0,

@@ -54,8 +54,9 @@ def test_a_surge_to_full_capacity_stops_batch():
 def test_the_model_is_deterministic_and_the_sweep_reports_per_seed():
     rows = gate_model.sweep(G2, [{"beta": 0.25}], seeds=[1, 2])
     assert rows == gate_model.sweep(G2, [{"beta": 0.25}], seeds=[1, 2])
-    (params, ratios, used, surge), = rows
-    assert params == {"beta": 0.25, "interval": G2.interval} and len(ratios) == len(used) == len(surge) == 2
+    (params, ratios, used, surge, wasted, aborts), = rows
+    assert params == {"beta": 0.25, "interval": G2.interval}
+    assert len(ratios) == len(used) == len(surge) == 2 and wasted == [0.0, 0.0] and aborts == [0, 0]
 
 
 def test_knowing_every_future_arrival_would_fill_more_than_any_gate_does():
