@@ -20,6 +20,10 @@ the rest wait in arrival order (so latency grows with the queue), and with `--qu
 a request that finds M already waiting is shed at once (`--shed-status`, 429 by default).
 `/metrics` then reports running, waiting and KV-cache usage (running / capacity) as vLLM
 names them, and `sim_running_requests{objective}` per inference objective as a gateway would.
+A client that disconnects before its answer gives up its slot at once, or its place in the
+line, as vLLM's OpenAI server aborts such a request; `/sim/stats` counts those requests and
+the service time they had taken (`aborted`, `aborted_seconds`, by objective) apart from
+`busy_seconds`, the service of requests that ran to the end.
 
 A hostile gateway, for tests of asyncproc's bounds: `{"x_sim": {"hostile": MODE}}` (or a
 script entry naming MODE) makes the answer misbehave, whatever the other options say:
@@ -76,6 +80,8 @@ class Sim:
         self.peak_waiting = 0
         self.shed = 0
         self.busy: Counter = Counter()          # seconds of service, by objective
+        self.aborted: Counter = Counter()       # requests whose client left mid-request, by objective
+        self.aborted_busy: Counter = Counter()  # seconds of service they had taken, by objective
         self.running_by: Counter = Counter()    # requests being served, by objective
         self.fault_rates = [(f, getattr(args, f"rate_{f}")) for f in FAULTS if getattr(args, f"rate_{f}")]
         self.registry = CollectorRegistry(auto_describe=False)
@@ -171,6 +177,7 @@ class Sim:
             return _json(status, {"error": {"message": "server at capacity", "code": status}}, headers)
         self.running_by[label] += 1
         started = time.monotonic()
+        fate = None
         try:
             fate = self.fate(directive, attempt)
             delay = self.latency(directive.get("latency"))
@@ -199,8 +206,15 @@ class Sim:
             doc["x_sim"] = seen
             self.by_status[200] += 1
             return _json(200, doc)
+        except asyncio.CancelledError:
+            if fate != "drop":  # the client left (aiohttp cancels the handler): the work is thrown away
+                self.aborted[label] += 1
+                self.aborted_busy[label] += time.monotonic() - started
+                started = None
+            raise
         finally:
-            self.busy[label] += time.monotonic() - started
+            if started is not None:
+                self.busy[label] += time.monotonic() - started
             self.running_by[label] -= 1
             self.release()
 
@@ -271,6 +285,8 @@ class Sim:
             "peak_waiting": self.peak_waiting,
             "shed": self.shed,
             "busy_seconds": dict(self.busy),
+            "aborted": dict(self.aborted),
+            "aborted_seconds": dict(self.aborted_busy),
             "time": time.time(),
         })
 
@@ -368,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    runner = web.AppRunner(Sim(args).app(), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its handler, freeing its slot (as vLLM aborts it)
+    runner = web.AppRunner(Sim(args).app(), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=4096, reuse_address=True)
     try:
