@@ -42,6 +42,7 @@ class Books:
         self.unclaimed: List[tuple] = []     # (parsed, delivery) read while the claim failed
         self.limits = settings.message_limits()
         self.aborting: set = set()           # keys whose in-flight attempt is being aborted (cancelled)
+        self.preempting: set = set()         # keys whose in-flight attempt is being aborted (preempted)
         self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
         self.result_queues = {q.name: q.result_queue for q in settings.request_queues if q.result_queue}
         self.tracing: tracing.Off = tracing.Off()   # the Supervisor hands in the Dispatcher's
@@ -241,6 +242,18 @@ class Books:
         if cancelwatch.answer_of_aborted(outcome):
             return outcome
         return Outcome(Kind.CANCELLED, error="cancelled", elapsed=outcome.elapsed)
+
+    def preempted(self, key: str, outcome: Outcome) -> bool:
+        """Was this attempt preempted (aborted to free its pool slot for online requests)?
+        If so the request waits again, first in line, the attempt not counted (no back-off,
+        --max-attempts untouched, its deadline as before). A gateway's answer that came
+        first stands, and a cancellation in force wins over a preemption."""
+        if key not in self.preempting:
+            return False
+        self.preempting.discard(key)
+        if key in self.aborting or outcome.kind is not Kind.CANCELLED:
+            return False
+        return self.ledger.requeue(key) is not None
 
     # -- answers for isolation.MessageIsolation ----------------------------------------------
     def answer_with_error(self, item, reason: str, delivery: Optional[Delivery]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -107,6 +107,9 @@ class Dispatcher:
         self.sharing = {name: sorted({o for pool, qs in self.pool_queues.items() if name in qs for o in qs} - {name})
                         for name in self.gates}
         self.loads: Dict[gates.Pool, gates.Load] = {}
+        # vllm gates with preempt: each pool's gate, and when its last abort was sent.
+        self.preempting_gates = {v.pages: v for g in self.gates.values() for v in gates.vllm_gates(g) if v.preempt}
+        self.last_preempt: Dict[gates.Pool, float] = {}
         for name, gate in self.gates.items():
             self.decisions[name] = gates.decide(gate, {})  # sources not read yet: closed, unless fail_open
             self.metrics.of(self.metrics.gate_budget, name).set(self.decisions[name].budget)
@@ -157,6 +160,31 @@ class Dispatcher:
                     log.info("gate of %s: %s (%d slots; %s)", queue, decision.reason, decision.slots, decision.detail)
                 else:
                     log.info("gate of %s: %s (budget %.2f)", queue, decision.reason, decision.budget)
+
+    def preemptions(self, ledger: Ledger, readings: Mapping[gates.Source, gates.Reading],
+                    taken: Optional[Mapping[gates.Source, float]], preempting: AbstractSet[str],
+                    now: float) -> Dict[int, List[str]]:
+        """Per worker, the attempts to abort now so that online requests waiting at a pool
+        get their slots (vllm gates with `preempt`; how many: `gates.preemptions`): the
+        newest of the pool's queues' attempts, the least work lost. `preempting`: keys
+        already being aborted. Nothing without a preempting gate."""
+        plan: Dict[int, List[str]] = {}
+        for pool, gate in self.preempting_gates.items():
+            queues = self.pool_queues[pool]
+            own = sum(ledger.assigned_in(q) for q in queues)
+            since = self.last_preempt.get(pool, float("-inf"))
+            if not own or not gates.preemptions(gate, readings, taken, own, 0, since, now):
+                continue
+            mine = [e for e in ledger.assigned() if e.request.queue in queues]
+            pending = sum(1 for e in mine if e.request.key in preempting)
+            more = gates.preemptions(gate, readings, taken, own, pending, since, now)
+            newest = sorted((e for e in mine if e.request.key not in preempting and e.worker is not None),
+                            key=lambda e: e.dispatched_at, reverse=True)[:more]
+            for entry in newest:
+                plan.setdefault(entry.worker, []).append(entry.request.key)
+            if newest:
+                self.last_preempt[pool] = now
+        return plan
 
     def limit(self, queue: str, ledger: Optional[Ledger] = None) -> int:
         """How many of `queue`'s requests may be in flight: its limit scaled by its gate's

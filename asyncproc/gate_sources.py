@@ -162,11 +162,11 @@ class GateFeed:
     def next_due(self) -> Optional[float]:
         return self.sources.next_due() if self.sources is not None else None
 
-    def refresh(self, now: float, ledger) -> None:
+    def refresh(self, now: float, ledger) -> bool:
         """Take the readings that are due (short timeouts, see above) and decide again, with
-        the ledger's requests in flight per queue."""
+        the ledger's requests in flight per queue; whether it did."""
         if self.sources is None or now < self.sources.next_due():
-            return
+            return False
         errors_before = dict(self.sources.errors)
         self.sources.refresh(now)
         for source, count in self.sources.errors.items():
@@ -175,6 +175,13 @@ class GateFeed:
                     count - errors_before.get(source, 0))
         self.dispatcher.decide_gates(self.sources.readings, now, self.sources.taken,
                                      {q: ledger.assigned_in(q) for q in self.dispatcher.gates})
+        return True
+
+    def preemptions(self, now: float, ledger, preempting) -> dict:
+        """What to abort after the latest readings (the Dispatcher's `preemptions`)."""
+        if self.sources is None:
+            return {}
+        return self.dispatcher.preemptions(ledger, self.sources.readings, self.sources.taken, preempting, now)
 
     def close(self) -> None:
         if self.sources is not None:

@@ -172,10 +172,12 @@ class Gateway:
             return outcomes.cancelled(outcome.elapsed)
         return outcome
 
-    def cancel(self, keys, now: Optional[float] = None) -> int:
+    def cancel(self, keys, now: Optional[float] = None, remember: bool = True) -> int:
         """Abort the attempts of `keys`: shut their sockets (the blocked call fails at once
         and the attempt ends as cancelled); a key not being attempted yet is cancelled when
-        its attempt would begin. The connection is discarded, the thread goes on."""
+        its attempt would begin, unless `remember` is false (a preemption: it is about this
+        attempt only, and the request is attempted again). The connection is discarded, the
+        thread goes on."""
         now = time.monotonic() if now is None else now
         wanted = set(keys)
         aborted = 0
@@ -186,7 +188,7 @@ class Gateway:
                     attempt.cancelled = True
                     attempt.shut()
                     aborted += 1
-            for key in wanted:
+            for key in wanted if remember else ():
                 self._cancelled[key] = now
         return aborted
 

@@ -159,6 +159,16 @@ class Ledger:
             entry.request = request
         return entry
 
+    def requeue(self, key: str) -> Optional[Entry]:
+        """A settled attempt that does not count (preempted): the request waits again,
+        first in line under arrival order, in its place by deadline under deadline order."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not State.SETTLING:
+            return None
+        entry.state = State.WAITING
+        self._queue(entry.request.queue).appendleft(key)
+        return entry
+
     def forget(self, key: str) -> None:
         """What settles `key` has been written: it may be admitted again later."""
         entry = self._entries.pop(key, None)

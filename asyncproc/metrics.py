@@ -63,6 +63,9 @@ class Metrics:
             "asyncproc_cancel_watched", "Held requests with an llm-d-async token checked in the last read", registry=r)
         self.aborted = Counter("asyncproc_cancelled_in_flight",
                                "Requests cancelled while at the gateway: their attempt was aborted", ["queue"], registry=r)
+        self.preempted = Counter(
+            "asyncproc_preempted", "Attempts aborted to give their pool slot to online requests waiting (the vllm"
+            " gate's preempt); each request is attempted again", ["queue"], registry=r)
         self.residence = Histogram(
             "asyncproc_queue_residence_seconds", "Receipt of a request to its first dispatch", ["queue"],
             buckets=LATENCY_BUCKETS, registry=r,

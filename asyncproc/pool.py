@@ -157,6 +157,14 @@ class Pool:
         except (OSError, ValueError):
             return False
 
+    def send_preempt(self, handle: Handle, keys: List[str]) -> bool:
+        """Ask a worker to abort the attempts of `keys` in flight now (they will be made again)."""
+        try:
+            handle.conn.send((worker.PREEMPT, keys))
+            return True
+        except (OSError, ValueError):
+            return False
+
     def receive(self, handle: Handle, limit: int = 1000) -> list:
         """Messages waiting on a worker's pipe, which the caller's wait found readable
         (never blocks). `Connection.poll()` is not used to ask for more: it builds a

@@ -267,6 +267,7 @@ class Supervisor:
         for handle in self.pool.reap():
             released = self.ledger.release_worker(handle.index)
             self.books.aborting.difference_update(r.key for r in released)  # a cancel still covers them
+            self.books.preempting.difference_update(r.key for r in released)
             if released:
                 log.warning("worker %d held %d requests; dispatching them again: %s", handle.index,
                             len(released), " ".join(r.key for r in released[:20]))
@@ -286,6 +287,9 @@ class Supervisor:
             return  # a report for work already given to another worker
         now = self.clock()
         self.dispatcher.tracing.attempt_ended(key, outcome)
+        if self.books.preempted(key, outcome):  # waits again, first in line: the attempt does not count
+            self.metrics.of(self.metrics.preempted, entry.request.queue).inc()
+            return
         outcome = self.books.aborted(key, outcome)  # cancelled in flight: never retried
         self.dispatcher.learn(entry.request, outcome, entry.dispatched_at, now)
         self.books.conclude(entry, outcome, now)
@@ -302,7 +306,8 @@ class Supervisor:
         if self.state is not Lifecycle.RUNNING:
             return
         now = self.clock()
-        self.gate_feed.refresh(now, self.ledger)  # readings due: gates decided again
+        if self.gate_feed.refresh(now, self.ledger):  # readings due: gates decided again
+            self.preempt(now)
         free = {h.index: h.threads - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
@@ -317,6 +322,18 @@ class Supervisor:
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
+
+    def preempt(self, now: float) -> None:
+        """Online requests wait at a pool whose vllm gate preempts: the workers holding the
+        attempts the Dispatcher names abort them (their sockets shut: vLLM frees the slots);
+        each request then waits again here (`settle`)."""
+        plan = self.gate_feed.preemptions(now, self.ledger, self.books.preempting)
+        handles = {h.index: h for h in self.pool.handles}
+        for index, keys in plan.items():
+            handle = handles.get(index)
+            if handle is not None and self.pool.send_preempt(handle, keys):
+                self.books.preempting.update(keys)
+                log.debug("preempting %d attempts on worker %d: %s", len(keys), index, " ".join(keys[:20]))
 
     def flush(self) -> bool:
         """Write the outbox; whether the queue system still answers."""

@@ -25,8 +25,9 @@ from asyncproc import gateway, logs, outcomes
 log = logging.getLogger("asyncproc.worker")
 
 # Messages on the pipe. Supervisor → worker: (JOBS, [Assignment, ...]) | (CANCEL, [key, ...])
-# | (STOP,). Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
-JOBS, STOP, READY, DONE, BEAT, CANCEL = "jobs", "stop", "ready", "done", "beat", "cancel"
+# | (PREEMPT, [key, ...]) | (STOP,). Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
+# CANCEL aborts the keys' attempts now or when they begin; PREEMPT only those in flight now.
+JOBS, STOP, READY, DONE, BEAT, CANCEL, PREEMPT = "jobs", "stop", "ready", "done", "beat", "cancel", "preempt"
 #: How often the main loop looks for attempts past their budget, at most (it wakes at least
 #: every half second anyway).
 EXPIRY_CHECK_SECONDS = 0.1
@@ -116,6 +117,8 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
                         jobs.put(job)
                 elif message[0] == CANCEL:  # abort these requests' attempts (their sockets)
                     http.cancel(message[1])
+                elif message[0] == PREEMPT:  # abort these attempts in flight; they are made again
+                    http.cancel(message[1], remember=False)
                 elif message[0] == STOP:
                     stopping.set()
             else:

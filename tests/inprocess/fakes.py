@@ -67,6 +67,7 @@ class FakePool:
         self.gateway = gateway
         self.slots: Dict[int, Optional[Handle]] = {}
         self.sent: List[Assignment] = []
+        self.preempted: List[str] = []          # keys whose attempt was aborted by a preemption
         self.max_in_flight = 0
         self.restarts = 0
         self.fail: Optional[Exception] = None   # raised by receive(): a bug in the loop
@@ -92,6 +93,15 @@ class FakePool:
         """The worker aborts these attempts at once (gateway.Gateway.cancel): CANCELLED now."""
         now = self.clock()
         handle.pending = [(now, key, outcomes.cancelled()) if key in keys else (at, key, outcome)
+                          for at, key, outcome in handle.pending]
+        return True
+
+    def send_preempt(self, handle: Handle, keys: List[str]) -> bool:
+        """The worker aborts these attempts if still in flight (gateway.Gateway.cancel with
+        remember=False): CANCELLED now; one whose answer is already due keeps it."""
+        now = self.clock()
+        self.preempted.extend(k for at, k, _ in handle.pending if k in keys and at > now)
+        handle.pending = [(now, key, outcomes.cancelled()) if key in keys and at > now else (at, key, outcome)
                           for at, key, outcome in handle.pending]
         return True
 

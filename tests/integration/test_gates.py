@@ -146,3 +146,39 @@ def test_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_request
         assert proc.metric("asyncproc_gate_decisions_total", reason="closed") >= 1
     finally:
         gateway.stop()
+
+
+def test_vllm_gate_preempts_a_batch_request_for_a_waiting_online_one_and_answers_it_once(
+        redis_server, results, start_processor):
+    """A real sim of 2 slots, both held by batch requests of 4 s. An online request arrives and
+    waits; the gate (preempt) aborts the newest batch attempt, the sim frees its slot at once
+    (as vLLM does when the client disconnects) and the online request is served without
+    waiting for batch; the aborted request is attempted again and answered exactly once,
+    with its payload, the aborted attempt not counted."""
+    gateway = Sim("--capacity", "2", "--latency", "0.1")
+    try:
+        gate = {"type": "vllm", "url": gateway.url + "/metrics", "capacity": 2, "interval": 0.1, "beta": 0,
+                "window": 0.1, "preempt": True}
+        proc = start_processor(gateway.url, "--concurrency", "2", "--workers", "1", "--inference-objective", "batch",
+                               "--max-attempts", "1", "--gate", orjson.dumps(gate).decode())
+        ids = ["p0", "p1"]
+        publish(redis_server.client(), [request(i, {"model": "m", "prompt": i, "x_sim": {"key": i, "latency": 4.0}})
+                                        for i in ids])
+        wait_until(lambda: gateway.stats()["running_by"].get("batch") == 2, what="both slots held by batch")
+        started = time.monotonic()
+        r = requests.post(gateway.url + "/v1/completions", timeout=30,
+                          json={"prompt": "online", "x_sim": {"latency": 0.5}})
+        online_took = time.monotonic() - started
+        assert r.status_code == 200
+        assert online_took < 2.5, f"the online request waited {online_took:.1f} s: batch was not preempted"
+        got = assert_each_once(results, 2)
+        stats = gateway.stats()
+        assert stats["aborted"] == {"batch": 1}
+        (preempted,) = [i for i in ids if stats["attempts"][i] == 2]
+        assert [i for i in ids if stats["attempts"][i] == 1] == [i for i in ids if i != preempted]
+        by_id = {r["id"]: r for r in got}
+        assert by_id[preempted]["payload"]["x_sim"]["attempt"] == 2 and by_id[preempted]["attempts"] == 1
+        assert all(r["payload"]["x_sim"]["key"] == r["id"] for r in got)
+        assert proc.metric("asyncproc_preempted_total") == 1
+    finally:
+        gateway.stop()

@@ -220,6 +220,7 @@ def vllm_page(running, waiting=0, kv=None):
     ({"type": "vllm", "url": VLLM, "capacity": 8, "kv_cache_limit": 1.5}, "gate.kv_cache_limit"),
     ({"type": "vllm", "url": VLLM, "capacity": 8, "interval": 2, "max_age": 1}, "max_age: must be at least"),
     ({"type": "vllm", "url": VLLM, "capacity": 8, "metric": "x"}, "unknown parameter 'metric' for gate type vllm"),
+    ({"type": "vllm", "url": VLLM, "capacity": 8, "preempt": "yes"}, "gate.preempt: must be true or false"),
 ])
 def test_bad_vllm_gates_are_errors_naming_the_problem(doc, problem):
     with pytest.raises(gates.GateError) as err:
@@ -231,7 +232,7 @@ def test_vllm_gate_defaults_need_only_url_and_capacity():
     gate = gates.parse({"type": "vllm", "url": [VLLM, POD_B], "capacity": 8}, D)
     assert gate.pages == (gates.Scrape(VLLM, 0.25), gates.Scrape(POD_B, 0.25))
     assert (gate.capacity, gate.interval, gate.fail_open, gate.max_age) == (8, 1.0, False, 3.0)
-    assert (gate.beta, gate.window, gate.kv_cache_limit) == (0.25, 1.0, 0.9)
+    assert (gate.beta, gate.window, gate.kv_cache_limit, gate.preempt) == (0.25, 1.0, 0.9, False)
     assert gates.sources(gate) == {gates.Scrape(VLLM, 0.25): 1.0, gates.Scrape(POD_B, 0.25): 1.0}
     assert vllm(interval=2).max_age == 6.0   # three intervals when longer than the default
 
@@ -338,3 +339,32 @@ def test_min_gate_with_a_vllm_gate_takes_the_fewest_slots_and_the_smallest_budge
     readings[pool[0]] = vllm_page(4, waiting=1)
     got = gates.decide(gate, readings, 1.0, {pool[0]: 1.0}, {pool: 0})
     assert (got.budget, got.slots, got.reason) == (0.0, 0, "closed")
+
+
+@pytest.mark.parametrize("reading, own, aborting, since, expected", [
+    (vllm_page(8, waiting=2), 4, 0, 0.0, 2),            # two online requests wait: the two newest go
+    (vllm_page(8, waiting=2), 1, 0, 0.0, 1),            # never more than asyncproc has
+    (vllm_page(8, waiting=2), 4, 1, 0.0, 1),            # one abort already on its way counts
+    (vllm_page(8, waiting=2), 4, 2, 0.0, 0),
+    (vllm_page(8, waiting=0), 4, 0, 0.0, 0),            # nobody waits
+    (vllm_page(8, waiting=1), 0, 0, 0.0, 0),            # nothing of asyncproc's in flight
+    (vllm_page(3, waiting=2), 5, 0, 0.0, 0),            # the 2 waiting can only be asyncproc's own
+    (vllm_page(4, waiting=3), 5, 0, 0.0, 2),            # 1 of asyncproc's must wait: 2 online
+    (vllm_page(8, waiting=1), 4, 0, 10.0, 0),           # the reading predates the last abort
+    (vllm_page(8, waiting=0.5), 4, 0, 0.0, 1),
+    (Failed("connection refused"), 4, 0, 0.0, 0),       # no reading: no abort
+])
+def test_preemptions_free_as_many_slots_as_online_requests_wait(reading, own, aborting, since, expected):
+    gate = vllm(preempt=True)
+    readings, taken = {gate.pages[0]: reading}, {gate.pages[0]: 10.0}
+    assert gates.preemptions(gate, readings, taken, own, aborting, since, 10.0) == expected
+    assert gates.preemptions(vllm(), readings, taken, own, aborting, since, 10.0) == 0   # preempt off
+
+
+def test_preemptions_wait_for_every_pod_read_after_the_last_abort():
+    gate = vllm(url=[VLLM, POD_B], capacity=4, preempt=True)
+    readings = {gates.Scrape(VLLM, 0.25): vllm_page(4, waiting=1), gates.Scrape(POD_B, 0.25): vllm_page(4)}
+    taken = {gates.Scrape(VLLM, 0.25): 12.0, gates.Scrape(POD_B, 0.25): 9.0}
+    assert gates.preemptions(gate, readings, taken, 4, 0, 10.0, 12.0) == 0
+    taken[gates.Scrape(POD_B, 0.25)] = 11.0
+    assert gates.preemptions(gate, readings, taken, 4, 0, 10.0, 12.0) == 1

@@ -178,3 +178,22 @@ def test_a_cancel_before_the_attempt_begins_is_kept_for_it(hostile, gateway):
     gateway.cancel(["other"])
     gateway.expire_overdue(time.monotonic() + 3600)  # forgotten after a while
     assert gateway._cancelled == {}
+
+
+def test_a_preemption_aborts_only_the_attempt_in_flight(hostile, gateway):
+    """A preemption (cancel with remember=False) is about the attempt in flight now: one
+    not begun is left alone, so the request's next attempt is made."""
+    assert gateway.cancel(["k"], remember=False) == 0
+    assert gateway.post(job(hostile.url, "/ok")).kind is Kind.OK
+    assert gateway._cancelled == {}
+    assignment = job(hostile.url, "/drip", request_timeout=30.0)
+    outcome_box = []
+    worker = threading.Thread(target=lambda: outcome_box.append(timed(gateway, assignment)), daemon=True)
+    worker.start()
+    wait_until(lambda: any(a.key == "k" and a.sock is not None for a in list(gateway._attempts.values())), 5,
+               what="the attempt connected")
+    assert gateway.cancel(["k"], remember=False) == 1
+    worker.join(5)
+    (outcome, took), = outcome_box
+    assert outcome.kind is Kind.CANCELLED and took < 2.0
+    assert gateway.post(job(hostile.url, "/ok")).kind is Kind.OK
