@@ -220,6 +220,7 @@ class Dispatcher:
             if queue is None:
                 break
             request = ledger.take(queue)
+            first = request.attempts == 0 and request.last_error is None and not ledger.entry(request.key).dispatched_at
             ledger.assign(request.key, index, now)
             try:
                 sends.setdefault(index, []).append(self.assignment(request))
@@ -227,7 +228,7 @@ class Dispatcher:
                     tokened.append(request)
             except Exception as exc:  # one request's bug costs that request, not the loop
                 failed.append((request, exc))
-            if request.attempts == 0 and request.last_error is None:
+            if first:   # not again after a preemption or a worker's death
                 self.metrics.of(self.metrics.residence, request.queue).observe(max(now - request.received_at, 0.0))
             free[index] -= 1
             room[queue] -= 1

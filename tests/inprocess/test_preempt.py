@@ -75,6 +75,9 @@ def test_an_online_request_waiting_takes_the_newest_attempts_slot_and_that_reque
     results = rig.results()
     assert all(r["attempts"] == 1 for r in results.values()), "the aborted attempt is not counted"
     assert rig.metric(rig.sup.metrics.aborted, "batch-queue") == 0   # not a cancellation
+    first_dispatches = [s.value for m in rig.sup.metrics.residence.collect() for s in m.samples
+                        if s.name.endswith("_count")]
+    assert first_dispatches == [len(ids)], "the second dispatch is not a first one"
     assert rig.sup.books.preempting == set()
 
 
