@@ -334,6 +334,8 @@ class OnlineRow:
     lost: int = 0           # batch requests neither answered nor back in the queue after a drain
     duplicates: int = 0
     alone_p99: float = float("nan")
+    wasted: float = 0.0     # batch service thrown away (attempts aborted mid-request), over the idle capacity
+    aborts: int = 0         # batch requests the sim saw aborted by their client (preempted)
 
 
 def arrival_times(o: Online) -> List[float]:
@@ -430,8 +432,9 @@ def online_phases(o: Online, url: str) -> List[tuple]:
 def run_online(o: Online, redis_server: str, workdir: str, workers: int, only: Optional[List[str]] = None,
                full_surge: bool = False, variants: Sequence[Dict] = ()) -> List[OnlineRow]:
     """Phases on one sim: online alone; with ungated batch; with batch under the existing gates
-    and under the vllm gate; with `full_surge`, once more under the vllm gate with the surge
-    at 100% of capacity (batch must stop; nothing lost)."""
+    and under the vllm gate (and its `variants`); with `full_surge`, online alone and under
+    the vllm gate and its variants once more with the surge at 100% of capacity (batch must
+    stop; nothing lost)."""
     procs = Processes()
     rows: List[OnlineRow] = []
     try:
@@ -449,6 +452,8 @@ def run_online(o: Online, redis_server: str, workdir: str, workers: int, only: O
         if full_surge:
             phases.append(("no batch, surge to 100%", None, o.concurrency, replace(o, surge=1.0)))
             phases.append(("vllm, surge to 100%", vllm[1], vllm[2], replace(o, surge=1.0)))
+            phases.extend([(name + ", surge 100%", gate, c, replace(o, surge=1.0))
+                           for name, gate, c, _ in phases if name.startswith("vllm ") and "surge" not in name])
         for n, (phase, gate, concurrency, scenario) in enumerate(phases):
             row = online_phase(replace(scenario, concurrency=concurrency), phase, gate, url, port, client, workdir,
                                min(workers, concurrency), n)
@@ -507,6 +512,9 @@ def online_phase(o: Online, phase: str, gate, url: str, port: int, client: redis
     elapsed = after["time"] - before["time"]
     busy = {k: after["busy_seconds"].get(k, 0.0) - before["busy_seconds"].get(k, 0.0) for k in ("online", "batch")}
     online_busy, batch_busy = busy["online"] / elapsed, busy["batch"] / elapsed
+    wasted = (after.get("aborted_seconds", {}).get("batch", 0.0)
+              - before.get("aborted_seconds", {}).get("batch", 0.0)) / elapsed
+    aborts = after.get("aborted", {}).get("batch", 0) - before.get("aborted", {}).get("batch", 0)
     surge_busy = float("nan")
     if len(load["snapshots"]) == 2:
         first, last = load["snapshots"]
@@ -514,9 +522,10 @@ def online_phase(o: Online, phase: str, gate, url: str, port: int, client: redis
                       / max(last["time"] - first["time"], 1e-9))
     latencies = sorted(load["latencies"])
     shed = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
+    idle = max(o.capacity - online_busy, 1e-9)
     return OnlineRow(phase, len(latencies), load["errors"], _pct(latencies, 50), _pct(latencies, 99),
                      online_busy, batch_busy, (results_after - results_before) / elapsed,
-                     batch_busy / max(o.capacity - online_busy, 1e-9), shed, surge_busy, lost, duplicates)
+                     batch_busy / idle, shed, surge_busy, lost, duplicates, wasted=wasted / idle, aborts=aborts)
 
 
 def sim_stats(url: str) -> Dict:
@@ -527,14 +536,14 @@ def sim_stats(url: str) -> Dict:
 
 ONLINE_HEADER = (f"{'phase':24} {'online n':>8} {'err':>4} {'p50 s':>6} {'p99 s':>6} {'x alone':>7} "
                  f"{'online busy':>11} {'batch busy':>10} {'in surge':>8} {'batch/s':>7} {'idle used':>9} "
-                 f"{'lost':>4} {'dup':>4}")
+                 f"{'lost':>4} {'dup':>4} {'wasted':>6} {'aborts':>6}")
 
 
 def format_online(r: OnlineRow) -> str:
     surge = "       -" if r.surge_batch_busy != r.surge_batch_busy else f"{r.surge_batch_busy:8.2f}"
     return (f"{r.phase:24} {r.online_n:8d} {r.online_errors:4d} {r.p50:6.3f} {r.p99:6.3f} {r.p99 / r.alone_p99:7.2f} "
             f"{r.online_busy:11.2f} {r.batch_busy:10.2f} {surge} {r.batch_rate:7.1f} {r.idle_used:9.0%} "
-            f"{r.lost:4d} {r.duplicates:4d}")
+            f"{r.lost:4d} {r.duplicates:4d} {r.wasted:6.0%} {r.aborts:6d}")
 
 
 def arrival_stats(arrivals: Dict, sent: Dict) -> Tuple[float, List[float], int]:
@@ -598,7 +607,8 @@ def main(argv=None) -> int:
     parser.add_argument("--phases", default="",
                         help="--online: comma-separated words; only the phases naming one (and no batch) run")
     parser.add_argument("--full-surge", action="store_true",
-                        help="--online: one more phase, the vllm gate with the surge at 100%% of capacity")
+                        help="--online: more phases with the surge at 100%% of capacity: online alone, the vllm"
+                             " gate and each --vllm variant")
     parser.add_argument("--cluster", action="store_true",
                         help="instead of the scenarios: 1, 2, 3 replicas on a 3-master Redis Cluster and on one Redis")
     parser.add_argument("--replicas", default="1,2,3", help="--cluster: the replica counts")
