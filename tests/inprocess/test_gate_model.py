@@ -64,3 +64,37 @@ def test_knowing_every_future_arrival_would_fill_more_than_any_gate_does():
     bound = gate_model.clairvoyant(o)
     assert 0.7 < bound < 1.0
     assert phase(o, beta=0.0).idle_used < bound
+
+
+FAST = {"beta": 0.0, "window": 0.02, "interval": 0.05}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_preemption_with_fast_readings_fills_70_percent_within_a_tenth_of_online_p99(seed):
+    """Reading every 0.05 s, the online load unsmoothed, one batch request allowed to queue
+    at the pod (capacity 9 of 8) and the newest attempts aborted when online requests wait."""
+    o = replace(G2, seed=seed)
+    alone = gate_model.run(o, None)
+    gated = gate_model.run(o, gate_model.gate_of(9, **FAST, preempt=True))
+    assert gated.p99 <= 1.10 * alone.p99
+    assert gated.idle_used >= 0.70
+    assert gated.preempted > 0 and 0 < gated.wasted_share < 0.25
+
+
+def test_aborted_work_is_wasted_not_used_and_preemption_is_what_protects_online_p99():
+    o = replace(G2, seed=1)
+    alone = gate_model.run(o, None)
+    without = gate_model.run(o, gate_model.gate_of(9, **FAST))
+    with_ = gate_model.run(o, gate_model.gate_of(9, **FAST, preempt=True))
+    assert without.preempted == 0 and without.wasted == 0
+    assert without.p99 > 1.15 * alone.p99 and with_.p99 <= 1.10 * alone.p99
+    assert with_.batch_busy + with_.wasted <= o.capacity - with_.online_busy + 1e-9
+    assert with_.idle_used < without.idle_used
+
+
+def test_with_preemption_a_surge_to_full_capacity_still_stops_batch():
+    o = replace(G2, seed=1, surge=1.0)
+    alone = gate_model.run(o, None)
+    gated = gate_model.run(o, gate_model.gate_of(8, **FAST, preempt=True))
+    assert gated.surge_batch_busy < 0.3
+    assert gated.p99 <= 1.10 * alone.p99
