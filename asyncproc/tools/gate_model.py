@@ -8,12 +8,16 @@ phase: `capacity` slots served first come first served for `service` seconds eac
 requests arriving at the benchmark's arrival times (`bench.arrival_times`, seeded), the pool
 read every `interval` seconds (its running and waiting counts, as vLLM exports them), and
 batch requests dispatched up to the gate's slots, each reaching the pool `delay` seconds after
-it is dispatched and seen finished `delay` seconds after it finishes. What it leaves out:
-CPU contention, HTTP overheads and jitter in the sim's own latency.
+it is dispatched and seen finished `delay` seconds after it finishes. With the gate's
+`preempt`, the attempts `gates.preemptions` names are aborted: the pool frees their slots
+(or drops them from its line) `react` seconds after the reading, and their work so far is
+counted as wasted, apart from batch work. What it leaves out: CPU contention, HTTP
+overheads and jitter in the sim's own latency.
 
 Each row is one gate configuration over several seeds (different arrival times): online p99 over
 online alone with the same arrivals, and batch's share of the capacity online traffic left
-idle, as the benchmark reports them.
+idle, as the benchmark reports them (completed batch work only), and with preemption the
+share of it wasted and the attempts aborted.
 """
 from __future__ import annotations
 
@@ -253,8 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--surge", type=float, help="the surge's share of capacity (G2: 0.8)")
     parser.add_argument("--delay", type=float, default=0.005, help="seconds from dispatch to the pool and back")
     parser.add_argument("--gate", action="append", default=[], metavar="JSON",
-                        help="vllm gate parameters, e.g. '{\"beta\": 0.5, \"interval\": 0.1}' (repeatable;"
-                             " default: beta 0, 0.25, 0.5, 1 at intervals 0.2 and 0.1)")
+                        help="vllm gate parameters, e.g. '{\"beta\": 0.5, \"interval\": 0.1}', and the model's"
+                             " \"react\" (seconds from a preemption to the freed slot; default --delay)"
+                             " (repeatable; default: beta 0, 0.25, 0.5, 1 at intervals 0.2 and 0.1)")
     parser.add_argument("--clairvoyant", action="store_true",
                         help="also the bound: what a scheduler that knew every future arrival could use")
     args = parser.parse_args(argv)
