@@ -47,6 +47,8 @@ PARKED = select.EPOLLIN | select.EPOLLONESHOT
 #: helper thread reads the rest (a server that writes headers and body apart: microseconds).
 ARRIVING_LOOK_SECONDS = 0.001
 ARRIVING_SECONDS = 0.01
+#: A helper thread idle this long ends.
+HELPER_IDLE_SECONDS = 60.0
 # What a helper thread is asked to do with an attempt.
 SEND, RECEIVE = "send", "receive"
 
@@ -100,23 +102,28 @@ class Outbox:
 class Helpers:
     """Threads for the work that would make the loop wait (connecting, sending a large body,
     reading an answer still arriving), started when work waits and no thread is free, up to
-    `limit`; a started thread stays for the next."""
+    `limit`; one left idle for `idle_seconds` ends (a burst of new connections leaves no
+    crowd of threads behind)."""
 
-    def __init__(self, limit: int, work: Callable[[Tuple[str, Attempt]], None]) -> None:
+    def __init__(self, limit: int, work: Callable[[Tuple[str, Attempt]], None],
+                 idle_seconds: float = HELPER_IDLE_SECONDS) -> None:
         self.limit = max(limit, 1)
         self.work = work
+        self.idle_seconds = idle_seconds
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.waiting = 0     # items queued and not yet taken
         self.idle = 0        # threads waiting for an item
         self.threads: List[threading.Thread] = []
+        self.started = 0     # threads ever started (their names)
 
     def submit(self, item: Tuple[str, Attempt]) -> None:
         with self.lock:
             self.waiting += 1
             start = self.waiting > self.idle and len(self.threads) < self.limit
             if start:
-                thread = threading.Thread(target=self._run, name=f"help-{len(self.threads)}", daemon=True)
+                thread = threading.Thread(target=self._run, name=f"help-{self.started}", daemon=True)
+                self.started += 1
                 self.threads.append(thread)
         self.queue.put(item)
         if start:
@@ -126,7 +133,15 @@ class Helpers:
         while True:
             with self.lock:
                 self.idle += 1
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self.lock:
+                    self.idle -= 1
+                    if self.waiting <= self.idle:  # the others waiting take every queued item
+                        self.threads.remove(threading.current_thread())
+                        return
+                continue
             with self.lock:
                 self.idle -= 1
                 self.waiting -= 1

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from asyncproc import gateway
 from asyncproc.gateway import BASE_HEADERS, TIMED_OUT, Attempt, Gateway
 from asyncproc.outcomes import Assignment, Kind
-from asyncproc.worker import DONE, JOBS, STOP, Loop, Outbox
+from asyncproc.worker import DONE, JOBS, STOP, Helpers, Loop, Outbox
 from tests.harness import wait_until
 from tests.hostile import OK_BODY, HostileServer
 
@@ -117,6 +117,20 @@ def test_an_answer_still_arriving_is_read_by_a_helper_while_the_loop_goes_on(loo
         assert (drip.kind, drip.error) == (Kind.RETRY, TIMED_OUT)
     finally:
         hostile.stop()
+
+
+def test_helpers_start_as_work_waits_up_to_the_limit_and_idle_ones_end():
+    release, done = threading.Event(), []
+    helpers = Helpers(8, lambda item: (release.wait(10), done.append(item)), idle_seconds=0.2)
+    for i in range(20):
+        helpers.submit(("send", i))
+    wait_until(lambda: helpers.idle == 0 and len(helpers.threads) == 8, timeout=5, what="eight helpers busy")
+    release.set()
+    wait_until(lambda: len(done) == 20, timeout=5, what="every item done")
+    assert sorted(i for _, i in done) == list(range(20))
+    wait_until(lambda: not helpers.threads, timeout=5, what="idle helpers ended")
+    helpers.submit(("send", 20))   # and a new one starts for new work
+    wait_until(lambda: len(done) == 21, timeout=5, what="the item after")
 
 
 RESPONSE = st.builds(
