@@ -17,17 +17,11 @@ from asyncproc.config import GatewayConfig, QueueConfig, Settings
 from asyncproc.ledger import Ledger, State
 from asyncproc.messages import Request
 from asyncproc.outcomes import Assignment, Kind, Outcome
-from asyncproc.timers import Timer
+from asyncproc.timers import BatchWindow, Timer
 
 log = logging.getLogger("asyncproc.supervisor")
 
 TOKEN_CHECK_SECONDS = 1.0
-#: A tick waits for more outcomes at most this share of the mean attempt latency...
-BATCH_WINDOW_SHARE = 0.01
-#: ...and never longer than this.
-BATCH_WINDOW_MAX = 0.02
-#: Weight of the newest outcome in the mean attempt latency.
-LATENCY_SMOOTHING = 0.05
 
 
 class Route:
@@ -121,7 +115,7 @@ class Dispatcher:
         self.default_route = Route(QueueConfig(""), settings.gateway, self.token_files)
         self.token_check = Timer(TOKEN_CHECK_SECONDS)
         self.gateway_failures_logged: set = set()   # origins whose first failure was logged
-        self.mean_latency = 0.0   # seconds an attempt takes, smoothed over recent outcomes
+        self.window = BatchWindow()   # how long a tick lets outcomes gather
         self.tracing = tracing.load(settings.operations.tracing)   # --tracing; off: no-ops
 
     # -- gates -------------------------------------------------------------------------------
@@ -276,21 +270,13 @@ class Dispatcher:
             return
         if outcome.kind is not Kind.EXPIRED:
             self.metrics.of(self.metrics.gateway_latency, request.queue).observe(outcome.elapsed)
-            self.mean_latency += LATENCY_SMOOTHING * (outcome.elapsed - self.mean_latency)
+            self.window.learn(outcome.elapsed)
         if outcome.kind is Kind.SHED:
             self.metrics.of(self.metrics.shed, request.queue).inc()
         self._note_gateway(request, outcome)
         if self.aimd_state is not None and outcome.kind is not Kind.EXPIRED:
             self.aimd_state = aimd.adapt(self.aimd_state, self.aimd, outcome.status, outcome.kind is Kind.OK,
                                          outcome.elapsed, dispatched_at, now)
-
-    def batch_window(self) -> float:
-        """How long a tick may wait for more outcomes before it writes, reads and dispatches
-        (README: Performance): a small share of what an attempt takes, so a slot waits at
-        most that share longer, while thousands of slow requests in flight are handled a
-        batch per Redis round trip instead of one each. 0 below a millisecond."""
-        window = min(BATCH_WINDOW_SHARE * self.mean_latency, BATCH_WINDOW_MAX)
-        return window if window >= 0.001 else 0.0
 
     def _note_gateway(self, request: Request, outcome: Outcome) -> None:
         """The first failed connection (or refused credentials) per gateway: why, once, at ERROR."""

@@ -1,5 +1,7 @@
-"""Worker-side HTTP: each worker thread keeps one urllib3 connection per gateway origin
-alive and posts over it; timeouts bounded by the deadline, no hidden retries.
+"""Worker-side HTTP: urllib3 connections kept alive per gateway origin; one attempt is a
+send, a wait for the answer, and a receive, so a worker can have thousands of attempts in
+flight without a thread blocked on each (the worker's loop parks the sockets in between,
+see worker.py); timeouts bounded by the deadline, no hidden retries.
 
 Bounded whatever the gateway does: the body is read in chunks up to `max_response_bytes`
 (more: a final "response too large", the connection discarded), and one attempt, headers
@@ -10,20 +12,23 @@ socket of an attempt past its budget, the blocked read fails, and the attempt is
 retryable "attempt timed out".
 
 urllib3's connections (`urllib3.connection.HTTPConnection` / `HTTPSConnection`: TLS,
-connect errors, response objects), not its pool and not requests: a thread makes one
-request at a time, so threads and connections pair one to one and a pool has nothing to
-share; its per-request machinery (checkout and return, retry objects, URL re-encoding) and
-requests' (hooks, cookie jars, proxy lookup) cost more CPU than the whole rest of a
-dispatch (see the README's performance section). A connection the gateway closed while it
-sat idle is noticed before it is used (as urllib3's pool does) and opened again.
+connect errors, response objects), not its pool and not requests: one attempt holds one
+connection from its send to its receive, and a connection the gateway closed while it sat
+idle is noticed before it is used again (as urllib3's pool does); the pool's per-request
+machinery (checkout and return under a lock, retry objects, URL re-encoding) and requests'
+(hooks, cookie jars, proxy lookup) cost more CPU than the whole rest of a dispatch (see the
+README's performance section).
 """
 from __future__ import annotations
 
+import collections
 import http.client
+import re
 import socket
+import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 import urllib3
 from urllib3 import exceptions as u3
@@ -39,6 +44,15 @@ BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "asyncproc"}
 #: The body is read this much at a time (and the size and time checked in between).
 READ_CHUNK = 256 * 1024
 TIMED_OUT = "attempt timed out"
+#: Each connection's send buffer: a request body up to `INLINE_SEND_BYTES` then fits in it
+#: whole (a connection is idle, its buffer empty, when an attempt takes it), so sending it
+#: never waits for the gateway to read (the kernel may round the buffer down to its limit).
+SEND_BUFFER_BYTES = 256 * 1024
+INLINE_SEND_BYTES = 64 * 1024
+#: How much of an answer `answer_state` looks at: a larger one is read by a thread.
+PEEK_BYTES = 64 * 1024
+SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
+    (socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
 
 
 #: How long a cancel for a key not (yet) being attempted here is remembered: it may be
@@ -47,13 +61,20 @@ CANCEL_MEMORY_SECONDS = 60.0
 
 
 class Attempt:
-    """One attempt in flight: when its budget ends (monotonic), the socket it reads, and
-    whether it was cancelled (its socket shut from the worker's main loop)."""
+    """One attempt in flight: its job, when its budget ends (monotonic), the connection and
+    socket it uses, and whether it was cancelled or expired (its socket shut from the
+    worker's main loop)."""
 
-    __slots__ = ("ends_at", "sock", "expired", "done", "key", "cancelled")
+    __slots__ = ("job", "started", "ends_at", "connect_timeout", "conn", "sock", "expired", "done",
+                 "key", "cancelled")
 
-    def __init__(self, ends_at: float, key: str = "") -> None:
+    def __init__(self, ends_at: float, key: str = "", job: Optional[Assignment] = None,
+                 started: float = 0.0, connect_timeout: float = 0.0) -> None:
+        self.job = job
+        self.started = started
         self.ends_at = ends_at
+        self.connect_timeout = connect_timeout
+        self.conn: Optional[HTTPConnection] = None
         self.sock: Optional[socket.socket] = None
         self.expired = False
         self.done = False
@@ -67,55 +88,29 @@ class Attempt:
             except OSError:
                 pass  # already closed
 
+    def record(self, sock: Optional[socket.socket]) -> None:
+        """The socket this attempt reads from now on; shut at once if the attempt ended while
+        it was connecting (cancel and expiry set their flag, then shut what is recorded)."""
+        self.sock = sock
+        if self.cancelled or self.expired:
+            self.shut()
 
-_current = threading.local()   # .attempt: the calling thread's Attempt, for the connection class
-
-
-def _record_socket(sock: Optional[socket.socket]) -> None:
-    attempt = getattr(_current, "attempt", None)
-    if attempt is not None and sock is not None:
-        attempt.sock = sock
-        if attempt.cancelled or attempt.expired:  # ended while it was connecting
-            attempt.shut()
-
-
-class _Tracked:
-    """Mixed into the pool's connection class: tells the calling thread's attempt which
-    socket it uses (a fresh one after connect, a kept-alive one at request)."""
-
-    def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        _record_socket(self.sock)  # type: ignore[attr-defined]
-
-    def request(self, *args, **kwargs) -> None:
-        _record_socket(self.sock)  # type: ignore[attr-defined]
-        super().request(*args, **kwargs)  # type: ignore[misc]
-
-
-_tracked_classes: Dict[type, type] = {}
-
-
-def tracked(connection_cls: type) -> type:
-    """`connection_cls` (HTTP or HTTPS, whatever the pool uses) with socket tracking."""
-    if issubclass(connection_cls, _Tracked):
-        return connection_cls
-    cls = _tracked_classes.get(connection_cls)
-    if cls is None:
-        cls = _tracked_classes[connection_cls] = type(
-            f"Tracked{connection_cls.__name__}", (_Tracked, connection_cls), {})
-    return cls
+    def inline_send(self) -> bool:
+        """Whether the main loop can send this attempt without waiting: over a connection
+        already open, with a body that fits the empty send buffer."""
+        conn = self.conn
+        return conn is not None and conn.sock is not None and len(self.job.body) <= INLINE_SEND_BYTES
 
 
 class Gateway:
-    """The HTTP side of one worker process, shared by its threads (each with connections of
-    its own)."""
+    """The HTTP side of one worker process: its attempts in flight and its idle connections,
+    shared by the worker's loop and threads."""
 
     def __init__(self, tls: Optional[Any] = None) -> None:
         self.tls_options = tls_options(tls)
-        self._local = threading.local()           # .connections: origin -> this thread's connection
+        self._idle: Dict[str, Deque[HTTPConnection]] = collections.defaultdict(collections.deque)
         self._connections: List[HTTPConnection] = []   # every one made, to close at the end
-        self._lock = threading.Lock()
-        self._attempts: Dict[int, Attempt] = {}   # thread ident -> its attempt in flight
+        self._attempts: Dict[int, Attempt] = {}   # id(attempt) -> attempt in flight
         self._attempts_lock = threading.Lock()
         self._cancelled: Dict[str, float] = {}    # keys cancelled before their attempt began -> when
         # The earliest budget end among the attempts in flight (or sooner): expire_overdue()
@@ -123,51 +118,125 @@ class Gateway:
         self._next_expiry = float("inf")
 
     def connection(self, origin: str) -> HTTPConnection:
-        """The calling thread's connection to `origin` (scheme://host:port), made on first
-        use; one the gateway closed while idle is closed here too, so the request reconnects."""
-        connections = getattr(self._local, "connections", None)
-        if connections is None:
-            connections = self._local.connections = {}
-        conn = connections.get(origin)
-        if conn is None:
-            url = parse_url(origin)
-            https = url.scheme == "https"
-            cls = tracked(HTTPSConnection if https else HTTPConnection)
-            conn = cls(url.host, url.port or (443 if https else 80), **(self.tls_options if https else {}))
-            connections[origin] = conn
-            with self._lock:
-                self._connections.append(conn)
-        elif conn.sock is not None and not conn.is_connected:
-            conn.close()
+        """An idle connection to `origin` (scheme://host:port), or a new one not yet
+        connected; one the gateway closed while idle is closed here too, so it reconnects."""
+        idle = self._idle[origin]
+        if idle:  # deque pops and appends are atomic: the loop and threads share it
+            conn = idle.pop()
+            if conn.sock is not None and not conn.is_connected:
+                conn.close()
+            return conn
+        url = parse_url(origin)
+        https = url.scheme == "https"
+        cls = HTTPSConnection if https else HTTPConnection
+        conn = cls(url.host, url.port or (443 if https else 80), socket_options=SOCKET_OPTIONS,
+                   **(self.tls_options if https else {}))
+        self._connections.append(conn)
         return conn
 
     def connections_made(self) -> int:
         return len(self._connections)
 
+    def in_flight(self) -> int:
+        return len(self._attempts)
+
+    @property
+    def next_expiry(self) -> float:
+        """Monotonic time before which `expire_overdue` has nothing to do."""
+        return self._next_expiry
+
     def post(self, job: Assignment, clock: Callable[[], float] = time.time) -> Outcome:
-        """POST the payload once and classify what came back (README: Dispatch and retries)."""
+        """POST the payload once and classify what came back (README: Dispatch and retries),
+        waiting for the answer on this thread."""
+        attempt = self.begin(job, clock)
+        if isinstance(attempt, Outcome):
+            return attempt
+        outcome = self.send(attempt)
+        return outcome if outcome is not None else self.receive(attempt)
+
+    def begin(self, job: Assignment, clock: Callable[[], float] = time.time) -> Union[Attempt, Outcome]:
+        """The attempt for `job`, with its budget and a connection, or its outcome already
+        (no time left, or cancelled before it began)."""
         remaining = job.deadline - clock()
         if remaining < MIN_ATTEMPT_SECONDS:
             return outcomes.expired()
         budget = min(job.request_timeout, remaining)
-        timeouts = (min(job.connect_timeout, remaining), budget)
         started = time.monotonic()
-        attempt = Attempt(started + budget, job.key)
-        ident = threading.get_ident()
+        attempt = Attempt(started + budget, job.key, job, started, min(job.connect_timeout, remaining))
         with self._attempts_lock:
             if self._cancelled.pop(job.key, None) is not None:
                 return outcomes.cancelled()
-            self._attempts[ident] = attempt
+            self._attempts[id(attempt)] = attempt
             if attempt.ends_at < self._next_expiry:
                 self._next_expiry = attempt.ends_at
-        _current.attempt = attempt
+        attempt.conn = self.connection(job.origin)
+        return attempt
+
+    def send(self, attempt: Attempt) -> Optional[Outcome]:
+        """Connect if need be and send the request; None when sent, else the attempt's
+        outcome (it failed, and is over)."""
+        conn, job = attempt.conn, attempt.job
         try:
-            outcome = self._attempt(job, timeouts, attempt, started)
+            if conn.sock is None:
+                conn.timeout = attempt.connect_timeout
+                conn.connect()
+            attempt.record(conn.sock)
+            conn.timeout = max(attempt.ends_at - time.monotonic(), 0.001)   # sending, then the answer
+            conn.request("POST", job.path, body=job.body, headers=job.headers, preload_content=False)
+        except FAILURES as exc:
+            return self._end(attempt, _failure(exc, attempt), clean=False)
+        return None
+
+    def receive(self, attempt: Attempt) -> Outcome:
+        """Read and classify the answer to a sent attempt; this waits for it, so the worker's
+        loop calls it only once `answer_state` finds it WHOLE (a thread otherwise)."""
+        conn, job = attempt.conn, attempt.job
+        clean = False
+        try:
+            response = conn.getresponse()
+        except FAILURES as exc:
+            return self._end(attempt, _failure(exc, attempt), clean)
+        try:
+            limit = job.max_response_bytes
+            declared = _content_length(response)
+            elapsed = time.monotonic() - attempt.started
+            if declared is not None and declared > limit:
+                return self._end(attempt, outcomes.too_large(response.status, limit, elapsed), clean)
+            if declared is not None and 0 < declared <= READ_CHUNK and "Content-Encoding" not in response.headers:
+                body = response.read(declared)  # the common case: one read, no loop (short: an error)
+            else:
+                body = self._read(response, attempt, limit)
+                if body is None:
+                    return self._end(attempt, outcomes.too_large(response.status, limit,
+                                                                  time.monotonic() - attempt.started), clean)
+            if attempt.expired:  # a body read "to the end" because its socket was shut
+                return self._end(attempt, outcomes.connection_failure(
+                    TIMED_OUT, time.monotonic() - attempt.started), clean)
+            clean = True
+        except FAILURES as exc:
+            return self._end(attempt, _failure(exc, attempt), clean)
         finally:
-            _current.attempt = None
-            with self._attempts_lock:
-                attempt.done = True
-                self._attempts.pop(ident, None)
+            if not clean:
+                response.close()
+        return self._end(attempt, outcomes.from_response(response.status, body, response.headers.get("Retry-After"),
+                                                         time.monotonic() - attempt.started), clean)
+
+    def abandon(self, attempt: Attempt, reason: str) -> Outcome:
+        """End an attempt that met an unexpected error (a bug costs one attempt, retried)."""
+        return self._end(attempt, outcomes.connection_failure(reason, time.monotonic() - attempt.started), False)
+
+    def _end(self, attempt: Attempt, outcome: Outcome, clean: bool) -> Outcome:
+        """The attempt is over: forget it, keep its connection for the next one when the
+        exchange ended cleanly (else discard it: the next connects afresh)."""
+        with self._attempts_lock:
+            ended, attempt.done = attempt.done, True
+            self._attempts.pop(id(attempt), None)
+        if ended:  # already ended (abandoned after a bug): its connection is accounted for
+            return outcome
+        conn = attempt.conn
+        if not clean or attempt.cancelled:
+            conn.close()  # never reused as it is: the next attempt on it connects afresh
+        self._idle[attempt.job.origin].append(conn)
         if attempt.cancelled and outcome.status is None:  # aborted before an answer came
             return outcomes.cancelled(outcome.elapsed)
         return outcome
@@ -176,8 +245,7 @@ class Gateway:
         """Abort the attempts of `keys`: shut their sockets (the blocked call fails at once
         and the attempt ends as cancelled); a key not being attempted yet is cancelled when
         its attempt would begin, unless `remember` is false (a preemption: it is about this
-        attempt only, and the request is attempted again). The connection is discarded, the
-        thread goes on."""
+        attempt only, and the request is attempted again). The connection is discarded."""
         now = time.monotonic() if now is None else now
         wanted = set(keys)
         aborted = 0
@@ -191,43 +259,6 @@ class Gateway:
             for key in wanted if remember else ():
                 self._cancelled[key] = now
         return aborted
-
-    def _attempt(self, job: Assignment, timeouts: Tuple[float, float], attempt: Attempt,
-                 started: float) -> Outcome:
-        conn = self.connection(job.origin)
-        try:
-            conn.timeout = timeouts[0]          # connecting, if it must
-            conn.request("POST", job.path, body=job.body, headers=job.headers, preload_content=False)
-            conn.timeout = timeouts[1]          # waiting for the answer
-            response = conn.getresponse()
-        except FAILURES as exc:
-            conn.close()
-            return _failure(exc, attempt, started)
-        clean = False
-        try:
-            limit = job.max_response_bytes
-            declared = _content_length(response)
-            if declared is not None and declared > limit:
-                return outcomes.too_large(response.status, limit, time.monotonic() - started)
-            if declared is not None and 0 < declared <= READ_CHUNK and "Content-Encoding" not in response.headers:
-                body = response.read(declared)  # the common case: one read, no loop (short: an error)
-                clean = True
-            else:
-                body = self._read(response, attempt, limit)
-                if body is None:
-                    return outcomes.too_large(response.status, limit, time.monotonic() - started)
-                clean = True
-            if attempt.expired:  # a body read "to the end" because its socket was shut
-                clean = False
-                return outcomes.connection_failure(TIMED_OUT, time.monotonic() - started)
-        except FAILURES as exc:
-            return _failure(exc, attempt, started)
-        finally:
-            if not clean:
-                response.close()
-                conn.close()  # discarded, never reused: the next request connects afresh
-        return outcomes.from_response(response.status, body, response.headers.get("Retry-After"),
-                                      time.monotonic() - started)
 
     @staticmethod
     def _read(response, attempt: Attempt, limit: int) -> Optional[bytes]:
@@ -285,9 +316,52 @@ class Gateway:
         return expired
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
+        for conn in list(self._connections):
+            conn.close()
+
+
+_HEAD_END = b"\r\n\r\n"
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
+
+
+#: What `answer_state` finds on a parked socket.
+NOTHING, PART, WHOLE, HELPER = "nothing", "part", "whole", "helper"
+
+
+def answer_state(attempt: Attempt) -> str:
+    """How much of the answer to a sent attempt has arrived: WHOLE when the socket holds a
+    final status line, headers with a Content-Length and that many bytes of body (or the
+    connection ended), so `receive` reads it without waiting; PART when the rest may follow
+    at once (a server that writes headers and body apart); NOTHING after a spurious
+    wake-up; HELPER when a thread must read it: larger than `PEEK_BYTES`, chunked, read
+    until close, interim, or TLS (what arrived is records, not the answer). Only looks
+    (MSG_PEEK): http.client still parses whatever arrived."""
+    sock = attempt.sock
+    if sock is None:
+        return WHOLE
+    if isinstance(sock, ssl.SSLSocket):
+        return HELPER
+    try:
+        data = sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return NOTHING
+    except OSError:
+        return WHOLE   # reset or shut: receive fails at once
+    if not data:
+        return WHOLE
+    end = data.find(_HEAD_END)
+    if end < 0:
+        return PART if len(data) < PEEK_BYTES else HELPER
+    if not data.startswith(b"HTTP/1.") or data[9:10] == b"1":
+        return HELPER
+    length = _CONTENT_LENGTH.search(data, 0, end + 2)
+    if length is None or _CHUNKED.search(data, 0, end):
+        return HELPER
+    whole = end + len(_HEAD_END) + int(length.group(1))
+    if len(data) >= whole:
+        return WHOLE
+    return PART if whole <= PEEK_BYTES else HELPER
 
 
 def tls_options(tls: Optional[Any]) -> Dict[str, Any]:
@@ -307,7 +381,7 @@ def tls_options(tls: Optional[Any]) -> Dict[str, Any]:
 FAILURES = (u3.HTTPError, http.client.HTTPException, OSError)
 
 
-def _failure(exc: BaseException, attempt: Attempt, started: float) -> Outcome:
+def _failure(exc: BaseException, attempt: Attempt) -> Outcome:
     """The retryable outcome of an attempt that failed with `exc`."""
     if isinstance(exc, u3.NewConnectionError):  # before ConnectTimeoutError: it is a subclass
         reason = f"connection error: {_reason(exc)}"
@@ -319,7 +393,7 @@ def _failure(exc: BaseException, attempt: Attempt, started: float) -> Outcome:
         reason = "read timeout"
     else:
         reason = f"connection error: {_reason(exc)}"
-    return outcomes.connection_failure(reason, time.monotonic() - started)
+    return outcomes.connection_failure(reason, time.monotonic() - attempt.started)
 
 
 def _content_length(response) -> Optional[int]:

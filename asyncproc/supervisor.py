@@ -227,7 +227,7 @@ class Supervisor:
         if fileno is not None:
             objects.append(fileno)
         timeout = self._timeout()
-        window = self.dispatcher.batch_window() if self.state is Lifecycle.RUNNING and timeout > 0 else 0.0
+        window = self.dispatcher.window.seconds() if self.state is Lifecycle.RUNNING and timeout > 0 else 0.0
         if window:  # let outcomes gather (only a signal cuts it short), then take them all at once
             self._wait([self._wake_r], timeout=min(window, timeout))
             timeout = 0.0 if self.signals else max(timeout - window, 0.0)

@@ -1,11 +1,20 @@
-"""Worker process: N threads posting assignments through one Gateway (a kept-alive
-connection per thread), over one Pipe.
+"""Worker process: one loop that sends each assignment over a kept-alive urllib3
+connection, parks the socket until its answer arrives and reads it, plus helper threads for
+whatever would make the loop wait; one Pipe to the supervisor.
+
+The loop (`Loop`) never blocks on the gateway: it sends a request itself only over an open
+connection with a body that fits the socket's empty send buffer, and reads an answer itself
+only once all of it has arrived (`gateway.answer_state`). Connecting, larger bodies and
+answers still arriving go to helper threads, started as needed up to the worker's share of
+--concurrency, so a gateway that trickles bytes holds a thread, never the loop. Thousands of
+requests waiting on a slow gateway are thousands of parked sockets, not threads; an instant
+gateway's answers are read where they are noticed, with no thread woken per request.
 
 Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the supervisor
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
 its pipe reaches EOF (the supervisor is gone: nobody would read the outcomes). Jobs arrive
 and outcomes leave in batches, so a busy worker makes one pipe write for many requests.
-The main loop also ends attempts past their time budget (`Gateway.expire_overdue`).
+The loop also ends attempts past their time budget (`Gateway.expire_overdue`).
 """
 from __future__ import annotations
 
@@ -18,9 +27,12 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from asyncproc import gateway, logs, outcomes
+from asyncproc.gateway import Attempt
+from asyncproc.outcomes import Assignment, Outcome
+from asyncproc.timers import BatchWindow
 
 log = logging.getLogger("asyncproc.worker")
 
@@ -28,9 +40,18 @@ log = logging.getLogger("asyncproc.worker")
 # | (PREEMPT, [key, ...]) | (STOP,). Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
 # CANCEL aborts the keys' attempts now or when they begin; PREEMPT only those in flight now.
 JOBS, STOP, READY, DONE, BEAT, CANCEL, PREEMPT = "jobs", "stop", "ready", "done", "beat", "cancel", "preempt"
-#: How often the main loop looks for attempts past their budget, at most (it wakes at least
-#: every half second anyway).
+#: How often the loop looks for attempts past their budget, at most.
 EXPIRY_CHECK_SECONDS = 0.1
+#: A parked socket wakes the loop once when readable, then is parked again (re-armed).
+PARKED = select.EPOLLIN | select.EPOLLONESHOT
+#: An answer partly here is looked at again this often, and for at most this long before a
+#: helper thread reads the rest (a server that writes headers and body apart: microseconds).
+ARRIVING_LOOK_SECONDS = 0.001
+ARRIVING_SECONDS = 0.01
+#: A helper thread idle this long ends.
+HELPER_IDLE_SECONDS = 60.0
+# What a helper thread is asked to do with an attempt.
+SEND, RECEIVE = "send", "receive"
 
 
 @dataclass(frozen=True)
@@ -44,9 +65,9 @@ class WorkerSpec:
 
 
 class Outbox:
-    """Outcomes from many threads, sent in as few pipe writes as the load allows: the
-    thread that finds nobody sending sends everything queued, including what others added
-    meanwhile."""
+    """Outcomes from the loop and helper threads, sent in as few pipe writes as the load
+    allows: whoever finds nobody sending sends everything queued, including what others
+    added meanwhile."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -54,10 +75,11 @@ class Outbox:
         self.pending: List[tuple] = []
         self.sending = False
         self.send_lock = threading.Lock()
+        self.sent_at = time.monotonic()
 
-    def put(self, item: tuple) -> None:
+    def put(self, items: List[tuple]) -> None:
         with self.lock:
-            self.pending.append(item)
+            self.pending.extend(items)
             if self.sending:
                 return
             self.sending = True
@@ -73,8 +95,197 @@ class Outbox:
         try:
             with self.send_lock:
                 self.conn.send(message)
+                self.sent_at = time.monotonic()
         except (OSError, ValueError):
             os._exit(0)  # the supervisor is gone
+
+
+class Helpers:
+    """Threads for the work that would make the loop wait (connecting, sending a large body,
+    reading an answer still arriving), started when work waits and no thread is free, up to
+    `limit`; one left idle for `idle_seconds` ends (a burst of new connections leaves no
+    crowd of threads behind)."""
+
+    def __init__(self, limit: int, work: Callable[[Tuple[str, Attempt]], None],
+                 idle_seconds: float = HELPER_IDLE_SECONDS) -> None:
+        self.limit = max(limit, 1)
+        self.work = work
+        self.idle_seconds = idle_seconds
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.waiting = 0     # items queued and not yet taken
+        self.idle = 0        # threads waiting for an item
+        self.threads: List[threading.Thread] = []
+        self.started = 0     # threads ever started (their names)
+
+    def submit(self, item: Tuple[str, Attempt]) -> None:
+        with self.lock:
+            self.waiting += 1
+            start = self.waiting > self.idle and len(self.threads) < self.limit
+            if start:
+                thread = threading.Thread(target=self._run, name=f"help-{self.started}", daemon=True)
+                self.started += 1
+                self.threads.append(thread)
+        self.queue.put(item)
+        if start:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                self.idle += 1
+            try:
+                item = self.queue.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self.lock:
+                    self.idle -= 1
+                    if self.waiting <= self.idle:  # the others waiting take every queued item
+                        self.threads.remove(threading.current_thread())
+                        return
+                continue
+            with self.lock:
+                self.idle -= 1
+                self.waiting -= 1
+            self.work(item)
+
+
+class Loop:
+    """The worker's one loop: the pipe and every parked socket in one epoll."""
+
+    def __init__(self, http: gateway.Gateway, out: Outbox, threads: int) -> None:
+        self.http = http
+        self.out = out
+        self.epoll = select.epoll()
+        self.parked: Dict[int, Attempt] = {}     # socket fd -> the attempt waiting on it
+        self.helpers = Helpers(threads, self.help)
+        self.done: List[Tuple[str, Outcome]] = []  # outcomes of this turn, sent at its end
+        self.arriving: Dict[Attempt, float] = {}   # part of the answer here, since (monotonic)
+        self.window = BatchWindow()   # how long a busy turn lets answers gather
+
+    def start(self, job: Assignment) -> None:
+        """Begin an attempt: send it here when that cannot wait, else on a helper thread."""
+        attempt = self.http.begin(job)
+        if isinstance(attempt, Outcome):
+            self.done.append((job.key, attempt))
+        elif not attempt.inline_send():
+            self.helpers.submit((SEND, attempt))
+        else:
+            self.sent(attempt, self.guarded(self.http.send, attempt))
+
+    def sent(self, attempt: Attempt, outcome: Optional[Outcome]) -> None:
+        if outcome is not None:
+            self.done.append((attempt.key, outcome))
+        else:
+            self.park(attempt)
+
+    def park(self, attempt: Attempt) -> None:
+        """Wait for the answer to a sent attempt (from the loop or a helper thread)."""
+        fd = attempt.sock.fileno()
+        self.parked[fd] = attempt
+        try:
+            self.epoll.modify(fd, PARKED)
+        except FileNotFoundError:  # a socket not seen before (or closed since: a new one)
+            self.epoll.register(fd, PARKED)
+
+    def wake(self, fd: int) -> None:
+        """A parked socket is readable: read the answer here if it is all there."""
+        attempt = self.parked.pop(fd, None)
+        if attempt is not None:
+            self.look(attempt, time.monotonic())
+
+    def look(self, attempt: Attempt, now: float) -> None:
+        """Read the answer if it is all there; wait a moment for the rest of a part (looked
+        at again each turn), then leave it to a helper thread."""
+        try:
+            state = gateway.answer_state(attempt)
+        except Exception:  # a bug: let a thread read it as it can
+            log.exception("id=%s: unexpected error in the worker", attempt.key)
+            state = gateway.HELPER
+        if state == gateway.WHOLE:
+            self.arriving.pop(attempt, None)
+            self.done.append((attempt.key, self.guarded(self.http.receive, attempt)))
+        elif state == gateway.NOTHING:
+            self.park(attempt)
+        elif state == gateway.PART and now - self.arriving.setdefault(attempt, now) < ARRIVING_SECONDS:
+            pass  # looked at again next turn
+        else:
+            self.arriving.pop(attempt, None)
+            self.helpers.submit((RECEIVE, attempt))
+
+    def help(self, item: Tuple[str, Attempt]) -> None:
+        """On a helper thread: send (then park), or wait for and read the answer."""
+        what, attempt = item
+        if what == SEND:
+            outcome = self.guarded(self.http.send, attempt)
+            if outcome is None:
+                self.park(attempt)
+                return
+        else:
+            outcome = self.guarded(self.http.receive, attempt)
+        self.out.put([(attempt.key, outcome)])
+
+    def guarded(self, step: Callable[[Attempt], Optional[Outcome]], attempt: Attempt) -> Optional[Outcome]:
+        """A bug must cost one attempt (retried), not the loop or a thread."""
+        try:
+            return step(attempt)
+        except Exception as exc:
+            log.exception("id=%s: unexpected error in the worker", attempt.key)
+            return self.http.abandon(attempt, f"worker error: {type(exc).__name__}")
+
+    def run(self, conn: Connection, stopping: threading.Event, beat_every: float) -> None:
+        """Until stopped and every attempt in flight has ended."""
+        pipe = conn.fileno()
+        self.epoll.register(pipe, select.EPOLLIN)
+        reading = True
+        expiry_check_at = 0.0
+        while reading or self.http.in_flight():
+            if reading and stopping.is_set():
+                reading = False
+                self.epoll.unregister(pipe)
+            now = time.monotonic()
+            wait = min(beat_every, max(self.http.next_expiry - now, EXPIRY_CHECK_SECONDS))
+            events = self.epoll.poll(ARRIVING_LOOK_SECONDS if self.arriving else wait)
+            for fd, _ in events:
+                if fd == pipe:
+                    self.read(conn, stopping)
+                else:
+                    self.wake(fd)
+            now = time.monotonic()
+            for attempt in list(self.arriving):
+                self.look(attempt, now)
+            if now >= expiry_check_at:
+                expiry_check_at = now + EXPIRY_CHECK_SECONDS
+                # Attempts past their budget (a gateway trickling bytes): shut their sockets.
+                self.http.expire_overdue(now)
+            if self.done:
+                done, self.done = self.done, []
+                for _, outcome in done:
+                    self.window.learn(outcome.elapsed)
+                self.out.put(done)
+            elif now - self.out.sent_at >= beat_every:
+                self.out.send((BEAT,))
+            if events and self.window.seconds():
+                time.sleep(self.window.seconds())  # let answers gather: one turn, one pipe write
+
+    def read(self, conn: Connection, stopping: threading.Event) -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the supervisor is gone: nobody would read the outcomes
+        if message[0] == JOBS:
+            for job in message[1]:
+                try:
+                    self.start(job)
+                except Exception as exc:  # a bug must cost one attempt, not the worker
+                    log.exception("id=%s: unexpected error in the worker", job.key)
+                    self.done.append((job.key, outcomes.connection_failure(
+                        f"worker error: {type(exc).__name__}", 0.0)))
+        elif message[0] == CANCEL:  # abort these requests' attempts (their sockets)
+            self.http.cancel(message[1])
+        elif message[0] == PREEMPT:  # abort these attempts in flight; they are made again
+            self.http.cancel(message[1], remember=False)
+        elif message[0] == STOP:
+            stopping.set()
 
 
 def main(spec: WorkerSpec, conn: Connection) -> None:
@@ -83,60 +294,9 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     logs.configure(spec.log_format, spec.log_level, f"worker-{spec.index}")
     http = gateway.Gateway(spec.tls)
-    jobs: "queue.SimpleQueue" = queue.SimpleQueue()
     out = Outbox(conn)
-
-    def run_jobs() -> None:
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            try:
-                outcome = http.post(job)
-            except Exception as exc:  # a bug must cost one attempt, not a thread
-                log.exception("id=%s: unexpected error in the worker", job.key)
-                outcome = outcomes.connection_failure(f"worker error: {type(exc).__name__}", 0.0)
-            out.put((job.key, outcome))
-
-    threads = [threading.Thread(target=run_jobs, name=f"post-{i}", daemon=True)
-               for i in range(spec.threads)]
-    for thread in threads:
-        thread.start()
     out.send((READY, os.getpid()))
-    poll_ms = int(min(spec.heartbeat, 0.5) * 1000)
-    # One poll object for the pipe: Connection.poll() builds a selector on every call.
-    pipe_ready = select.poll()
-    pipe_ready.register(conn.fileno(), select.POLLIN)
-    expiry_check_at = 0.0
-    while not stopping.is_set():
-        try:
-            if pipe_ready.poll(poll_ms):
-                message = conn.recv()
-                if message[0] == JOBS:
-                    for job in message[1]:
-                        jobs.put(job)
-                elif message[0] == CANCEL:  # abort these requests' attempts (their sockets)
-                    http.cancel(message[1])
-                elif message[0] == PREEMPT:  # abort these attempts in flight; they are made again
-                    http.cancel(message[1], remember=False)
-                elif message[0] == STOP:
-                    stopping.set()
-            else:
-                out.send((BEAT,))
-            # Attempts past their budget (a gateway trickling bytes): shut their sockets.
-            now = time.monotonic()
-            if now >= expiry_check_at:
-                expiry_check_at = now + EXPIRY_CHECK_SECONDS
-                http.expire_overdue(now)
-        except (EOFError, OSError):
-            os._exit(0)
-    for _ in threads:
-        jobs.put(None)
-    for thread in threads:
-        thread.join(EXPIRY_CHECK_SECONDS)
-        while thread.is_alive():  # finishing in-flight attempts, still within their budgets
-            http.expire_overdue()
-            thread.join(EXPIRY_CHECK_SECONDS)
+    Loop(http, out, spec.threads).run(conn, stopping, min(spec.heartbeat, 0.5))
     http.close()
     log.info("worker %d finished its in-flight requests and exits", spec.index)
     conn.close()

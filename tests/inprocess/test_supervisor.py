@@ -407,6 +407,6 @@ def test_slow_requests_in_their_thousands_are_written_a_batch_at_a_time():
     rig.requests(ids)
     rig.run_until(answered(rig, ids))
     exactly_once(rig, ids)
-    assert rig.sup.dispatcher.batch_window() == 0.02
+    assert rig.sup.dispatcher.window.seconds() == 0.02
     batches = [n for n in writes if n]
     assert sum(batches) == 6000 and len(batches) < 6000 / 5, len(batches)
