@@ -166,10 +166,11 @@ class Gateway:
         with self._attempts_lock:
             if self._cancelled.pop(job.key, None) is not None:
                 return outcomes.cancelled()
+        attempt.conn = self.connection(job.origin)
+        with self._attempts_lock:   # from here on it is in flight until `_end`
             self._attempts[id(attempt)] = attempt
             if attempt.ends_at < self._next_expiry:
                 self._next_expiry = attempt.ends_at
-        attempt.conn = self.connection(job.origin)
         return attempt
 
     def send(self, attempt: Attempt) -> Optional[Outcome]:
