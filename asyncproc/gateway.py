@@ -68,9 +68,9 @@ class Attempt:
     __slots__ = ("job", "started", "ends_at", "connect_timeout", "conn", "sock", "expired", "done",
                  "key", "cancelled")
 
-    def __init__(self, ends_at: float, key: str = "", job: Optional[Assignment] = None,
-                 started: float = 0.0, connect_timeout: float = 0.0) -> None:
+    def __init__(self, job: Assignment, started: float, ends_at: float, connect_timeout: float) -> None:
         self.job = job
+        self.key = job.key
         self.started = started
         self.ends_at = ends_at
         self.connect_timeout = connect_timeout
@@ -78,7 +78,6 @@ class Attempt:
         self.sock: Optional[socket.socket] = None
         self.expired = False
         self.done = False
-        self.key = key
         self.cancelled = False
 
     def shut(self) -> None:
@@ -162,14 +161,15 @@ class Gateway:
             return outcomes.expired()
         budget = min(job.request_timeout, remaining)
         started = time.monotonic()
-        attempt = Attempt(started + budget, job.key, job, started, min(job.connect_timeout, remaining))
+        attempt = Attempt(job, started, started + budget, min(job.connect_timeout, remaining))
         with self._attempts_lock:
             if self._cancelled.pop(job.key, None) is not None:
                 return outcomes.cancelled()
+        attempt.conn = self.connection(job.origin)
+        with self._attempts_lock:   # from here on it is in flight until `_end`
             self._attempts[id(attempt)] = attempt
             if attempt.ends_at < self._next_expiry:
                 self._next_expiry = attempt.ends_at
-        attempt.conn = self.connection(job.origin)
         return attempt
 
     def send(self, attempt: Attempt) -> Optional[Outcome]:

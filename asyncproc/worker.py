@@ -173,19 +173,26 @@ class Loop:
             self.sent(attempt, self.guarded(self.http.send, attempt))
 
     def sent(self, attempt: Attempt, outcome: Optional[Outcome]) -> None:
+        if outcome is None:
+            outcome = self.park(attempt)
         if outcome is not None:
             self.done.append((attempt.key, outcome))
-        else:
-            self.park(attempt)
 
-    def park(self, attempt: Attempt) -> None:
-        """Wait for the answer to a sent attempt (from the loop or a helper thread)."""
+    def park(self, attempt: Attempt) -> Optional[Outcome]:
+        """Wait for the answer to a sent attempt (from the loop or a helper thread); the
+        attempt's outcome if its socket cannot be watched (it is over)."""
         fd = attempt.sock.fileno()
-        self.parked[fd] = attempt
         try:
-            self.epoll.modify(fd, PARKED)
-        except FileNotFoundError:  # a socket not seen before (or closed since: a new one)
-            self.epoll.register(fd, PARKED)
+            self.parked[fd] = attempt
+            try:
+                self.epoll.modify(fd, PARKED)
+            except FileNotFoundError:  # a socket not seen before (or closed since: a new one)
+                self.epoll.register(fd, PARKED)
+        except (OSError, ValueError) as exc:
+            self.parked.pop(fd, None)
+            log.error("id=%s: cannot watch the attempt's socket: %s", attempt.key, exc)
+            return self.http.abandon(attempt, f"worker error: {type(exc).__name__}")
+        return None
 
     def wake(self, fd: int) -> None:
         """A parked socket is readable: read the answer here if it is all there."""
@@ -205,7 +212,7 @@ class Loop:
             self.arriving.pop(attempt, None)
             self.done.append((attempt.key, self.guarded(self.http.receive, attempt)))
         elif state == gateway.NOTHING:
-            self.park(attempt)
+            self.sent(attempt, None)   # parked again
         elif state == gateway.PART and now - self.arriving.setdefault(attempt, now) < ARRIVING_SECONDS:
             pass  # looked at again next turn
         else:
@@ -218,7 +225,8 @@ class Loop:
         if what == SEND:
             outcome = self.guarded(self.http.send, attempt)
             if outcome is None:
-                self.park(attempt)
+                outcome = self.park(attempt)
+            if outcome is None:
                 return
         else:
             outcome = self.guarded(self.http.receive, attempt)

@@ -146,7 +146,7 @@ def peek(data: bytes):
     try:
         if data:
             left.sendall(data)
-        attempt = Attempt(0.0)
+        attempt = Attempt(job("k", "http://127.0.0.1:1"), 0.0, 0.0, 0.0)
         attempt.sock = right
         return gateway.answer_state(attempt)
     finally:
