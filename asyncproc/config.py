@@ -583,7 +583,7 @@ class Settings:
     def queue_names(self) -> List[str]:
         return [q.name for q in self.request_queues]
 
-    def threads_per_worker(self) -> List[int]:
+    def capacity_per_worker(self) -> List[int]:
         """Spread --concurrency over the workers so in-flight requests equal it."""
         base, extra = divmod(self.concurrency, self.workers)
         return [base + (1 if i < extra else 0) for i in range(self.workers)]

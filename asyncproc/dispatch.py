@@ -67,7 +67,7 @@ class Route:
 
 
 class Plan(NamedTuple):
-    """One dispatch: assignments per worker index; what waits although threads are free,
+    """One dispatch: assignments per worker index; what waits although workers have room,
     by (queue, reason); requests whose assignment could not be built (a bug: each is
     answered with an error result); the requests sent that carry an llm-d-async token
     (their cancel marker is read just before sending)."""
@@ -194,7 +194,7 @@ class Dispatcher:
 
     # -- the plan ----------------------------------------------------------------------------
     def plan(self, ledger: Ledger, free: Dict[int, int], now: float) -> Plan:
-        """Fill `free` worker threads (worker index -> free threads) from the ledger's waiting
+        """Fill the workers' `free` room (worker index -> requests it may take) from the waiting
         requests, as far as gates, queue limits and the adaptive limit let each queue. What
         is planned is taken from the waiting lines and marked assigned in the ledger."""
         free = dict(free)
@@ -241,10 +241,10 @@ class Dispatcher:
                           bounds.connect_timeout, bounds.request_timeout, self.settings.messages.max_response_bytes)
 
     def _held(self, waiting, room: Dict[str, int], total_room: Optional[int],
-              threads_free: bool) -> Dict[Tuple[str, str], int]:
-        """What waits although worker threads are free, and why (for the held-back gauge)."""
+              workers_have_room: bool) -> Dict[Tuple[str, str], int]:
+        """What waits although workers have room, and why (for the held-back gauge)."""
         held: Dict[Tuple[str, str], int] = {}
-        if threads_free:
+        if workers_have_room:
             for queue, lined in waiting.items():
                 if not lined:
                     continue

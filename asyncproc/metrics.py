@@ -117,7 +117,7 @@ class Metrics:
                                     "Adaptive concurrency: requests that may be in flight now", registry=r)
         self.held_back = Gauge(
             "asyncproc_held_back",
-            "Requests waiting that dispatch holds back although worker threads are free, by reason:"
+            "Requests waiting that dispatch holds back although workers have room, by reason:"
             " gate, queue_limit, adaptive", ["queue", "reason"], registry=r)
 
     def observe(self, in_flight: Mapping[str, int], queues: Iterable[str], waiting: int,
@@ -144,7 +144,7 @@ class Metrics:
         return child
 
 
-#: Why dispatch holds a waiting request back although threads are free (the held-back gauge).
+#: Why dispatch holds a waiting request back although workers have room (the held-back gauge).
 HELD_REASONS = ("gate", "queue_limit", "adaptive")
 
 

@@ -38,7 +38,7 @@ class BootFailure(Exception):
 @dataclass
 class Handle:
     index: int
-    threads: int
+    capacity: int      # requests this worker may have in flight
     process: multiprocessing.process.BaseProcess
     conn: Connection
     started: float
@@ -67,7 +67,7 @@ class Handle:
 class _Slot:
     """Per index: the live handle, or when to start the next one and how often it failed."""
 
-    threads: int
+    capacity: int
     handle: Optional[Handle] = None
     restart_at: float = 0.0
     fast_deaths: int = 0
@@ -87,11 +87,11 @@ def describe_exit(exitcode: Optional[int]) -> str:
     return f"exited with status {exitcode}"
 
 
-def worker_spec(settings, index: int, threads: int) -> worker.WorkerSpec:
+def worker_spec(settings, index: int, capacity: int) -> worker.WorkerSpec:
     """What worker `index` starts with (config.Settings): a heartbeat well inside
     --worker-timeout, the log format and level, the gateway's TLS files."""
     return worker.WorkerSpec(
-        index=index, threads=threads, heartbeat=max(min(settings.operations.worker_timeout / 4, 5.0), 0.1),
+        index=index, capacity=capacity, heartbeat=max(min(settings.operations.worker_timeout / 4, 5.0), 0.1),
         log_format=settings.operations.log_format, log_level=settings.operations.log_level,
         tls=settings.gateway.tls,
     )
@@ -100,14 +100,14 @@ def worker_spec(settings, index: int, threads: int) -> worker.WorkerSpec:
 class Pool:
     def __init__(
         self,
-        threads_per_worker: List[int],
+        capacity_per_worker: List[int],
         spec_for: Callable[[int, int], worker.WorkerSpec],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ctx = multiprocessing.get_context("spawn")
         self._spec_for = spec_for
         self._clock = clock
-        self.slots: Dict[int, _Slot] = {i: _Slot(n) for i, n in enumerate(threads_per_worker)}
+        self.slots: Dict[int, _Slot] = {i: _Slot(n) for i, n in enumerate(capacity_per_worker)}
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -118,13 +118,13 @@ class Pool:
         slot = self.slots[index]
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=worker.main, args=(self._spec_for(index, slot.threads), child),
+            target=worker.main, args=(self._spec_for(index, slot.capacity), child),
             name=f"asyncproc-worker-{index}", daemon=True,
         )
         process.start()
         child.close()
         now = self._clock()
-        slot.handle = Handle(index, slot.threads, process, parent, now, now, pid=process.pid)
+        slot.handle = Handle(index, slot.capacity, process, parent, now, now, pid=process.pid)
         return slot.handle
 
     @property

@@ -75,7 +75,7 @@ class Supervisor:
         self.books = Books(settings, self.metrics, clock, self.rng)
         self.dispatcher = Dispatcher(settings, self.metrics, self.rng)
         self.books.tracing = self.dispatcher.tracing
-        self.pool = pool if pool is not None else Pool(settings.threads_per_worker(),
+        self.pool = pool if pool is not None else Pool(settings.capacity_per_worker(),
                                                           functools.partial(worker_spec, settings))
         self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
         self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
@@ -302,13 +302,13 @@ class Supervisor:
             self.inbound.step(self.clock(), self.flush, self.link.down)
 
     def dispatch(self) -> None:
-        """Fill free worker threads as the Dispatcher plans; one pipe write per worker."""
+        """Fill the workers' free room as the Dispatcher plans; one pipe write per worker."""
         if self.state is not Lifecycle.RUNNING:
             return
         now = self.clock()
         if self.gate_feed.refresh(now, self.ledger):  # readings due: gates decided again
             self.preempt(now)
-        free = {h.index: h.threads - self.ledger.assigned_count(h.index)
+        free = {h.index: h.capacity - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
         for request, exc in plan.failed:

@@ -57,7 +57,7 @@ SEND, RECEIVE = "send", "receive"
 @dataclass(frozen=True)
 class WorkerSpec:
     index: int
-    threads: int
+    capacity: int       # requests it may have in flight (its share of --concurrency)
     heartbeat: float
     log_format: str
     log_level: str
@@ -152,12 +152,12 @@ class Helpers:
 class Loop:
     """The worker's one loop: the pipe and every parked socket in one epoll."""
 
-    def __init__(self, http: gateway.Gateway, out: Outbox, threads: int) -> None:
+    def __init__(self, http: gateway.Gateway, out: Outbox, capacity: int) -> None:
         self.http = http
         self.out = out
         self.epoll = select.epoll()
         self.parked: Dict[int, Attempt] = {}     # socket fd -> the attempt waiting on it
-        self.helpers = Helpers(threads, self.help)
+        self.helpers = Helpers(capacity, self.help)   # at most one per request in flight
         self.done: List[Tuple[str, Outcome]] = []  # outcomes of this turn, sent at its end
         self.arriving: Dict[Attempt, float] = {}   # part of the answer here, since (monotonic)
         self.window = BatchWindow()   # how long a busy turn lets answers gather
@@ -304,7 +304,7 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     http = gateway.Gateway(spec.tls)
     out = Outbox(conn)
     out.send((READY, os.getpid()))
-    Loop(http, out, spec.threads).run(conn, stopping, min(spec.heartbeat, 0.5))
+    Loop(http, out, spec.capacity).run(conn, stopping, min(spec.heartbeat, 0.5))
     http.close()
     log.info("worker %d finished its in-flight requests and exits", spec.index)
     conn.close()

@@ -68,7 +68,7 @@ ROWS = [
         ("Gate budget", "The budget each queue's gate gives, 0 (closed) to 1 (open).", "percentunit", [
             q(f"min by (queue) (asyncproc_gate_budget{{{JQ}}})", "{{queue}}"),
         ], 8),
-        ("Held back by reason", "Requests waiting although worker threads are free, by what holds them.",
+        ("Held back by reason", "Requests waiting although workers have room, by what holds them.",
          "short", [
             q(f"sum by (queue, reason) (asyncproc_held_back{{{JQ}}})", "{{queue}} {{reason}}"),
         ], 8),

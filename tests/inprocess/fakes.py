@@ -33,7 +33,7 @@ class Clock:
 @dataclass(eq=False)
 class Handle:
     index: int
-    threads: int
+    capacity: int
     conn: object = field(default_factory=object)
     sentinel: object = field(default_factory=object)
     pid: int = 0
@@ -60,10 +60,10 @@ def answers_after(seconds: float) -> Callable[[Assignment, float], Tuple[Outcome
 class FakePool:
     """Workers as plain objects; outcomes come back when the fake clock reaches them."""
 
-    def __init__(self, clock: Clock, threads: List[int],
+    def __init__(self, clock: Clock, capacity: List[int],
                  gateway: Callable[[Assignment, float], Tuple[Outcome, float]] = ok) -> None:
         self.clock = clock
-        self.threads = threads
+        self.capacity = capacity
         self.gateway = gateway
         self.slots: Dict[int, Optional[Handle]] = {}
         self.sent: List[Assignment] = []
@@ -73,8 +73,8 @@ class FakePool:
         self.fail: Optional[Exception] = None   # raised by receive(): a bug in the loop
 
     def start(self) -> None:
-        for index, threads in enumerate(self.threads):
-            self.slots[index] = Handle(index, threads, pid=1000 + index)
+        for index, capacity in enumerate(self.capacity):
+            self.slots[index] = Handle(index, capacity, pid=1000 + index)
 
     @property
     def handles(self) -> List[Handle]:
@@ -111,7 +111,7 @@ class FakePool:
             outcome, seconds = self.gateway(job, now)
             handle.pending.append((now + seconds, job.key, outcome))
             self.sent.append(job)
-        assert len(handle.pending) <= handle.threads, "more assignments than threads"
+        assert len(handle.pending) <= handle.capacity, "more assignments than the worker's capacity"
         self.max_in_flight = max(self.max_in_flight, self.in_flight())
         return True
 
@@ -160,7 +160,7 @@ class FakePool:
         started = []
         for index, handle in self.slots.items():
             if handle is None:
-                self.slots[index] = Handle(index, self.threads[index], pid=2000 + self.restarts)
+                self.slots[index] = Handle(index, self.capacity[index], pid=2000 + self.restarts)
                 self.restarts += 1
                 started.append(self.slots[index])
         return started
@@ -182,7 +182,7 @@ class Rig:
         self.clock = Clock()
         self.settings = config.load_settings(["--workers", str(workers), "--metrics-port", "0", *args], environ={})
         self.transport = Memory(tuple(self.settings.queue_names or queues))
-        self.pool = FakePool(self.clock, self.settings.threads_per_worker(), gateway)
+        self.pool = FakePool(self.clock, self.settings.capacity_per_worker(), gateway)
         self.sup = Supervisor(self.settings, self.transport, self.pool, self.clock, self.pool.wait)
         if start:
             self.sup.start()

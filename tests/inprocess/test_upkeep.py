@@ -72,7 +72,7 @@ def keeper(*args):
     clock = Clock()
     settings = config.load_settings(["--workers", "2", "--concurrency", "4", "--metrics-port", "0", *args],
                                     environ={})
-    pool = FakePool(clock, settings.threads_per_worker())
+    pool = FakePool(clock, settings.capacity_per_worker())
     pool.start()
     ledger = Ledger()
     return clock, pool, ledger, WorkerKeeper(settings, pool, ledger)

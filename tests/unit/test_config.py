@@ -26,15 +26,15 @@ def test_seed_defaults():
     assert s.operations.metrics_port == 9090
 
 
-@pytest.mark.parametrize("concurrency, cpus, workers, threads", [
+@pytest.mark.parametrize("concurrency, cpus, workers, capacity", [
     (8, 4, 4, [2, 2, 2, 2]),
     (2, 16, 2, [1, 1]),
     (10, 3, 3, [4, 3, 3]),
 ])
-def test_workers_and_threads_cover_concurrency(concurrency, cpus, workers, threads):
+def test_workers_capacity_covers_concurrency(concurrency, cpus, workers, capacity):
     s = load(["--concurrency", str(concurrency)], cpus=cpus)
-    assert s.workers == workers and s.threads_per_worker() == threads
-    assert sum(s.threads_per_worker()) == concurrency
+    assert s.workers == workers and s.capacity_per_worker() == capacity
+    assert sum(s.capacity_per_worker()) == concurrency
 
 
 def test_flag_env_and_file(tmp_path):

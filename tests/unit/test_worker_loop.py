@@ -52,7 +52,7 @@ def loop():
     """A worker loop on a thread of this process, driven over a real pipe."""
     ours, theirs = multiprocessing.Pipe()
     http = Gateway()
-    running = Loop(http, Outbox(theirs), threads=200)
+    running = Loop(http, Outbox(theirs), capacity=200)
     stopping = threading.Event()
     thread = threading.Thread(target=running.run, args=(theirs, stopping, 0.5), daemon=True)
     thread.start()
