@@ -62,8 +62,11 @@ def test_redis_restart_with_requests_in_flight(tmp_path, sim, start_processor, p
 def test_retries_survive_a_redis_crash_with_persistence(sim, start_processor, persistent_redis):
     results = Results(persistent_redis.port)
     try:
+        # Retries due 6 s after their 503: the crash, the restart and the collector's return
+        # must all fall before the first is due, or one in flight would be in neither count
+        # below (3 s was once too short with the suite in four processes on two cores).
         proc = start_processor(sim.url, "--concurrency", "4", "--retry-policy", "fixed",
-                               "--retry-base-delay", "3", "--retry-max-delay", "3")
+                               "--retry-base-delay", "6", "--retry-max-delay", "6")
         client = persistent_redis.client()
         ids = [f"r{i}" for i in range(30)]
         publish_many(client, [request(i, {"prompt": "x", "x_sim": {"key": i, "script": [503, 200]}}) for i in ids])
