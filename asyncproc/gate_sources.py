@@ -177,11 +177,20 @@ class GateFeed:
                                      {q: ledger.assigned_in(q) for q in self.dispatcher.gates})
         return True
 
-    def preemptions(self, now: float, ledger, preempting) -> dict:
-        """What to abort after the latest readings (the Dispatcher's `preemptions`)."""
+    def preempt(self, now: float, ledger, preempting: set, pool) -> None:
+        """Online requests wait at a pool whose vllm gate preempts: the workers holding the
+        attempts the Dispatcher names (`preemptions`) abort them (their sockets shut: vLLM
+        frees the slots), and `preempting` records them; each request then waits again in
+        the supervisor (`Books.preempted`)."""
         if self.sources is None:
-            return {}
-        return self.dispatcher.preemptions(ledger, self.sources.readings, self.sources.taken, preempting, now)
+            return
+        plan = self.dispatcher.preemptions(ledger, self.sources.readings, self.sources.taken, preempting, now)
+        handles = {h.index: h for h in pool.handles}
+        for index, keys in plan.items():
+            handle = handles.get(index)
+            if handle is not None and pool.send_preempt(handle, keys):
+                preempting.update(keys)
+                log.debug("preempting %d attempts on worker %d: %s", len(keys), index, " ".join(keys[:20]))
 
     def close(self) -> None:
         if self.sources is not None:

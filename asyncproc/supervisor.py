@@ -75,13 +75,11 @@ class Supervisor:
         self.books = Books(settings, self.metrics, clock, self.rng)
         self.dispatcher = Dispatcher(settings, self.metrics, self.rng)
         self.books.tracing = self.dispatcher.tracing
-        self.pool = pool if pool is not None else Pool(settings.capacity_per_worker(),
-                                                          functools.partial(worker_spec, settings))
+        self.pool = pool if pool is not None else Pool(settings.capacity_per_worker(), functools.partial(worker_spec, settings))
         self.keeper = WorkerKeeper(settings, self.pool, self.books.ledger)
         self.gauges = Gauges(self.metrics, self.health, self.books, self.dispatcher, self.pool, self.transport)
         self.cancels = CancelWatcher(settings, self.transport, self.books, self.pool, self.metrics)
-        self.gate_feed = gate_sources.GateFeed(self.dispatcher, self.metrics, clock, settings.redis.url,
-                                               settings.redis.auth)
+        self.gate_feed = gate_sources.GateFeed(self.dispatcher, self.metrics, clock, settings.redis.url, settings.redis.auth)
         self.inbound = Intake(self.transport, self.books, self.metrics, settings.concurrency + settings.intake_buffer)
         self.state = Lifecycle.STARTING
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
@@ -95,9 +93,7 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
 
-    @property
-    def ledger(self):
-        return self.books.ledger
+    ledger = property(lambda self: self.books.ledger)
 
     # -- lifecycle -------------------------------------------------------------------------
     def advance(self, now: float, signum: Optional[int] = None) -> None:
@@ -306,8 +302,8 @@ class Supervisor:
         if self.state is not Lifecycle.RUNNING:
             return
         now = self.clock()
-        if self.gate_feed.refresh(now, self.ledger):  # readings due: gates decided again
-            self.preempt(now)
+        if self.gate_feed.refresh(now, self.ledger):  # readings due: gates decided again, and
+            self.gate_feed.preempt(now, self.ledger, self.books.preempting, self.pool)  # aborts sent
         free = {h.index: h.capacity - self.ledger.assigned_count(h.index)
                 for h in self.pool.handles if h.ready and not h.retiring}
         plan = self.dispatcher.plan(self.ledger, free, now)
@@ -322,18 +318,6 @@ class Supervisor:
         handles = {h.index: h for h in self.pool.handles}
         for index, jobs in sends.items():
             self.pool.send_jobs(handles[index], jobs)  # a dead worker: reap() gives its work back
-
-    def preempt(self, now: float) -> None:
-        """Online requests wait at a pool whose vllm gate preempts: the workers holding the
-        attempts the Dispatcher names abort them (their sockets shut: vLLM frees the slots);
-        each request then waits again here (`settle`)."""
-        plan = self.gate_feed.preemptions(now, self.ledger, self.books.preempting)
-        handles = {h.index: h for h in self.pool.handles}
-        for index, keys in plan.items():
-            handle = handles.get(index)
-            if handle is not None and self.pool.send_preempt(handle, keys):
-                self.books.preempting.update(keys)
-                log.debug("preempting %d attempts on worker %d: %s", len(keys), index, " ".join(keys[:20]))
 
     def flush(self) -> bool:
         """Write the outbox; whether the queue system still answers."""
@@ -362,8 +346,7 @@ class Supervisor:
             self.link.connect_if_due(now)
         self.advance(now)
         try:
-            self.gauges.update(now, self.state.value if self.state is not Lifecycle.RUNNING else None,
-                               self.link.connected)
+            self.gauges.update(now, self.state.value if self.state is not Lifecycle.RUNNING else None, self.link.connected)
         except TransportError as exc:
             self.link.down(exc)
         self.tell_systemd(now)
