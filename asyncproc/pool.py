@@ -143,27 +143,23 @@ class Pool:
 
     # -- messages ----------------------------------------------------------------------
     def send_jobs(self, handle: Handle, jobs: List[Assignment]) -> bool:
-        try:
-            handle.conn.send((worker.JOBS, jobs))
-            return True
-        except (OSError, ValueError):
-            return False  # its sentinel will report the death
+        return self._send(handle, (worker.JOBS, jobs))
 
     def send_cancel(self, handle: Handle, keys: List[str]) -> bool:
         """Ask a worker to abort the attempts of `keys` it holds."""
-        try:
-            handle.conn.send((worker.CANCEL, keys))
-            return True
-        except (OSError, ValueError):
-            return False
+        return self._send(handle, (worker.CANCEL, keys))
 
     def send_preempt(self, handle: Handle, keys: List[str]) -> bool:
         """Ask a worker to abort the attempts of `keys` in flight now (they will be made again)."""
+        return self._send(handle, (worker.PREEMPT, keys))
+
+    @staticmethod
+    def _send(handle: Handle, message: tuple) -> bool:
         try:
-            handle.conn.send((worker.PREEMPT, keys))
+            handle.conn.send(message)
             return True
         except (OSError, ValueError):
-            return False
+            return False  # its sentinel will report the death
 
     def receive(self, handle: Handle, limit: int = 1000) -> list:
         """Messages waiting on a worker's pipe, which the caller's wait found readable

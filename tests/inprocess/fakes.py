@@ -226,3 +226,23 @@ class Rig:
 
     def results(self) -> Dict:
         return {r["id"]: r for r in (self.transport.result_of(i) for i in set(self.transport.result_ids()))}
+
+
+def vllm_pod_rig(gate: dict, *args: str, gateway=ok) -> Tuple["Rig", dict]:
+    """A Rig whose `vllm` gate (`gate`'s keys over the pod's URL) reads a fake pod of vLLM:
+    `pod["online"]` online requests running (4 at first) and `pod["waiting"]` waiting, with
+    asyncproc's attempts in flight counted as running, as vLLM counts them."""
+    from asyncproc.gates import Sample
+
+    pod = {"online": 4, "waiting": 0}
+    doc = {"type": "vllm", "url": "http://pod-a:8000/metrics", **gate}
+    rig = Rig("--gate", json.dumps(doc), *args, gateway=gateway, start=False)
+
+    def metrics_page(_source):
+        running = pod["online"] + rig.pool.in_flight()
+        return (Sample("vllm:num_requests_running", (("model_name", "m"),), float(running)),
+                Sample("vllm:num_requests_waiting", (("model_name", "m"),), float(pod["waiting"])))
+
+    rig.sup.gate_feed.sources.read = metrics_page
+    rig.sup.start()
+    return rig, pod

@@ -6,10 +6,9 @@ once more, answered exactly once, the aborted attempt not counted."""
 import json
 
 from asyncproc import outcomes
-from asyncproc.gates import Sample
 from asyncproc.ledger import State
 from asyncproc.outcomes import Kind, Outcome
-from tests.inprocess.fakes import Rig
+from tests.inprocess.fakes import vllm_pod_rig
 
 SERVICE = 0.2
 
@@ -17,26 +16,13 @@ SERVICE = 0.2
 def pod_rig(*args, gate_extra=None, deadline_aware=False):
     """A pod of 8 slots with `pod["online"]` online requests running and `pod["waiting"]`
     waiting; each batch attempt takes 0.2 s. Returns (rig, pod)."""
-    pod = {"online": 4, "waiting": 0}
-    rig = None
-
-    def metrics_page(_source):
-        running = pod["online"] + rig.pool.in_flight()
-        return (Sample("vllm:num_requests_running", (("model_name", "m"),), float(running)),
-                Sample("vllm:num_requests_waiting", (("model_name", "m"),), float(pod["waiting"])))
-
     def served(job, now):
         if deadline_aware and now >= job.deadline:
             return outcomes.expired(), 0.0
         return Outcome(Kind.OK, 200, json.dumps({"echo": job.key}).encode(), elapsed=SERVICE), SERVICE
 
-    gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1, "beta": 0,
-            "preempt": True, **(gate_extra or {})}
-    rig = Rig("--concurrency", "8", "--intake-buffer", "100", "--gate", json.dumps(gate), *args,
-              gateway=served, start=False)
-    rig.sup.gate_feed.sources.read = metrics_page
-    rig.sup.start()
-    return rig, pod
+    gate = {"capacity": 8, "interval": 0.1, "beta": 0, "preempt": True, **(gate_extra or {})}
+    return vllm_pod_rig(gate, "--concurrency", "8", "--intake-buffer", "100", *args, gateway=served)
 
 
 def sends_of(rig, key):

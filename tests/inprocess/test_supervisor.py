@@ -8,7 +8,7 @@ import signal
 from asyncproc.ledger import State
 from asyncproc.outcomes import Kind, Outcome
 from asyncproc.supervisor import RECONNECT_MIN, Lifecycle
-from tests.inprocess.fakes import Rig, answers_after
+from tests.inprocess.fakes import Rig, answers_after, vllm_pod_rig
 
 
 def answered(rig, ids):
@@ -356,21 +356,9 @@ def test_a_vllm_gate_keeps_headroom_for_online_load_and_stops_while_online_reque
     """A pod of 8 slots serving 4 online requests: batch keeps 8 - 4 - sqrt(4) = 2 in flight,
     no fewer (vLLM counts asyncproc's own requests as running; the gate subtracts them); when
     online requests wait, nothing more is sent until they no longer do; nothing is lost."""
-    from asyncproc.gates import Sample
-
-    pod = {"online": 4, "waiting": 0}
-    rig = None
-
-    def metrics_page(_source):
-        running = pod["online"] + rig.pool.in_flight()
-        return (Sample("vllm:num_requests_running", (("model_name", "m"),), float(running)),
-                Sample("vllm:num_requests_waiting", (("model_name", "m"),), float(pod["waiting"])))
-
     served = lambda job, now: (Outcome(Kind.OK, 200, b'{"ok": true}', elapsed=0.2), 0.2)  # noqa: E731
-    gate = {"type": "vllm", "url": "http://pod-a:8000/metrics", "capacity": 8, "interval": 0.1, "beta": 1}
-    rig = Rig("--concurrency", "8", "--intake-buffer", "200", "--gate", json.dumps(gate), gateway=served, start=False)
-    rig.sup.gate_feed.sources.read = metrics_page
-    rig.sup.start()
+    rig, pod = vllm_pod_rig({"capacity": 8, "interval": 0.1, "beta": 1}, "--concurrency", "8", "--intake-buffer", "200",
+                            gateway=served)
     ids = list(range(200))
     rig.requests(ids)
     rig.run_until(lambda: len(rig.transport.result_ids()) >= 50)
