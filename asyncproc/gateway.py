@@ -162,14 +162,15 @@ class Gateway:
         budget = min(job.request_timeout, remaining)
         started = time.monotonic()
         attempt = Attempt(job, started, started + budget, min(job.connect_timeout, remaining))
-        with self._attempts_lock:
-            if self._cancelled.pop(job.key, None) is not None:
-                return outcomes.cancelled()
         attempt.conn = self.connection(job.origin)
-        with self._attempts_lock:   # from here on it is in flight until `_end`
-            self._attempts[id(attempt)] = attempt
-            if attempt.ends_at < self._next_expiry:
-                self._next_expiry = attempt.ends_at
+        with self._attempts_lock:
+            cancelled = self._cancelled.pop(job.key, None) is not None
+            if not cancelled:   # from here on it is in flight until `_end`
+                self._attempts[id(attempt)] = attempt
+                self._next_expiry = min(self._next_expiry, attempt.ends_at)
+        if cancelled:
+            self._idle[job.origin].append(attempt.conn)   # unused: kept for the next attempt
+            return outcomes.cancelled()
         return attempt
 
     def send(self, attempt: Attempt) -> Optional[Outcome]:
