@@ -151,7 +151,8 @@ class Option(NamedTuple):
 OPTIONS: Tuple[Option, ...] = (
     Option("--concurrency", int, 8, "requests in flight at once, over all workers", _at_least(1), section="processing"),
     Option("--workers", int, 0,
-           "worker processes; 0 = one per CPU, at most --concurrency", _at_least(0), section="processing"),
+           "worker processes; 0 = one per CPU but one (left to the supervisor), at least 1, at most"
+           " --concurrency", _at_least(0), section="processing"),
     Option("--inference-gateway", str, "http://localhost:8000",
            "gateway base URL, or a full endpoint URL whose path is used for every request",
            _http_url, section="gateway"),
@@ -589,6 +590,14 @@ class Settings:
         return [base + (1 if i < extra else 0) for i in range(self.workers)]
 
 
+def default_workers(concurrency: int, cpu_count: Optional[int] = None) -> int:
+    """One worker per CPU but one, which the supervisor keeps busy (a third of the tree's
+    CPU in front of a fast gateway): one worker per CPU as well put three busy processes on
+    two cores, and cost 10-20% more CPU per message for no more throughput (README:
+    Performance). At least one, at most one per request in flight."""
+    return max(1, min((cpu_count or os.cpu_count() or 1) - 1, concurrency))
+
+
 def load_settings(
     argv: Sequence[str], environ: Optional[Mapping[str, str]] = None, cpu_count: Optional[int] = None
 ) -> Settings:
@@ -638,7 +647,7 @@ def parse_args(
     if gcp:
         check_gcp(ns, [q.name for q in queues])
     concurrency = ns.concurrency
-    workers = ns.workers or min(cpu_count or os.cpu_count() or 1, concurrency)
+    workers = ns.workers or default_workers(concurrency, cpu_count)
     if workers > concurrency:
         raise ConfigError(f"--workers: must be at most --concurrency ({concurrency}), got {workers}")
     if ns.adaptive_concurrency and ns.adaptive_floor > concurrency:

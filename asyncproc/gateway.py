@@ -173,16 +173,18 @@ class Gateway:
             return outcomes.cancelled()
         return attempt
 
-    def send(self, attempt: Attempt) -> Optional[Outcome]:
+    def send(self, attempt: Attempt, wait: bool = True) -> Optional[Outcome]:
         """Connect if need be and send the request; None when sent, else the attempt's
-        outcome (it failed, and is over)."""
+        outcome (it failed, and is over). `wait=False` (the worker's loop, over an open
+        connection with a body that fits its empty send buffer): the socket is left
+        non-blocking, so no call polls it first, and one that would wait fails instead."""
         conn, job = attempt.conn, attempt.job
         try:
             if conn.sock is None:
                 conn.timeout = attempt.connect_timeout
                 conn.connect()
             attempt.record(conn.sock)
-            conn.timeout = max(attempt.ends_at - time.monotonic(), 0.001)   # sending, then the answer
+            conn.timeout = _timeout(attempt, wait)   # sending, then the answer
             # urllib3 sends the headers and the body apart: corked, they leave as one segment
             # (one wake-up for the gateway, and on loopback one pass through TCP instead of two).
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
@@ -192,12 +194,14 @@ class Gateway:
             return self._end(attempt, _failure(exc, attempt), clean=False)
         return None
 
-    def receive(self, attempt: Attempt) -> Outcome:
+    def receive(self, attempt: Attempt, wait: bool = True) -> Outcome:
         """Read and classify the answer to a sent attempt; this waits for it, so the worker's
-        loop calls it only once `answer_state` finds it WHOLE (a thread otherwise)."""
+        loop calls it only once `answer_state` finds it WHOLE (a thread otherwise), with
+        `wait=False`: all of it is there, so the socket is read without polling it first."""
         conn, job = attempt.conn, attempt.job
         clean = False
         try:
+            conn.timeout = _timeout(attempt, wait)
             response = conn.getresponse()
         except FAILURES as exc:
             return self._end(attempt, _failure(exc, attempt), clean)
@@ -225,6 +229,12 @@ class Gateway:
                 response.close()
         return self._end(attempt, outcomes.from_response(response.status, body, response.headers.get("Retry-After"),
                                                          time.monotonic() - attempt.started), clean)
+
+    def send_now(self, attempt: Attempt) -> Optional[Outcome]:
+        return self.send(attempt, wait=False)
+
+    def receive_now(self, attempt: Attempt) -> Outcome:
+        return self.receive(attempt, wait=False)
 
     def abandon(self, attempt: Attempt, reason: str) -> Outcome:
         """End an attempt that met an unexpected error (a bug costs one attempt, retried)."""
@@ -399,6 +409,13 @@ def _failure(exc: BaseException, attempt: Attempt) -> Outcome:
     else:
         reason = f"connection error: {_reason(exc)}"
     return outcomes.connection_failure(reason, time.monotonic() - attempt.started)
+
+
+def _timeout(attempt: Attempt, wait: bool) -> float:
+    """The socket timeout for the next step of an attempt: what is left of its budget, or
+    0 (non-blocking: CPython polls a socket with a timeout before every call, one system
+    call more per send and per read) when the caller knows the step cannot wait."""
+    return max(attempt.ends_at - time.monotonic(), 0.001) if wait else 0.0
 
 
 def _content_length(response) -> Optional[int]:

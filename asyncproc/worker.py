@@ -170,7 +170,7 @@ class Loop:
         elif not attempt.inline_send():
             self.helpers.submit((SEND, attempt))
         else:
-            self.sent(attempt, self.guarded(self.http.send, attempt))
+            self.sent(attempt, self.guarded(self.http.send_now, attempt))
 
     def sent(self, attempt: Attempt, outcome: Optional[Outcome]) -> None:
         if outcome is None:
@@ -210,7 +210,7 @@ class Loop:
             state = gateway.HELPER
         if state == gateway.WHOLE:
             self.arriving.pop(attempt, None)
-            self.done.append((attempt.key, self.guarded(self.http.receive, attempt)))
+            self.done.append((attempt.key, self.guarded(self.http.receive_now, attempt)))
         elif state == gateway.NOTHING:
             self.sent(attempt, None)   # parked again
         elif state == gateway.PART and now - self.arriving.setdefault(attempt, now) < ARRIVING_SECONDS:

@@ -9,7 +9,8 @@ RSS summed over the tree, and lost and duplicate counts.
 
 Absolute figures move twice over between machines, so every run also measures a reference
 on the same stand-in: one thread posting the same payload over one keep-alive
-`http.client` connection (with the stand-in's latency set to 0), its CPU per POST. The row
+`http.client` connection (with the stand-in's latency set to 0), its CPU per POST, once
+before the run and once after (the mean: a shared machine's speed drifts). The row
 gives asyncproc's CPU per message as a multiple of it (`x ref`), and the stand-in's own
 rate at the scenario's concurrency (`gw alone`) beside asyncproc's (`msg/s`).
 """
@@ -31,6 +32,7 @@ import orjson
 import psutil
 import redis
 
+from asyncproc import config
 from asyncproc.tools.local import Processes, find_redis_server, free_port, redis_answers, wait_for
 
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
@@ -219,7 +221,7 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         sim = procs.start([sys.executable, "-m", "asyncproc", "sim", "--port", "0", *sim_args(s)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         url = sim.stdout.readline().decode().strip().rsplit(" ", 1)[1]
-        ref = bare_post_reference(url)
+        ref_before = bare_post_reference(url)
         if s.rate_503 or mean_latency(s) >= 5:  # 503s are not capacity; long latencies: the bound is exact
             gateway_rate = 0.0
         else:  # a window several latencies long, so requests cut off at its end weigh little
@@ -266,6 +268,8 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
         peak_rss = max(peak_rss, rss)
         collector.running = False
         collector.join(5)
+        # The machine's speed drifts over minutes (a shared VM): the reference brackets the run.
+        ref = (ref_before + bare_post_reference(url)) / 2
         rate, latencies, done = arrival_stats(collector.arrivals, sent)
         return Row(
             s.name, transport, s.concurrency, workers, s.messages, rate,
@@ -583,7 +587,7 @@ def main(argv=None) -> int:
                         help="transport (repeatable; default all)")
     parser.add_argument("--messages", type=int, default=0, help="messages per run (default: the scenario's)")
     parser.add_argument("--concurrency", type=int, default=0, help="override the scenario's in-flight count")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: asyncproc's own, one per CPU but one)")
     parser.add_argument("--capacity-seconds", type=float, default=3.0,
                         help="how long to measure the gateway alone")
     parser.add_argument("--json", help="also write the rows as JSON lines to this file")
@@ -639,7 +643,7 @@ def main(argv=None) -> int:
               + (f", seed {o.seed}" if o.arrivals == "poisson" else ""))
         print(ONLINE_HEADER)
         with tempfile.TemporaryDirectory(prefix="asyncproc-bench-") as workdir:
-            rows = run_online(o, redis_server, workdir, args.workers or min(os.cpu_count() or 1, o.concurrency),
+            rows = run_online(o, redis_server, workdir, args.workers or config.default_workers(o.concurrency),
                               [w for w in args.phases.split(",") if w], args.full_surge,
                               [orjson.loads(v) for v in args.vllm])
         if args.json:
@@ -658,7 +662,7 @@ def main(argv=None) -> int:
         base = SCENARIOS[name]
         s = Scenario(base.name, args.concurrency or base.concurrency, base.latency,
                      args.messages or base.messages, base.rate_503, base.describe)
-        workers = args.workers or min(os.cpu_count() or 1, s.concurrency)
+        workers = args.workers or config.default_workers(s.concurrency)
         for transport in args.transport or TRANSPORTS:
             rows.append(measure(s, transport, workers, args, redis_server))
     return 0 if all(r.lost == 0 and r.duplicates == 0 for r in rows) else 1
@@ -683,7 +687,7 @@ def curve(args, redis_server: str) -> List[Row]:
     rows = []
     for point in points:
         concurrency = point if args.curve == "concurrency" else (args.concurrency or 1000)
-        workers = point if args.curve == "workers" else (args.workers or min(os.cpu_count() or 1, concurrency))
+        workers = point if args.curve == "workers" else (args.workers or config.default_workers(concurrency))
         s = Scenario(f"C{point}", concurrency, "1", args.messages or max(200, 8 * concurrency))
         rows.append(measure(s, transport, workers, args, redis_server))
     return rows

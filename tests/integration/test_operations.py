@@ -1,11 +1,11 @@
 """Process shape, endpoints, signals and configuration of the real process tree."""
-import os
 import signal
 import subprocess
 import sys
 
 import psutil
 
+from asyncproc import config
 from tests.harness import BIN, Processor, request, wait_until
 
 
@@ -56,7 +56,7 @@ def test_configuration_from_environment_and_file(tmp_path, redis_server, sim, re
         redis_server.client().publish("from-file", request("cfg"))
         result = results.wait_for(1)[0]
         assert result["payload"]["x_sim"]["objective"] == "env-objective"
-        assert len(proc.children()) == min(os.cpu_count() or 1, 3)
+        assert len(proc.children()) == config.default_workers(3)
     finally:
         proc.kill()
 

@@ -15,7 +15,7 @@ def load(argv=(), env=None, cpus=4):
 
 def test_seed_defaults():
     s = load()
-    assert s.concurrency == 8 and s.workers == 4
+    assert s.concurrency == 8 and s.workers == 3   # one CPU of four left to the supervisor
     assert s.queue_names == ["batch-queue"]
     assert s.redis.retry_queue == "batch-sortedset-retry"
     assert s.redis.result_queue == "batch-queue-result"
@@ -27,9 +27,11 @@ def test_seed_defaults():
 
 
 @pytest.mark.parametrize("concurrency, cpus, workers, capacity", [
-    (8, 4, 4, [2, 2, 2, 2]),
+    (8, 4, 3, [3, 3, 2]),
     (2, 16, 2, [1, 1]),
-    (10, 3, 3, [4, 3, 3]),
+    (10, 3, 2, [5, 5]),
+    (10, 2, 1, [10]),
+    (10, 1, 1, [10]),
 ])
 def test_workers_capacity_covers_concurrency(concurrency, cpus, workers, capacity):
     s = load(["--concurrency", str(concurrency)], cpus=cpus)
