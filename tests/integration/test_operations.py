@@ -5,7 +5,6 @@ import sys
 
 import psutil
 
-from asyncproc import config
 from tests.harness import BIN, Processor, request, wait_until
 
 
@@ -56,7 +55,7 @@ def test_configuration_from_environment_and_file(tmp_path, redis_server, sim, re
         redis_server.client().publish("from-file", request("cfg"))
         result = results.wait_for(1)[0]
         assert result["payload"]["x_sim"]["objective"] == "env-objective"
-        assert len(proc.children()) == config.default_workers(3)
+        assert len(proc.children()) == 2   # the harness pins --workers 2: at most the file's concurrency 3
     finally:
         proc.kill()
 
