@@ -591,10 +591,10 @@ class Settings:
 
 
 def default_workers(concurrency: int, cpu_count: Optional[int] = None) -> int:
-    """One worker per CPU but one, which the supervisor keeps busy (a third of the tree's
-    CPU in front of a fast gateway): one worker per CPU as well put three busy processes on
-    two cores, and cost 10-20% more CPU per message for no more throughput (README:
-    Performance). At least one, at most one per request in flight."""
+    """One worker per CPU but one, which the supervisor keeps busy (a third or more of the
+    tree's CPU in front of a fast gateway): one worker per CPU as well put three busy
+    processes on two cores, at about a fifth more CPU per message and fewer messages a
+    second (README: Performance). At least one, at most one per request in flight."""
     return max(1, min((cpu_count or os.cpu_count() or 1) - 1, concurrency))
 
 
