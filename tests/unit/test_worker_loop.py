@@ -175,3 +175,36 @@ def test_what_a_helper_must_read():
     assert peek(b"HTTP/1.1 200 OK\r\nContent-Length: 99999\r\n\r\n" + b"x" * 100) == gateway.HELPER
     assert peek(b"HTTP/1.0 200 OK\r\n\r\nread until close") == gateway.HELPER
     assert peek(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n") == gateway.WHOLE
+
+
+@given(st.integers(200, 599).filter(lambda s: s not in (204, 304)),   # those have no body
+       st.integers(0, 60000), st.integers(1, 7))
+def test_an_answer_found_whole_is_read_whole_without_waiting(status, size, arrivals):
+    """The loop reads an answer `answer_state` found WHOLE on a non-blocking socket (no poll
+    before each read): every byte of the body comes back, however the answer arrived,
+    across reads larger than the socket file's buffer."""
+    from urllib3.connection import HTTPConnection
+
+    body = bytes(i % 251 for i in range(size))
+    raw = b"HTTP/1.1 %d X\r\nServer: t\r\nContent-Length: %d\r\n\r\n%s" % (status, size, body)
+    with socket.create_server(("127.0.0.1", 0)) as server:   # TCP: the request is corked
+        right = socket.create_connection(server.getsockname())
+        left, _ = server.accept()
+    http = Gateway()
+    try:
+        conn = HTTPConnection("127.0.0.1", 1)
+        conn.sock = right
+        attempt = Attempt(job("k", "http://127.0.0.1:1"), time.monotonic(), time.monotonic() + 30, 5.0)
+        attempt.conn = conn
+        assert http.send_now(attempt) is None
+        assert right.gettimeout() == 0.0   # non-blocking: nothing polls before the call
+        step = -(-len(raw) // arrivals)
+        for start in range(0, len(raw), step):   # the answer arrives in pieces
+            assert gateway.answer_state(attempt) in (gateway.NOTHING, gateway.PART)
+            left.sendall(raw[start:start + step])
+        wait_until(lambda: gateway.answer_state(attempt) == gateway.WHOLE, timeout=5, what="every byte here")
+        outcome = http.receive_now(attempt)
+        assert (outcome.status, outcome.body) == (status, body)
+    finally:
+        left.close()
+        right.close()
