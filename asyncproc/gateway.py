@@ -221,7 +221,9 @@ class Gateway:
             if attempt.expired:  # a body read "to the end" because its socket was shut
                 return self._end(attempt, outcomes.connection_failure(
                     TIMED_OUT, time.monotonic() - attempt.started), clean)
-            clean = True
+            # 204 and 304 have no body by HTTP: bytes a gateway sent anyway would be read as
+            # the next answer on this connection, so it is not used again.
+            clean = response.status not in NO_BODY
         except FAILURES as exc:
             return self._end(attempt, _failure(exc, attempt), clean)
         finally:
@@ -335,6 +337,8 @@ class Gateway:
             conn.close()
 
 
+#: Statuses whose answers have no body whatever their headers say (http.client reads none).
+NO_BODY = (204, 304)
 _HEAD_END = b"\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
