@@ -66,7 +66,7 @@ class Attempt:
     worker's main loop)."""
 
     __slots__ = ("job", "started", "ends_at", "connect_timeout", "conn", "sock", "expired", "done",
-                 "key", "cancelled")
+                 "key", "cancelled", "overrun")
 
     def __init__(self, job: Assignment, started: float, ends_at: float, connect_timeout: float) -> None:
         self.job = job
@@ -79,6 +79,7 @@ class Attempt:
         self.expired = False
         self.done = False
         self.cancelled = False
+        self.overrun = False   # bytes came after the answer (seen by answer_state): not reused
 
     def shut(self) -> None:
         if self.sock is not None:
@@ -223,7 +224,7 @@ class Gateway:
                     TIMED_OUT, time.monotonic() - attempt.started), clean)
             # 204 and 304 have no body by HTTP: bytes a gateway sent anyway would be read as
             # the next answer on this connection, so it is not used again.
-            clean = response.status not in NO_BODY
+            clean = response.status not in NO_BODY and not attempt.overrun
         except FAILURES as exc:
             return self._end(attempt, _failure(exc, attempt), clean)
         finally:
@@ -379,6 +380,7 @@ def answer_state(attempt: Attempt) -> str:
         return HELPER
     whole = end + len(_HEAD_END) + int(length.group(1))
     if len(data) >= whole:
+        attempt.overrun = len(data) > whole   # more than the answer: never read as the next one
         return WHOLE
     return PART if whole <= PEEK_BYTES else HELPER
 
