@@ -1,0 +1,34 @@
+"""The batch window: how long a tick or a worker's turn lets outcomes gather."""
+import pytest
+
+from asyncproc.timers import BatchWindow, Timer
+
+
+@pytest.mark.parametrize("latency, window", [
+    (0.0, 0.0),
+    (0.05, 0.0),      # under a millisecond: an instant gateway's outcomes are not held
+    (0.5, 0.005),     # 1% of the mean latency
+    (2.0, 0.02),
+    (10.0, 0.1),
+    (20.0, 0.1),      # never longer than 100 ms
+    (600.0, 0.1),
+])
+def test_the_window_is_a_share_of_the_latency_up_to_a_cap(latency, window):
+    batch = BatchWindow()
+    batch.mean_latency = latency
+    assert batch.seconds() == pytest.approx(window)
+
+
+def test_the_mean_latency_follows_outcomes():
+    batch = BatchWindow()
+    for _ in range(200):
+        batch.learn(20.0)
+    assert batch.mean_latency == pytest.approx(20.0, rel=1e-3) and batch.seconds() == 0.1
+    for _ in range(200):
+        batch.learn(0.01)
+    assert batch.seconds() == 0.0
+
+
+def test_a_timer_is_due_again_after_its_interval():
+    timer = Timer(interval=5.0)
+    assert timer.every(100.0) and not timer.every(104.9) and timer.every(105.0)
