@@ -181,11 +181,16 @@ class Collector(threading.Thread):
         last_id = "0"
         while self.running:
             if self.pubsub is not None:
-                message = self.pubsub.get_message(timeout=0.1)
-                while message is not None:
-                    if message["type"] == "message":
+                # Only what is arriving, and a started reply gets time to finish: redis-py answers
+                # a timeout mid-reply by reconnecting, which loses what Redis buffered for us
+                # (see redis_pubsub.py; results published a batch at a time met it).
+                connection = self.pubsub.connection
+                if not connection.can_read(timeout=0.1):
+                    continue
+                while connection.can_read(timeout=0):
+                    message = self.pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
                         self.record(message["data"])
-                    message = self.pubsub.get_message(timeout=0)
             elif self.transport == "redis-sortedset":
                 pipe = self.client.pipeline()
                 pipe.lrange(self.key, 0, 999)
