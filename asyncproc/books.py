@@ -11,6 +11,7 @@ that use it (claim, flush).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import Callable, Dict, List, Optional
@@ -119,6 +120,10 @@ class Books:
         """A due retry, a put-back request, or work abandoned by a holder that died."""
         if delivery.state is not None:
             parsed = messages.decode_state(delivery.state, delivery.queue)
+        elif delivery.received is not None:  # staged as it came: parsed as it was then
+            parsed = self.isolation.parse(delivery, delivery.received, self.limits)
+            if isinstance(parsed, Request) and parsed.refused_headers:
+                parsed = dataclasses.replace(parsed, refused_headers=())  # counted when first taken in
         else:
             parsed = self.isolation.parse(delivery, now, self.limits)
         if isinstance(parsed, Request) and parsed.deadline <= now:

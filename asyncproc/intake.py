@@ -67,16 +67,23 @@ class Intake:
             self.stage_overflow(now)
 
     def stage_overflow(self, now: float) -> None:
-        """Keep memory bounded: what exceeds capacity waits in the retry set, due now."""
-        ledger = self.books.ledger
+        """Keep memory bounded: what exceeds capacity waits in Redis, due now. A message
+        never dispatched goes back as it came when the transport kept it (`restages`:
+        nothing to encode, and its record stays); anything else goes to the retry set."""
+        ledger, outbox = self.books.ledger, self.books.outbox
         excess = len(ledger) - self.capacity
         waiting = ledger.waiting_by_queue
+        restages = self.transport.restages
         while excess > 0 and waiting:
             queue = max(waiting, key=lambda q: len(waiting[q]))
             if not waiting[queue]:
                 return
             entry = ledger.take_last(queue)
-            self.books.outbox.retries.append((messages.encode_state(entry.request), now, entry.delivery))
+            delivery = entry.delivery
+            if restages and not entry.dispatched_at and delivery is not None and delivery.state is None:
+                outbox.staged.append((delivery, entry.request.received_at))
+            else:
+                outbox.retries.append((messages.encode_state(entry.request), now, delivery))
             self.metrics.of(self.metrics.staged, queue).inc()
             excess -= 1
 

@@ -51,7 +51,7 @@ class Metrics:
         self.skipped = Counter("asyncproc_skipped_deliveries",
                                "Deliveries not processed: id in flight here, or claimed elsewhere / answered",
                                ["queue", "reason"], registry=r)
-        self.staged = Counter("asyncproc_staged", "Requests staged in the retry set for lack of capacity", ["queue"], registry=r)
+        self.staged = Counter("asyncproc_staged", "Requests staged in Redis for lack of capacity", ["queue"], registry=r)
         self.in_flight = Gauge("asyncproc_in_flight", "Requests assigned to workers", ["queue"], registry=r)
         self.shed = Counter("asyncproc_shed", "Attempts the gateway shed (HTTP 429)", ["queue"], registry=r)
         self.headers_refused = Counter(

@@ -20,7 +20,8 @@ def singles(writes: Writes) -> List[Writes]:
     return ([Writes(results=[item], routes=_route_of(writes, item[0])) for item in writes.results]
             + [Writes(retries=[item]) for item in writes.retries]
             + [Writes(dead_letters=[item]) for item in writes.dead_letters]
-            + [Writes(drops=[item]) for item in writes.drops])
+            + [Writes(drops=[item]) for item in writes.drops]
+            + [Writes(staged=[item]) for item in writes.staged])
 
 
 def _route_of(writes: Writes, key: str) -> dict:
@@ -34,6 +35,7 @@ def extend(into: Writes, other: Writes) -> None:
     into.retries.extend(other.retries)
     into.dead_letters.extend(other.dead_letters)
     into.drops.extend(other.drops)
+    into.staged.extend(other.staged)
 
 
 def kind_of(single: Writes) -> str:
@@ -43,13 +45,16 @@ def kind_of(single: Writes) -> str:
         return "retry"
     if single.dead_letters:
         return "dead letter"
+    if single.staged:
+        return "staging"
     return "acknowledgement"
 
 
 def replacement(single: Writes, exc: Exception, fmt: str) -> Writes:
     """What to write instead of an item refused on its own: a small error result for its
     id (a result or a retry), nothing but the settling for a dead letter. An acknowledgement
-    has no replacement: it is itself (a refusal there is not about the item)."""
+    or a staging has no replacement: it is itself (a refusal there is not about the item;
+    a staged message unwritten keeps its record, taken back once its lease runs out)."""
     reason = f"refused by the queue system: {str(exc)[:REASON_CHARS]}"
     if single.results:
         key, raw, delivery = single.results[0]

@@ -28,12 +28,15 @@ class Delivery:
     `raw` is the request message as the producer wrote it; `state`, when set, is the full
     request state asyncproc stored with a retry (attempts, last error), which wins over
     `raw`. `token` is what the transport needs to settle it (None: nothing to settle).
+    `received`, when set, is when a staged message was first received (it is handed back
+    as it came, and its time in Redis counts as waiting).
     """
 
     raw: bytes
     queue: str
     token: Any = None
     state: Optional[bytes] = None
+    received: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,9 @@ class Writes:
 
     `drops` settle without writing.
     `results`: (id key, encoded result, delivery); `retries`: (encoded request state, due
-    time, delivery); `dead_letters`: (encoded dead-letter entry, delivery). A delivery is
+    time, delivery); `dead_letters`: (encoded dead-letter entry, delivery); `staged`:
+    (delivery, when it was received), overflow handed back to a transport that keeps what it
+    received (`Transport.restages`), for claim_due to hand out again. A delivery is
     settled only after what replaces it is written, so a crash in between repeats work
     (results stay deduplicated), never loses it. Writing the same Writes twice is safe.
     """
@@ -63,20 +68,24 @@ class Writes:
     dead_letters: List[Tuple[bytes, Optional[Delivery]]] = field(default_factory=list)
     #: deliveries settled with nothing to write (a duplicate of an id already held)
     drops: List[Delivery] = field(default_factory=list)
+    staged: List[Tuple[Delivery, float]] = field(default_factory=list)
     #: per result (by id key), where it goes and what it closes; absent: the defaults
     routes: Dict[str, ResultRoute] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.results or self.retries or self.dead_letters or self.drops)
+        return bool(self.results or self.retries or self.dead_letters or self.drops or self.staged)
 
     def __len__(self) -> int:
-        return len(self.results) + len(self.retries) + len(self.dead_letters) + len(self.drops)
+        return len(self.results) + len(self.retries) + len(self.dead_letters) + len(self.drops) + len(self.staged)
 
 
 class Transport(abc.ABC):
     #: True when receive() must drain everything (pub/sub); False when the queue keeps what
     #: is not taken, so asyncproc takes only what it has room for.
     must_drain: bool = False
+    #: True when write() takes Writes.staged: the transport kept each message as it was
+    #: received, so overflow goes back as it came instead of into the retry set (pub/sub).
+    restages: bool = False
     #: How often held deliveries need keep_alive(), in seconds (None: never).
     keep_alive_interval: Optional[float] = None
     #: Times the queue system closed our subscription on its own (pub/sub's buffer limit).

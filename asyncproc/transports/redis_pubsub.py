@@ -2,7 +2,8 @@
 
 Pub/sub keeps nothing for an absent subscriber, so this transport drains its subscription
 every tick (Redis drops a subscriber whose output buffer grows too large) and the
-supervisor stages what it cannot dispatch soon in the retry set.
+supervisor stages what it cannot dispatch soon: its record (below) moves from `held` to
+`staged`, scored by when it was received, and claim_due hands it out again as it came.
 
 Once a message has reached us, Redis has it again before we depend on our memory: the
 claim of its id at intake also records it under a lease (`held`, in the result queue's
@@ -62,6 +63,7 @@ def decode_record(record: bytes) -> tuple:
 
 class RedisPubSub(Transport):
     must_drain = True
+    restages = True  # overflow stays in its intake record, moved to `staged`
 
     def __init__(self, config: RedisConfig, queues: Sequence[str], max_message_bytes: int) -> None:
         self.channels = list(queues)
@@ -74,6 +76,7 @@ class RedisPubSub(Transport):
         self._max_record = max_message_bytes
         self._held = pubsub_key(config.key_prefix, config.result_queue, "held")
         self._held_messages = pubsub_key(config.key_prefix, config.result_queue, "held-messages")
+        self._staged = pubsub_key(config.key_prefix, config.result_queue, "staged")
         self._pubsub: Optional[redis.client.PubSub] = None
         self._prefix = config.key_prefix
         self._result_queue = config.result_queue
@@ -83,7 +86,7 @@ class RedisPubSub(Transport):
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._claim_script = self._client.register_script(load_script("claim_ids.lua"))
         self._publish_script = self._client.register_script(load_script("publish_results.lua"))
-        self._reclaim_script = self._client.register_script(load_script("lease_claim.lua"))
+        self._take_back_script = self._client.register_script(load_script("held_take_back.lua"))
         self.markers = Markers(self._client)
 
     def connect(self) -> None:
@@ -159,22 +162,25 @@ class RedisPubSub(Transport):
         return True
 
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
-        """Held messages whose holder let the lease run out (it died), then due retries;
-        each taken under a new lease."""
+        """Due retries, then held messages taken back: those whose holder let the lease run
+        out (it died), then those staged, oldest first; each under a new lease. Retries
+        first: a backlog of staged messages must not hold back a retry that is due."""
         until = now + self.lease_seconds
+        if limit <= 0:
+            return []
         try:
-            flat = self._reclaim_script(keys=[self._held, self._held, self._held_messages],
-                                        args=[repr(now), repr(until), limit, "0"]) if limit > 0 else []
-            out = []
-            for i in range(0, len(flat), 2):
-                queue, raw = decode_record(flat[i + 1] or b"")
-                out.append(Delivery(raw, queue, token=Held(flat[i].decode())))
-            members = self._retries.claim_due(now, until, limit - len(out))
+            members = self._retries.claim_due(now, until, limit)
+            out = [Delivery(m, "", token=("retry", m), state=m) for m in members]
+            flat = self._take_back_script(keys=[self._held, self._staged, self._held_messages],
+                                          args=[repr(now), repr(until), limit - len(out)]) if limit > len(out) else [0]
         except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
-        if out:
-            log.warning("taking up %d messages whose holder let their lease run out", len(out))
-        return out + [Delivery(m, "", token=("retry", m), state=m) for m in members]
+        if flat[0]:
+            log.warning("taking up %d messages whose holder let their lease run out", flat[0])
+        for i in range(1, len(flat), 3):
+            queue, raw = decode_record(flat[i + 1] or b"")
+            out.append(Delivery(raw, queue, token=Held(flat[i].decode()), received=float(flat[i + 2]) if flat[i + 2] else None))
+        return out
 
     def claim(self, keys: List[str], deliveries: List[Delivery]) -> List[bool]:
         """Claim each id (one replica processes it) and record its message under a lease,
@@ -220,7 +226,7 @@ class RedisPubSub(Transport):
         for delivery in writes.drops:  # a duplicate of an id held here: its record stays
             if delivery is not None and isinstance(delivery.token, Held) and delivery.token.key in held:
                 held.remove(delivery.token.key)
-        if not (writes.results or writes.retries or writes.dead_letters or held or taken):
+        if not (writes.results or writes.retries or writes.dead_letters or held or taken or writes.staged):
             return
         try:
             # Not MULTI: the keys live in different slots on a cluster, and every part is
@@ -241,6 +247,11 @@ class RedisPubSub(Transport):
             if held:
                 pipe.zrem(self._held, *held)
                 pipe.hdel(self._held_messages, *held)
+            staged = {d.token.key: received for d, received in writes.staged
+                      if isinstance(d.token, Held) and d.token.key is not None}
+            if staged:  # staged before it stops being held: a crash between leaves it in both, not neither
+                pipe.zadd(self._staged, staged)
+                pipe.zrem(self._held, *staged)
             self._retries.settle(pipe, taken)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
@@ -270,10 +281,11 @@ class RedisPubSub(Transport):
     def stats(self):
         try:
             waiting, taken = self._retries.sizes()
-            held = self._client.zcard(self._held)
+            held, staged = self._client.zcard(self._held), self._client.zcard(self._staged)
         except (redis.RedisError, OSError) as exc:
             raise TransportError(describe(exc)) from None
-        return {"retry_set": {self._retries.key: waiting}, "leased": {self.result_channel: held + taken}}
+        return {"retry_set": {self._retries.key: waiting, self._staged: staged},
+                "leased": {self.result_channel: held + taken}}
 
     def ping(self) -> None:
         try:

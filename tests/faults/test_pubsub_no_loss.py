@@ -47,6 +47,7 @@ def assert_nothing_lost(client, results, ids):
     assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1][:10]
     assert set(counts) <= set(ids)
     wait_until(lambda: client.zcard("asyncproc:{batch-queue-result}:held") == 0
+               and client.zcard("asyncproc:{batch-queue-result}:staged") == 0
                and client.zcard("batch-sortedset-retry") == 0
                and client.zcard("asyncproc:{batch-sortedset-retry}:leases") == 0, 30,
                what="no record, retry or lease left")
