@@ -68,6 +68,7 @@ class Writes:
     dead_letters: List[Tuple[bytes, Optional[Delivery]]] = field(default_factory=list)
     #: deliveries settled with nothing to write (a duplicate of an id already held)
     drops: List[Delivery] = field(default_factory=list)
+    #: (delivery, when received): overflow put back as it came (`Transport.restages` only)
     staged: List[Tuple[Delivery, float]] = field(default_factory=list)
     #: per result (by id key), where it goes and what it closes; absent: the defaults
     routes: Dict[str, ResultRoute] = field(default_factory=dict)
