@@ -34,6 +34,7 @@ import redis
 
 from asyncproc import config
 from asyncproc.tools.local import Processes, find_redis_server, free_port, redis_answers, wait_for
+from asyncproc.transports.redisbase import arriving
 
 TRANSPORTS = ("redis-pubsub", "redis-sortedset", "redis-streams")
 
@@ -181,16 +182,10 @@ class Collector(threading.Thread):
         last_id = "0"
         while self.running:
             if self.pubsub is not None:
-                # Only what is arriving, and a started reply gets time to finish: redis-py answers
-                # a timeout mid-reply by reconnecting, which loses what Redis buffered for us
-                # (see redis_pubsub.py; results published a batch at a time met it).
-                connection = self.pubsub.connection
-                if not connection.can_read(timeout=0.1):
+                if not self.pubsub.connection.can_read(timeout=0.1):
                     continue
-                while connection.can_read(timeout=0):
-                    message = self.pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "message":
-                        self.record(message["data"])
+                for message in arriving(self.pubsub, sys.maxsize, 1.0):  # (a timeout mid-reply loses results)
+                    self.record(message["data"])
             elif self.transport == "redis-sortedset":
                 pipe = self.client.pipeline()
                 pipe.lrange(self.key, 0, 999)

@@ -23,6 +23,7 @@ import redis
 from tqdm import tqdm
 
 from asyncproc.tools.local import Processes, find_redis_server, free_port, redis_answers, wait_for
+from asyncproc.transports.redisbase import arriving
 
 RESULT_CHANNEL = "batch-queue-result"
 REQUEST_CHANNEL = "batch-queue"
@@ -135,8 +136,9 @@ def run(args, redis_server: str, low: float, high: float, stack: Stack) -> int:
         if time.monotonic() > deadline:
             bar.close()
             raise RuntimeError(f"only {len(results)} of {args.requests} results after {args.timeout:.0f}s")
-        message = pubsub.get_message(timeout=0.2)
-        if message is not None:
+        if not pubsub.connection.can_read(timeout=0.2):
+            continue
+        for message in arriving(pubsub, args.requests, 1.0):  # (a timeout mid-reply loses results)
             result = orjson.loads(message["data"])
             duplicates += result["id"] in results
             if result["id"] not in results:

@@ -12,7 +12,7 @@ import orjson
 from asyncproc import messages, redact
 from asyncproc.transports.base import Producer, ProducerError, ResultReader, Transport, TransportError
 from asyncproc.transports.keys import aux_key, cancel_key, pubsub_marker
-from asyncproc.transports.redisbase import ERRORS, make_client
+from asyncproc.transports.redisbase import ERRORS, arriving, make_client
 
 if TYPE_CHECKING:
     from asyncproc.config import RedisConfig
@@ -153,19 +153,13 @@ class PubSubResults(RedisReader):
         return self.producer.run(lambda: self._read(timeout))
 
     def _read(self, timeout: float) -> List[dict]:
-        # Read only what is arriving, and give a started reply time to finish: redis-py
-        # answers a partial reply under get_message(timeout=0) by reconnecting, which
-        # drops what Redis buffered for us (see redis_pubsub.py).
         out: List[dict] = []
-        connection = self.pubsub.connection
-        if not connection.can_read(timeout=timeout):
+        if not self.pubsub.connection.can_read(timeout=timeout):
             return out
-        while len(out) < CHUNK and connection.can_read(timeout=0):
-            message = self.pubsub.get_message(timeout=REPLY_COMPLETION)
-            if message is not None and message.get("type") == "message":
-                result = self.decode(message["data"])
-                if result is not None:
-                    out.append(result)
+        for message in arriving(self.pubsub, CHUNK, REPLY_COMPLETION):
+            result = self.decode(message["data"])
+            if result is not None:
+                out.append(result)
         return out
 
     def close(self) -> None:

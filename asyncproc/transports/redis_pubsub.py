@@ -25,7 +25,15 @@ import redis
 from asyncproc.transports.base import Delivery, Transport, TransportError, Writes
 from asyncproc.transports.keys import pubsub_key, pubsub_marker
 from asyncproc.transports.markers import Markers
-from asyncproc.transports.redisbase import SOCKET_TIMEOUT, describe, group_by_destination, guarded, make_client, read_cancellations
+from asyncproc.transports.redisbase import (
+    SOCKET_TIMEOUT,
+    arriving,
+    describe,
+    group_by_destination,
+    guarded,
+    make_client,
+    read_cancellations,
+)
 from asyncproc.transports.retryset import RetrySet, in_pipeline, load_script, preload
 
 if TYPE_CHECKING:
@@ -111,18 +119,12 @@ class RedisPubSub(Transport):
 
     def receive(self, limit: int) -> List[Delivery]:
         """Every message already arriving on the socket, up to `limit`, without waiting for
-        new ones. A reply that has started to arrive gets up to REPLY_COMPLETION seconds to
-        finish: get_message(timeout=0) would give it none, and redis-py answers that
-        timeout by reconnecting, which drops everything Redis had buffered for us (seen
-        in a burst on a busy machine)."""
+        new ones (a reply partly here gets up to REPLY_COMPLETION seconds: redisbase.arriving)."""
         if self._pubsub is None:
             raise TransportError("not subscribed")
         out: List[Delivery] = []
         try:
-            while len(out) < limit and self._pubsub.connection.can_read(timeout=0):
-                message = self._pubsub.get_message(timeout=REPLY_COMPLETION)
-                if message is None or message.get("type") != "message":
-                    continue
+            for message in arriving(self._pubsub, limit, REPLY_COMPLETION):
                 channel = message["channel"]
                 out.append(Delivery(message["data"], channel.decode() if isinstance(channel, bytes) else channel,
                                     token=Held()))
