@@ -12,12 +12,15 @@ socket of an attempt past its budget, the blocked read fails, and the attempt is
 retryable "attempt timed out".
 
 urllib3's connections (`urllib3.connection.HTTPConnection` / `HTTPSConnection`: TLS,
-connect errors, response objects), not its pool and not requests: one attempt holds one
-connection from its send to its receive, and a connection the gateway closed while it sat
-idle is noticed before it is used again (as urllib3's pool does); the pool's per-request
-machinery (checkout and return under a lock, retry objects, URL re-encoding) and requests'
-(hooks, cookie jars, proxy lookup) cost more CPU than the whole rest of a dispatch (see the
-README's performance section).
+connect errors, the request line and header checks), not its pool and not requests: one
+attempt holds one connection from its send to its receive, and a connection the gateway
+closed while it sat idle is noticed before it is used again (as urllib3's pool does). The
+answer is read through http.client's response, as urllib3's `getresponse` does underneath;
+urllib3's response object around it is made only to decode a Content-Encoding. The pool's
+per-request machinery (checkout and return under a lock, retry objects, URL re-encoding),
+urllib3's response object (a header dict, decoder set-up, length bookkeeping: about a third
+of a worker's CPU per request) and requests' (hooks, cookie jars, proxy lookup) cost more
+CPU than the whole rest of a dispatch (see the README's performance section).
 """
 from __future__ import annotations
 
@@ -185,11 +188,11 @@ class Gateway:
                 conn.timeout = attempt.connect_timeout
                 conn.connect()
             attempt.record(conn.sock)
-            conn.timeout = _timeout(attempt, wait)   # sending, then the answer
-            # urllib3 sends the headers and the body apart: corked, they leave as one segment
-            # (one wake-up for the gateway, and on loopback one pass through TCP instead of two).
+            _set_timeout(conn.sock, _timeout(attempt, wait))   # sending, then the answer
+            # The headers and the body are sent apart: corked, they leave as one segment (one
+            # wake-up for the gateway, and on loopback one pass through TCP instead of two).
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-            conn.request("POST", job.path, body=job.body, headers=job.headers, preload_content=False)
+            _write_request(conn, job)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         except FAILURES as exc:
             return self._end(attempt, _failure(exc, attempt), clean=False)
@@ -202,8 +205,8 @@ class Gateway:
         conn, job = attempt.conn, attempt.job
         clean = False
         try:
-            conn.timeout = _timeout(attempt, wait)
-            response = conn.getresponse()
+            _set_timeout(conn.sock, _timeout(attempt, wait))
+            response = _read_head(conn)
         except FAILURES as exc:
             return self._end(attempt, _failure(exc, attempt), clean)
         try:
@@ -212,10 +215,11 @@ class Gateway:
             elapsed = time.monotonic() - attempt.started
             if declared is not None and declared > limit:
                 return self._end(attempt, outcomes.too_large(response.status, limit, elapsed), clean)
-            if declared is not None and 0 < declared <= READ_CHUNK and "Content-Encoding" not in response.headers:
-                body = response.read(declared)  # the common case: one read, no loop (short: an error)
+            encoded = "Content-Encoding" in response.headers
+            if declared is not None and 0 < declared <= READ_CHUNK and not encoded:
+                body = response.read()  # the common case: one read, no loop (short: IncompleteRead)
             else:
-                body = self._read(response, attempt, limit)
+                body = self._read(_decoding(response) if encoded else response, attempt, limit)
                 if body is None:
                     return self._end(attempt, outcomes.too_large(response.status, limit,
                                                                   time.monotonic() - attempt.started), clean)
@@ -297,6 +301,8 @@ class Gateway:
                     pass
             chunk = response.read(min(READ_CHUNK, limit - size + 1))
             if not chunk:
+                if getattr(response, "length", None):  # http.client's: bytes declared, not sent
+                    raise http.client.IncompleteRead(b"".join(chunks), response.length)
                 return b"".join(chunks)
             size += len(chunk)
             if size > limit:
@@ -422,6 +428,43 @@ def _timeout(attempt: Attempt, wait: bool) -> float:
     0 (non-blocking: CPython polls a socket with a timeout before every call, one system
     call more per send and per read) when the caller knows the step cannot wait."""
     return max(attempt.ends_at - time.monotonic(), 0.001) if wait else 0.0
+
+
+def _write_request(conn: HTTPConnection, job: Assignment) -> None:
+    """POST the job over `conn`: urllib3's request line and header checks (a header that
+    could split the request is refused), Content-Length framing, the body. What urllib3's
+    `request()` does for a bytes body, without the response bookkeeping `_read_head` does
+    not need; Host and Accept-Encoding: identity are added unless the job's headers have
+    them (as urllib3 does)."""
+    headers = job.headers
+    named = {name.lower() for name in headers}
+    conn.putrequest("POST", job.path, skip_host="host" in named, skip_accept_encoding="accept-encoding" in named)
+    conn.putheader("Content-Length", str(len(job.body)))
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders(job.body)
+
+
+def _read_head(conn: HTTPConnection) -> http.client.HTTPResponse:
+    """The answer's status line and headers, parsed by http.client, as urllib3's own
+    `getresponse` does before it wraps them in its response object; the wrapper (its header
+    dict and decoders, a quarter of a worker's CPU per request) is made only for an answer
+    with a Content-Encoding (`_decoding`)."""
+    return http.client.HTTPConnection.getresponse(conn)
+
+
+def _decoding(response: http.client.HTTPResponse) -> urllib3.HTTPResponse:
+    """urllib3's response over an encoded answer: it decodes the body as it is read (the
+    size limit counts decoded bytes) and raises on a body shorter than declared."""
+    return urllib3.HTTPResponse(body=response, headers=urllib3.HTTPHeaderDict(response.msg.items()), status=response.status,
+                                reason=response.reason, preload_content=False, decode_content=True,
+                                original_response=response, enforce_content_length=True, request_method="POST")
+
+
+def _set_timeout(sock: socket.socket, timeout: float) -> None:
+    """A socket's timeout set only when it changes: each `settimeout` is a system call."""
+    if sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
 
 
 def _content_length(response) -> Optional[int]:

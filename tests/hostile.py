@@ -11,6 +11,7 @@ The request path picks the misbehaviour (the same modes as `asyncproc sim`'s
 - ``/endless``: a chunked body of small chunks every `interval / 10`, never ending;
 - ``/reset``: Content-Length 1000, 100 bytes, then a TCP reset;
 - ``/short``: Content-Length 100, 50 bytes, then a clean close;
+- ``/short-large``: the same with 1 MiB declared and 300 KiB sent (more than one read);
 - ``/gzip``: a small gzip body (Content-Encoding gzip) that inflates to `huge_bytes`;
 - ``/long``: a JSON answer whose Content-Length covers it, then extra bytes (kept alive).
 
@@ -133,8 +134,9 @@ class HostileServer:
             conn.sendall(_head(200, length=1000) + b"z" * 100)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False  # closing with linger 0 sends RST
-        if path == "/short":
-            conn.sendall(_head(200, length=100) + b"z" * 50)
+        if path in ("/short", "/short-large"):
+            large = path == "/short-large"
+            conn.sendall(_head(200, length=1 << 20 if large else 100) + b"z" * (300 * 1024 if large else 50))
             conn.shutdown(socket.SHUT_WR)
             return False
         if path == "/gzip":

@@ -100,7 +100,7 @@ def test_the_connection_of_a_response_too_large_is_discarded_and_the_next_post_c
         http.close()
 
 
-@pytest.mark.parametrize("path", ["/reset", "/short"])
+@pytest.mark.parametrize("path", ["/reset", "/short", "/short-large"])
 def test_a_body_cut_short_is_a_retryable_connection_error(hostile, gateway, path):
     outcome, took = timed(gateway, job(hostile.url, path))
     assert outcome.kind is Kind.RETRY and outcome.error.startswith("connection error")
