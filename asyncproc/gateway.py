@@ -18,8 +18,8 @@ closed while it sat idle is noticed before it is used again (as urllib3's pool d
 answer is read through http.client's response, as urllib3's `getresponse` does underneath;
 urllib3's response object around it is made only to decode a Content-Encoding. The pool's
 per-request machinery (checkout and return under a lock, retry objects, URL re-encoding),
-urllib3's response object (a header dict, decoder set-up, length bookkeeping: about a third
-of a worker's CPU per request) and requests' (hooks, cookie jars, proxy lookup) cost more
+urllib3's response object (a header dict, decoder set-up, length bookkeeping: with its
+`request()`, a quarter to a third of a worker's CPU per request) and requests' (hooks, cookie jars, proxy lookup) cost more
 CPU than the whole rest of a dispatch (see the README's performance section).
 """
 from __future__ import annotations
@@ -448,8 +448,7 @@ def _write_request(conn: HTTPConnection, job: Assignment) -> None:
 def _read_head(conn: HTTPConnection) -> http.client.HTTPResponse:
     """The answer's status line and headers, parsed by http.client, as urllib3's own
     `getresponse` does before it wraps them in its response object; the wrapper (its header
-    dict and decoders, a quarter of a worker's CPU per request) is made only for an answer
-    with a Content-Encoding (`_decoding`)."""
+    dict and decoders) is made only for an answer with a Content-Encoding (`_decoding`)."""
     return http.client.HTTPConnection.getresponse(conn)
 
 
