@@ -86,6 +86,9 @@ class Ledger:
         self._by_worker: Dict[int, set] = {}
         self._assigned_in: Dict[str, int] = {}   # queue -> requests assigned to workers
         self._tokened: Dict[str, None] = {}      # keys of held requests with a cancel token
+        # Since `assigned_since` was last asked: the first assignment's time and the
+        # earliest deadline assigned (upkeep bounds when any of them can be overdue).
+        self._fresh: Optional[Tuple[float, float]] = None
 
     # -- intake --------------------------------------------------------------------
     def admit(self, request: Request, delivery: Any = None) -> bool:
@@ -146,6 +149,18 @@ class Ledger:
         entry.state, entry.worker, entry.dispatched_at = State.ASSIGNED, worker, now
         self._by_worker.setdefault(worker, set()).add(key)
         self._count_assigned(entry, 1)
+        fresh, deadline = self._fresh, entry.request.deadline
+        if fresh is None:
+            self._fresh = (now, deadline)
+        elif deadline < fresh[1]:
+            self._fresh = (fresh[0], deadline)
+
+    def assigned_since(self) -> Optional[Tuple[float, float]]:
+        """(the earliest dispatch time, the earliest deadline) of what was assigned since the
+        last call, or None; every such attempt ends no sooner than the earlier of that time
+        plus its budget and that deadline."""
+        fresh, self._fresh = self._fresh, None
+        return fresh
 
     def settle(self, key: str, request: Optional[Request] = None) -> Optional[Entry]:
         """The outcome for `key` is in; None if it was not assigned (a stale report)."""

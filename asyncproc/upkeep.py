@@ -92,12 +92,15 @@ class WorkerKeeper:
         then gives back what it held, to be dispatched again (the overdue ones counted as a
         failed attempt), and a request whose deadline has passed by then is answered
         "deadline exceeded"."""
+        fresh = self.ledger.assigned_since()
+        if fresh is not None:  # what was dispatched since can be overdue no sooner than this
+            self.stuck_check.set(min(self.stuck_check.at, overdue_at(*fresh, self.request_timeout)))
         if not self.stuck_check.due(now):
             return
         overdue, soonest = scan_overdue(self.ledger.assigned(), self.request_timeout, now)
-        # Nothing held becomes overdue before `soonest`, and nothing dispatched from now on
-        # before now + the grace: no walk over thousands of attempts every second.
-        self.stuck_check.set(max(min(soonest, now + STUCK_GRACE_SECONDS), now + STUCK_CHECK_SECONDS))
+        # Nothing held becomes overdue before `soonest` (and what is dispatched later lowers
+        # the timer above): no walk over thousands of attempts every second or every grace.
+        self.stuck_check.set(max(soonest, now + STUCK_CHECK_SECONDS))
         handles = {h.index: h for h in self.pool.handles}
         for index, entries in overdue.items():
             handle = handles.get(index)

@@ -51,21 +51,34 @@ def test_scan_overdue(dispatched_at, deadline, now, overdue):
 
 
 @pytest.mark.parametrize("held_for, next_scan_in", [
-    ([], STUCK_GRACE_SECONDS),                      # nothing held: what is dispatched next needs the grace
-    ([(0.0, 600.0)], STUCK_GRACE_SECONDS),          # far from overdue: the same
+    ([], float("inf")),                             # nothing held: nothing to look at until a dispatch
+    ([(0.0, 600.0)], 10.0 + STUCK_GRACE_SECONDS),   # the request timeout, plus the grace
     ([(-12.0, 600.0)], STUCK_CHECK_SECONDS),        # overdue 1 s from now: never sooner than the check interval
     ([(-11.0, 600.0), (0.0, 1.0)], 2.0),            # the soonest of the held ones
 ])
 def test_the_stuck_scan_waits_until_something_can_be_overdue(held_for, next_scan_in):
     """10,000 slow requests in flight are not walked every second: the next scan is when
-    the first held attempt could be overdue, or a grace from now (what is dispatched later
-    cannot be overdue sooner)."""
+    the first held attempt could be overdue."""
     clock, pool, ledger, keep = keeper("--request-timeout", "10")
     for n, (dispatched, deadline) in enumerate(held_for):
         held(ledger, f"k{n}", pool.handles[0].index, clock() + dispatched, clock() + deadline)
     keep.housekeep(clock())
     assert keep.stuck_check.at == pytest.approx(clock() + next_scan_in)
     assert not any(h.killed for h in pool.handles)
+
+
+def test_what_is_dispatched_after_a_scan_brings_the_next_one_forward():
+    clock, pool, ledger, keep = keeper("--request-timeout", "10")
+    held(ledger, "slow", 0, clock(), clock() + 600)
+    keep.housekeep(clock())
+    assert keep.stuck_check.at == pytest.approx(clock() + 13.0)
+    clock.advance(1.0)
+    held(ledger, "near", 1, clock(), clock() + 2.0)   # its deadline in 2 s: overdue 5 s from now
+    keep.housekeep(clock())
+    assert keep.stuck_check.at == pytest.approx(clock() + 5.0)
+    clock.advance(5.5)
+    keep.housekeep(clock())
+    assert pool.handles[1].killed and not pool.handles[0].killed
 
 
 def keeper(*args):
