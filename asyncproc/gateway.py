@@ -25,7 +25,9 @@ CPU than the whole rest of a dispatch (see the README's performance section).
 from __future__ import annotations
 
 import collections
+import errno
 import http.client
+import os
 import re
 import socket
 import ssl
@@ -57,6 +59,11 @@ PEEK_BYTES = 64 * 1024
 SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
     (socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
 
+
+#: How long an origin's address, as a helper's connection found it (its DNS answer), is
+#: used to open connections from the worker's loop without waiting; after that, or after one
+#: such connection fails, the next is opened by a helper again (and looks the name up again).
+ADDRESS_SECONDS = 30.0
 
 #: How long a cancel for a key not (yet) being attempted here is remembered: it may be
 #: queued for a thread, or its outcome already on its way back.
@@ -116,6 +123,8 @@ class Gateway:
         self._attempts: Dict[int, Attempt] = {}   # id(attempt) -> attempt in flight
         self._attempts_lock = threading.Lock()
         self._cancelled: Dict[str, float] = {}    # keys cancelled before their attempt began -> when
+        self._addresses: Dict[str, tuple] = {}    # http origin -> (family, address, when learned)
+        self._origins: Dict[str, Any] = {}        # origin -> its parsed URL
         # The earliest budget end among the attempts in flight (or sooner): expire_overdue()
         # returns at once before it, instead of walking thousands of attempts ten times a second.
         self._next_expiry = float("inf")
@@ -129,7 +138,9 @@ class Gateway:
             if conn.sock is not None and not conn.is_connected:
                 conn.close()
             return conn
-        url = parse_url(origin)
+        url = self._origins.get(origin)
+        if url is None:
+            url = self._origins[origin] = parse_url(origin)
         https = url.scheme == "https"
         cls = HTTPSConnection if https else HTTPConnection
         conn = cls(url.host, url.port or (443 if https else 80), socket_options=SOCKET_OPTIONS,
@@ -187,6 +198,8 @@ class Gateway:
             if conn.sock is None:
                 conn.timeout = attempt.connect_timeout
                 conn.connect()
+                if not isinstance(conn.sock, ssl.SSLSocket):
+                    self._addresses[job.origin] = (conn.sock.family, conn.sock.getpeername(), time.monotonic())
             attempt.record(conn.sock)
             _set_timeout(conn.sock, _timeout(attempt, wait))   # sending, then the answer
             # The headers and the body are sent apart: corked, they leave as one segment (one
@@ -237,6 +250,68 @@ class Gateway:
         return self._end(attempt, outcomes.from_response(response.status, body, response.headers.get("Retry-After"),
                                                          time.monotonic() - attempt.started), clean)
 
+    # -- opening a connection without waiting (the worker's loop) ---------------------------
+    def opens_now(self, attempt: Attempt, now: float) -> bool:
+        """Whether the worker's loop can open this attempt's connection itself: plain HTTP to
+        an origin whose address a helper's connection found in the last ADDRESS_SECONDS, and
+        a body the loop may send."""
+        known = self._addresses.get(attempt.job.origin)
+        return (known is not None and now - known[2] < ADDRESS_SECONDS and attempt.conn.sock is None
+                and not isinstance(attempt.conn, HTTPSConnection) and len(attempt.job.body) <= INLINE_SEND_BYTES)
+
+    def open_now(self, attempt: Attempt) -> Optional[Outcome]:
+        """Start connecting a non-blocking socket (the connection's own options) to the
+        origin's known address; None while it connects (`opened` says how it went, once the
+        socket is writable), else the attempt's outcome."""
+        origin = attempt.job.origin
+        known = self._addresses.get(origin)
+        if known is None:
+            return self._failed_open(attempt, None, "connection error: address not known")
+        family, address, _ = known
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            return self._failed_open(attempt, None, f"connection error: {_reason(exc)}")
+        try:
+            for option in SOCKET_OPTIONS:
+                sock.setsockopt(*option)
+            sock.setblocking(False)
+            error = sock.connect_ex(address)
+        except OSError as exc:
+            return self._failed_open(attempt, sock, f"connection error: {_reason(exc)}")
+        if error not in (0, errno.EINPROGRESS):
+            return self._failed_open(attempt, sock, f"connection error: {_reason(OSError(error, os.strerror(error)))}")
+        attempt.record(sock)   # a cancel or expiry from now on shuts it
+        return None
+
+    def opened(self, attempt: Attempt) -> Optional[Outcome]:
+        """The socket `open_now` started is writable: connected (None; the connection has it
+        now), or the attempt's outcome (refused, unreachable, cancelled, past its budget)."""
+        sock = attempt.sock
+        if attempt.cancelled or attempt.expired:
+            return self._failed_open(attempt, sock, TIMED_OUT if attempt.expired else "connection error: cancelled",
+                                     forget=False)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            return self._failed_open(attempt, sock, f"connection error: {_reason(OSError(error, os.strerror(error)))}")
+        attempt.conn.sock = sock
+        return None
+
+    def open_timed_out(self, attempt: Attempt) -> Outcome:
+        """The socket `open_now` started did not connect within the attempt's connect timeout."""
+        return self._failed_open(attempt, attempt.sock, "connect timeout")
+
+    def _failed_open(self, attempt: Attempt, sock: Optional[socket.socket], reason: str,
+                     forget: bool = True) -> Outcome:
+        """An attempt whose connection could not be opened from the loop: the socket closed,
+        the address forgotten (the next connection is opened by a helper, which looks the
+        name up again), the attempt over (retryable)."""
+        if sock is not None:
+            sock.close()
+        if forget:
+            self._addresses.pop(attempt.job.origin, None)
+        return self._end(attempt, outcomes.connection_failure(reason, time.monotonic() - attempt.started), False)
+
     def send_now(self, attempt: Attempt) -> Optional[Outcome]:
         return self.send(attempt, wait=False)
 
@@ -257,6 +332,8 @@ class Gateway:
             return outcome
         conn = attempt.conn
         if not clean or attempt.cancelled:
+            if attempt.sock is not None and attempt.sock is not conn.sock:
+                attempt.sock.close()   # one the loop was still opening
             conn.close()  # never reused as it is: the next attempt on it connects afresh
         self._idle[attempt.job.origin].append(conn)
         if attempt.cancelled and outcome.status is None:  # aborted before an answer came

@@ -4,9 +4,11 @@ whatever would make the loop wait; one Pipe to the supervisor.
 
 The loop (`Loop`) never blocks on the gateway: it sends a request itself only over an open
 connection with a body that fits the socket's empty send buffer, and reads an answer itself
-only once all of it has arrived (`gateway.answer_state`). Connecting, larger bodies and
-answers still arriving go to helper threads, started as needed up to the worker's share of
---concurrency, so a gateway that trickles bytes holds a thread, never the loop. Thousands of
+only once all of it has arrived (`gateway.answer_state`). It opens connections itself too,
+without waiting, to a plain-HTTP origin whose address a helper's connection found lately
+(`Gateway.opens_now`). Looking a name up, TLS, larger bodies and answers still arriving go
+to helper threads, started as needed up to the worker's share of --concurrency, so a
+gateway that trickles bytes holds a thread, never the loop. Thousands of
 requests waiting on a slow gateway are thousands of parked sockets, not threads; an instant
 gateway's answers are read where they are noticed, with no thread woken per request.
 
@@ -157,6 +159,8 @@ class Loop:
         self.out = out
         self.epoll = select.epoll()
         self.parked: Dict[int, Attempt] = {}     # socket fd -> the attempt waiting on it
+        self.opening: Dict[int, Tuple[Attempt, float]] = {}  # fd -> attempt connecting, until (monotonic)
+        self.opening_check = float("inf")          # the earliest of those ends
         self.helpers = Helpers(capacity, self.help)   # at most one per request in flight
         self.done: List[Tuple[str, Outcome]] = []  # outcomes of this turn, sent at its end
         self.arriving: Dict[Attempt, float] = {}   # part of the answer here, since (monotonic)
@@ -167,10 +171,49 @@ class Loop:
         attempt = self.http.begin(job)
         if isinstance(attempt, Outcome):
             self.done.append((job.key, attempt))
-        elif not attempt.inline_send():
-            self.helpers.submit((SEND, attempt))
-        else:
+        elif attempt.inline_send():
             self.sent(attempt, self.guarded(self.http.send_now, attempt))
+        elif self.http.opens_now(attempt, time.monotonic()):
+            self.open(attempt)
+        else:
+            self.helpers.submit((SEND, attempt))
+
+    def open(self, attempt: Attempt) -> None:
+        """Connect without waiting: the socket is watched until writable (then `opened`), or
+        until the connect timeout (`expire_opening`)."""
+        outcome = self.guarded(self.http.open_now, attempt)
+        if outcome is None:
+            fd = attempt.sock.fileno()
+            try:
+                self.epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+            except (OSError, ValueError) as exc:
+                outcome = self.http.abandon(attempt, f"worker error: {type(exc).__name__}")
+            else:
+                ends = time.monotonic() + attempt.connect_timeout
+                self.opening[fd] = (attempt, ends)
+                self.opening_check = min(self.opening_check, ends)
+        if outcome is not None:
+            self.done.append((attempt.key, outcome))
+
+    def opened(self, fd: int) -> None:
+        """A socket being opened is writable: connected (send the request), or failed."""
+        attempt, _ = self.opening.pop(fd)
+        outcome = self.guarded(self.http.opened, attempt)
+        if outcome is None:
+            outcome = self.guarded(self.http.send_now, attempt)
+            self.sent(attempt, outcome)   # parked (its fd stays registered) or over
+        else:
+            self.done.append((attempt.key, outcome))
+
+    def expire_opening(self, now: float) -> None:
+        """Sockets still connecting past their connect timeout: those attempts end."""
+        self.opening_check = float("inf")
+        for fd, (attempt, ends) in list(self.opening.items()):
+            if ends <= now:
+                del self.opening[fd]
+                self.done.append((attempt.key, self.guarded(self.http.open_timed_out, attempt)))
+            else:
+                self.opening_check = min(self.opening_check, ends)
 
     def sent(self, attempt: Attempt, outcome: Optional[Outcome]) -> None:
         if outcome is None:
@@ -251,16 +294,21 @@ class Loop:
                 reading = False
                 self.epoll.unregister(pipe)
             now = time.monotonic()
-            wait = min(beat_every, max(self.http.next_expiry - now, EXPIRY_CHECK_SECONDS))
+            wait = min(beat_every, max(self.http.next_expiry - now, EXPIRY_CHECK_SECONDS),
+                       max(self.opening_check - now, 0.0))
             events = self.epoll.poll(ARRIVING_LOOK_SECONDS if self.arriving else wait)
             for fd, _ in events:
                 if fd == pipe:
                     self.read(conn, stopping)
+                elif fd in self.opening:
+                    self.opened(fd)
                 else:
                     self.wake(fd)
             now = time.monotonic()
             for attempt in list(self.arriving):
                 self.look(attempt, now)
+            if now >= self.opening_check:
+                self.expire_opening(now)
             if now >= expiry_check_at:
                 expiry_check_at = now + EXPIRY_CHECK_SECONDS
                 # Attempts past their budget (a gateway trickling bytes): shut their sockets.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import os
 import signal
 import subprocess
@@ -75,6 +76,7 @@ class Row:
     lost: int
     duplicates: int
     ref_us: float = float("nan")   # CPU of one bare keep-alive http.client POST to the same stand-in
+    mid_cpu_us: float = float("nan")   # CPU per message between the 10th and 90th percentile results
 
 
 def sim_args(s: Scenario) -> List[str]:
@@ -260,11 +262,15 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
                 pipe.execute()
         pipe.execute()
         peak_rss = 0
+        cpu_at: List[Tuple[float, float]] = []   # (when, the tree's CPU seconds so far)
         give_up = time.time() + max(120.0, 10 * s.messages / max(s.concurrency / max(mean_latency(s), 0.001), 100))
         while len(collector.arrivals) < s.messages and time.time() < give_up:
-            peak_rss = max(peak_rss, tree_usage(root)[1])
-            time.sleep(0.2)
+            cpu, rss = tree_usage(root)
+            cpu_at.append((time.time(), cpu))
+            peak_rss = max(peak_rss, rss)
+            time.sleep(0.1)
         cpu_after, rss = tree_usage(root)
+        cpu_at.append((time.time(), cpu_after))
         peak_rss = max(peak_rss, rss)
         collector.running = False
         collector.join(5)
@@ -277,6 +283,7 @@ def run_one(s: Scenario, transport: str, workers: int, workdir: str, redis_serve
             _pct(latencies, 50), _pct(latencies, 99),
             (cpu_after - cpu_before) / max(done, 1) * 1e6, peak_rss / 1048576,
             s.messages - done, collector.count - done, ref * 1e6,
+            steady_cpu(collector.arrivals, cpu_at) * 1e6,
         )
     finally:
         procs.stop()
@@ -560,6 +567,25 @@ def arrival_stats(arrivals: Dict, sent: Dict) -> Tuple[float, List[float], int]:
     return rate, latencies, len(arrivals)
 
 
+def steady_cpu(arrivals: Dict, cpu_at: List[Tuple[float, float]]) -> float:
+    """CPU seconds per message between the 10th and 90th percentile of first arrivals (the
+    window `arrival_stats` takes the rate over), from the tree's CPU sampled every 0.1 s and
+    interpolated at the window's ends: a run's steady state, without its start (connections
+    opened, the first fill) and its tail. nan when the window is too short to tell."""
+    firsts = sorted(times[0] for times in arrivals.values())
+    lo, hi = int(len(firsts) * 0.1), max(int(len(firsts) * 0.9) - 1, 0)
+    if hi <= lo or len(cpu_at) < 2 or firsts[hi] - firsts[lo] < 1.0:
+        return float("nan")
+    times, cpus = [t for t, _ in cpu_at], [c for _, c in cpu_at]
+
+    def cpu(at: float) -> float:
+        i = min(max(bisect.bisect_left(times, at), 1), len(times) - 1)
+        t0, t1 = times[i - 1], times[i]
+        return cpus[i - 1] + (cpus[i] - cpus[i - 1]) * (min(max(at, t0), t1) - t0) / max(t1 - t0, 1e-9)
+
+    return (cpu(firsts[hi]) - cpu(firsts[lo])) / (hi - lo)
+
+
 def _pct(values: List[float], p: int) -> float:
     if not values:
         return float("nan")
@@ -567,15 +593,16 @@ def _pct(values: List[float], p: int) -> float:
 
 
 HEADER = (f"{'scen':4} {'transport':15} {'inflight':>8} {'wrk':>3} {'msgs':>6} {'msg/s':>7} {'bound':>6} "
-          f"{'gw alone':>8} {'p50 s':>6} {'p99 s':>6} {'cpu us/msg':>10} {'ref us':>6} {'x ref':>5} {'rss MB':>7} "
-          f"{'lost':>4} {'dup':>4}")
+          f"{'gw alone':>8} {'p50 s':>6} {'p99 s':>6} {'cpu us/msg':>10} {'ref us':>6} {'x ref':>5} {'mid us':>6} "
+          f"{'rss MB':>7} {'lost':>4} {'dup':>4}")
 
 
 def format_row(r: Row) -> str:
     bound = f"{r.bound:6.0f}" if r.bound else "     -"
     gw = f"{r.gateway_rate:8.0f}" if r.gateway_rate else "       -"
     return (f"{r.scenario:4} {r.transport:15} {r.concurrency:8d} {r.workers:3d} {r.messages:6d} {r.rate:7.0f} {bound} "
-            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.ref_us:6.0f} {r.cpu_us / r.ref_us:5.2f} {r.rss_mb:7.0f} "
+            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.ref_us:6.0f} {r.cpu_us / r.ref_us:5.2f} {r.mid_cpu_us:6.0f} "
+            f"{r.rss_mb:7.0f} "
             f"{r.lost:4d} {r.duplicates:4d}")
 
 

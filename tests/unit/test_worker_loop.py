@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from asyncproc import gateway
 from asyncproc.gateway import BASE_HEADERS, TIMED_OUT, Attempt, Gateway
 from asyncproc.outcomes import Assignment, Kind
-from asyncproc.worker import DONE, JOBS, STOP, Helpers, Loop, Outbox
+from asyncproc.worker import CANCEL, DONE, JOBS, STOP, Helpers, Loop, Outbox
 from tests.harness import wait_until
 from tests.hostile import OK_BODY, HostileServer
 
@@ -98,6 +98,66 @@ def test_requests_in_flight_wait_as_parked_sockets_not_threads(loop, slow_origin
     assert len(loop.helpers.threads) == threads   # no thread more for the second hundred
     assert loop.http.connections_made() == 100   # every connection kept and used again
     assert loop.http.in_flight() == 0
+
+
+def test_once_a_helper_found_the_address_the_loop_opens_connections_itself(loop, slow_origin):
+    loop.pipe.send((JOBS, [job("first", slow_origin)]))
+    collect(loop.pipe, ["first"])   # a helper connected, looking the name up
+    helpers = loop.helpers.started
+    keys = [f"k{i}" for i in range(50)]
+    loop.pipe.send((JOBS, [job(k, slow_origin) for k in keys]))
+    outcomes = collect(loop.pipe, keys)
+    assert all(o.kind is Kind.OK and o.body == f'{{"prompt": "{k}"}}'.encode() for k, o in outcomes.items())
+    assert loop.helpers.started == helpers        # 49 connections opened, no helper woken
+    assert loop.http.connections_made() == 50 and loop.opening == {}
+
+
+def test_a_connection_the_loop_cannot_open_is_a_retryable_failure_and_a_helper_opens_the_next(loop):
+    listener = socket.create_server(("127.0.0.1", 0))
+    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    loop.http._addresses[origin] = (socket.AF_INET, listener.getsockname(), time.monotonic())
+    listener.close()   # nothing listens there now: refused
+    loop.pipe.send((JOBS, [job("refused", origin)]))
+    outcome = collect(loop.pipe, ["refused"])["refused"]
+    assert (outcome.kind, outcome.error) == (Kind.RETRY, "connection error: [Errno 111] Connection refused")
+    assert origin not in loop.http._addresses and loop.helpers.started == 0   # not trusted again
+    loop.pipe.send((JOBS, [job("again", origin)]))
+    assert collect(loop.pipe, ["again"])["again"].error.startswith("connection error")
+    assert loop.helpers.started == 1   # the next one was a helper's, looking the name up again
+
+
+@pytest.fixture
+def hanging_origin(loop):
+    """An origin the loop knows the address of, where connecting hangs: a listener that
+    never accepts, its queue full."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    crowd = [socket.socket() for _ in range(4)]
+    for sock in crowd:
+        sock.setblocking(False)
+        sock.connect_ex(listener.getsockname())
+    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    loop.http._addresses[origin] = (socket.AF_INET, listener.getsockname(), time.monotonic())
+    yield origin
+    for sock in crowd:
+        sock.close()
+    listener.close()
+
+
+def test_a_connection_the_loop_opens_ends_at_its_connect_timeout(loop, hanging_origin):
+    started = time.monotonic()
+    loop.pipe.send((JOBS, [job("hangs", hanging_origin)._replace(connect_timeout=0.3)]))
+    outcome = collect(loop.pipe, ["hangs"])["hangs"]
+    assert (outcome.kind, outcome.error) == (Kind.RETRY, "connect timeout")
+    assert 0.3 <= time.monotonic() - started < 2.0 and loop.opening == {}
+    assert loop.helpers.started == 0
+
+
+def test_a_cancel_ends_a_connection_the_loop_is_opening(loop, hanging_origin):
+    loop.pipe.send((JOBS, [job("hangs", hanging_origin)]))
+    wait_until(lambda: len(loop.opening) == 1, timeout=5, what="the connection being opened")
+    loop.pipe.send((CANCEL, ["hangs"]))
+    assert collect(loop.pipe, ["hangs"], timeout=2.0)["hangs"].kind is Kind.CANCELLED
+    assert loop.opening == {} and loop.http.in_flight() == 0
 
 
 def test_an_answer_still_arriving_is_read_by_a_helper_while_the_loop_goes_on(loop):
