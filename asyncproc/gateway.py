@@ -19,8 +19,9 @@ answer is read through http.client's response, as urllib3's `getresponse` does u
 urllib3's response object around it is made only to decode a Content-Encoding. The pool's
 per-request machinery (checkout and return under a lock, retry objects, URL re-encoding),
 urllib3's response object (a header dict, decoder set-up, length bookkeeping: with its
-`request()`, a quarter to a third of a worker's CPU per request) and requests' (hooks, cookie jars, proxy lookup) cost more
-CPU than the whole rest of a dispatch (see the README's performance section).
+`request()`, a quarter to a third of a worker's CPU per request) and requests' (hooks,
+cookie jars, proxy lookup) cost more CPU than the whole rest of a dispatch (see the
+README's performance section).
 """
 from __future__ import annotations
 
@@ -532,9 +533,10 @@ def _read_head(conn: HTTPConnection) -> http.client.HTTPResponse:
 def _decoding(response: http.client.HTTPResponse) -> urllib3.HTTPResponse:
     """urllib3's response over an encoded answer: it decodes the body as it is read (the
     size limit counts decoded bytes) and raises on a body shorter than declared."""
-    return urllib3.HTTPResponse(body=response, headers=urllib3.HTTPHeaderDict(response.msg.items()), status=response.status,
-                                reason=response.reason, preload_content=False, decode_content=True,
-                                original_response=response, enforce_content_length=True, request_method="POST")
+    return urllib3.HTTPResponse(body=response, headers=urllib3.HTTPHeaderDict(response.msg.items()),
+                                status=response.status, reason=response.reason, preload_content=False,
+                                decode_content=True, original_response=response, enforce_content_length=True,
+                                request_method="POST")
 
 
 def _set_timeout(sock: socket.socket, timeout: float) -> None:
