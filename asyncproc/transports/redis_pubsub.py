@@ -69,6 +69,12 @@ def decode_record(record: bytes) -> tuple:
     return rest[:int(size)].decode("utf-8", "replace"), rest[int(size):]
 
 
+#: How long `claim_due` leaves the retry set alone after finding nothing due there: another
+#: replica's retry, or one coming due, waits this much longer at most (the intake polls at
+#: this interval anyway when it has room).
+RETRIES_IDLE_SECONDS = 0.1
+
+
 class RedisPubSub(Transport):
     must_drain = True
     restages = True  # overflow stays in its intake record, moved to `staged`
@@ -96,6 +102,9 @@ class RedisPubSub(Transport):
         self._publish_script = self._client.register_script(load_script("publish_results.lua"))
         self._take_back_script = self._client.register_script(load_script("held_take_back.lua"))
         self.markers = Markers(self._client)
+        # The retry set had nothing due when last asked: `claim_due` asks it again from this
+        # time (or once this process writes a retry), not every tick of a staged backlog.
+        self._retries_idle_until = 0.0
 
     def connect(self) -> None:
         self._close_pubsub()
@@ -166,12 +175,16 @@ class RedisPubSub(Transport):
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
         """Due retries, then held messages taken back: those whose holder let the lease run
         out (it died), then those staged, oldest first; each under a new lease. Retries
-        first: a backlog of staged messages must not hold back a retry that is due."""
+        first: a backlog of staged messages must not hold back a retry that is due (one
+        that comes due while the retry set is left alone waits RETRIES_IDLE_SECONDS at most)."""
         until = now + self.lease_seconds
         if limit <= 0:
             return []
         try:
-            members = self._retries.claim_due(now, until, limit)
+            members: List[bytes] = []
+            if now >= self._retries_idle_until:
+                members = self._retries.claim_due(now, until, limit)
+                self._retries_idle_until = 0.0 if members else now + RETRIES_IDLE_SECONDS
             out = [Delivery(m, "", token=("retry", m), state=m) for m in members]
             flat = self._take_back_script(keys=[self._held, self._staged, self._held_messages],
                                           args=[repr(now), repr(until), limit - len(out)]) if limit > len(out) else [0]
@@ -244,6 +257,8 @@ class RedisPubSub(Transport):
                              *(self._marker("done", key) for key, _, _ in items)], args)
             self.markers.release(pipe, (writes.routes.get(k) for k, _, _ in writes.results))
             self._retries.add(pipe, [(state, due) for state, due, _ in writes.retries])
+            if writes.retries:
+                self._retries_idle_until = 0.0   # ours may be due at once (put back, overflow)
             if writes.dead_letters:
                 pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
             if held:

@@ -69,3 +69,25 @@ def test_a_record_whose_holder_died_comes_back_before_staged_ones(redis_server, 
     back = transport.claim_due(time.time(), 10)
     assert [(d.raw, d.received) for d in back] == [(dead.raw, None), (staged.raw, 5.0)]
     assert transport.stats()["retry_set"][PREFIX + "staged"] == 0
+
+
+def test_an_empty_retry_set_is_left_alone_for_a_moment_but_not_past_a_retry_of_ours(redis_server, transport):
+    """A staged backlog is taken back a tick at a time; the retry set, found empty, is not
+    asked again every tick, but a retry another replica writes waits at most
+    RETRIES_IDLE_SECONDS, and one this transport writes is asked for at once."""
+    from asyncproc.transports.redis_pubsub import RETRIES_IDLE_SECONDS
+    client = redis_server.client()
+    deliveries = received(transport, client, [request(f"b{i}") for i in range(4)])
+    transport.write(Writes(staged=[(d, 100.0 + i) for i, d in enumerate(deliveries)]))
+    now = time.time()
+    assert [d.state for d in transport.claim_due(now, 1)] == [None]   # the retry set: empty
+    other = orjson.dumps({"v": 1, "id": "r", "deadline": now + 600, "payload": {}, "queue": "batch-queue",
+                          "received_at": 1.0, "attempts": 1})
+    client.zadd(transport._retries.key, {other: now - 1})   # another replica's retry, due
+    assert [d.state for d in transport.claim_due(now + RETRIES_IDLE_SECONDS / 2, 1)] == [None]
+    assert [d.state for d in transport.claim_due(now + RETRIES_IDLE_SECONDS, 1)] == [other]
+    mine = orjson.dumps({"v": 1, "id": "b0", "deadline": now + 600, "payload": {}, "queue": "batch-queue",
+                         "received_at": 1.0, "attempts": 1})
+    transport.claim_due(now + RETRIES_IDLE_SECONDS + 0.01, 1)   # empty again: left alone
+    transport.write(Writes(retries=[(mine, now, None)]))
+    assert [d.state for d in transport.claim_due(now + RETRIES_IDLE_SECONDS + 0.02, 1)] == [mine]
