@@ -256,9 +256,17 @@ class Gateway:
         """Whether the worker's loop can open this attempt's connection itself: plain HTTP to
         an origin whose address a helper's connection found in the last ADDRESS_SECONDS, and
         a body the loop may send."""
-        known = self._addresses.get(attempt.job.origin)
-        return (known is not None and now - known[2] < ADDRESS_SECONDS and attempt.conn.sock is None
-                and not isinstance(attempt.conn, HTTPSConnection) and len(attempt.job.body) <= INLINE_SEND_BYTES)
+        return self.knows_address(attempt.job.origin, now) and self.may_open_later(attempt)
+
+    def may_open_later(self, attempt: Attempt) -> bool:
+        """Whether the loop could open this attempt's connection itself once a helper's
+        connection has found the origin's address: plain HTTP, a body the loop may send."""
+        return (attempt.conn.sock is None and not isinstance(attempt.conn, HTTPSConnection)
+                and len(attempt.job.body) <= INLINE_SEND_BYTES)
+
+    def knows_address(self, origin: str, now: float) -> bool:
+        known = self._addresses.get(origin)
+        return known is not None and now - known[2] < ADDRESS_SECONDS
 
     def open_now(self, attempt: Attempt) -> Optional[Outcome]:
         """Start connecting a non-blocking socket (the connection's own options) to the

@@ -6,7 +6,8 @@ The loop (`Loop`) never blocks on the gateway: it sends a request itself only ov
 connection with a body that fits the socket's empty send buffer, and reads an answer itself
 only once all of it has arrived (`gateway.answer_state`). It opens connections itself too,
 without waiting, to a plain-HTTP origin whose address a helper's connection found lately
-(`Gateway.opens_now`). Looking a name up, TLS, larger bodies and answers still arriving go
+(`Gateway.opens_now`); a burst to a new origin waits for one helper to find it
+(`Loop.found`). Looking a name up, TLS, larger bodies and answers still arriving go
 to helper threads, started as needed up to the worker's share of --concurrency, so a
 gateway that trickles bytes holds a thread, never the loop. Thousands of
 requests waiting on a slow gateway are thousands of parked sockets, not threads; an instant
@@ -50,6 +51,8 @@ PARKED = select.EPOLLIN | select.EPOLLONESHOT
 #: helper thread reads the rest (a server that writes headers and body apart: microseconds).
 ARRIVING_LOOK_SECONDS = 0.001
 ARRIVING_SECONDS = 0.01
+#: While attempts wait for a helper to find their origin's address, the loop looks this often.
+FINDING_LOOK_SECONDS = 0.005
 #: A helper thread idle this long ends.
 HELPER_IDLE_SECONDS = 60.0
 # What a helper thread is asked to do with an attempt.
@@ -161,6 +164,10 @@ class Loop:
         self.parked: Dict[int, Attempt] = {}     # socket fd -> the attempt waiting on it
         self.opening: Dict[int, Tuple[Attempt, float]] = {}  # fd -> attempt connecting, until (monotonic)
         self.opening_check = float("inf")          # the earliest of those ends
+        # Origins whose address a helper is finding (its attempt) and the attempts waiting
+        # for it, to be opened by the loop: a burst to a new origin takes one helper, not one each.
+        self.finding: Dict[str, Attempt] = {}
+        self.awaiting: Dict[str, List[Attempt]] = {}
         self.helpers = Helpers(capacity, self.help)   # at most one per request in flight
         self.done: List[Tuple[str, Outcome]] = []  # outcomes of this turn, sent at its end
         self.arriving: Dict[Attempt, float] = {}   # part of the answer here, since (monotonic)
@@ -175,8 +182,28 @@ class Loop:
             self.sent(attempt, self.guarded(self.http.send_now, attempt))
         elif self.http.opens_now(attempt, time.monotonic()):
             self.open(attempt)
+        elif job.origin in self.finding and self.http.may_open_later(attempt):
+            self.awaiting.setdefault(job.origin, []).append(attempt)
         else:
+            if self.http.may_open_later(attempt):
+                self.finding[job.origin] = attempt
             self.helpers.submit((SEND, attempt))
+
+    def found(self, now: float) -> None:
+        """Attempts awaiting an origin's address: opened here once a helper's connection has
+        found it; given to helpers (each connects itself) when that helper's attempt ended
+        without finding it."""
+        for origin, attempt in list(self.finding.items()):
+            if self.http.knows_address(origin, now):
+                waiting = self.awaiting.pop(origin, [])
+                del self.finding[origin]
+                for each in waiting:
+                    self.open(each)
+            elif attempt.done:
+                waiting = self.awaiting.pop(origin, [])
+                del self.finding[origin]
+                for each in waiting:
+                    self.helpers.submit((SEND, each))
 
     def open(self, attempt: Attempt) -> None:
         """Connect without waiting: the socket is watched until writable (then `opened`), or
@@ -296,7 +323,8 @@ class Loop:
             now = time.monotonic()
             wait = min(beat_every, max(self.http.next_expiry - now, EXPIRY_CHECK_SECONDS),
                        max(self.opening_check - now, 0.0))
-            events = self.epoll.poll(ARRIVING_LOOK_SECONDS if self.arriving else wait)
+            events = self.epoll.poll(ARRIVING_LOOK_SECONDS if self.arriving else
+                                     FINDING_LOOK_SECONDS if self.finding else wait)
             for fd, _ in events:
                 if fd == pipe:
                     self.read(conn, stopping)
@@ -305,6 +333,8 @@ class Loop:
                 else:
                     self.wake(fd)
             now = time.monotonic()
+            if self.finding:
+                self.found(now)
             for attempt in list(self.arriving):
                 self.look(attempt, now)
             if now >= self.opening_check:

@@ -112,6 +112,26 @@ def test_once_a_helper_found_the_address_the_loop_opens_connections_itself(loop,
     assert loop.http.connections_made() == 50 and loop.opening == {}
 
 
+def test_a_burst_to_a_new_origin_takes_one_helper_to_find_its_address(loop, slow_origin):
+    keys = [f"k{i}" for i in range(50)]
+    loop.pipe.send((JOBS, [job(k, slow_origin) for k in keys]))
+    outcomes = collect(loop.pipe, keys)
+    assert all(o.kind is Kind.OK and o.body == f'{{"prompt": "{k}"}}'.encode() for k, o in outcomes.items())
+    assert loop.helpers.started == 1   # it connected the first; the loop opened the other 49
+    assert loop.http.connections_made() == 50 and loop.finding == {} and loop.awaiting == {}
+
+
+def test_when_the_helper_finds_no_address_the_waiting_attempts_go_to_helpers(loop):
+    listener = socket.create_server(("127.0.0.1", 0))
+    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()   # refused: no address is learned
+    keys = [f"r{i}" for i in range(5)]
+    loop.pipe.send((JOBS, [job(k, origin) for k in keys]))
+    outcomes = collect(loop.pipe, keys)
+    assert {o.error for o in outcomes.values()} == {"connection error: [Errno 111] Connection refused"}
+    assert loop.finding == {} and loop.awaiting == {} and loop.http.in_flight() == 0
+
+
 def test_a_connection_the_loop_cannot_open_is_a_retryable_failure_and_a_helper_opens_the_next(loop):
     listener = socket.create_server(("127.0.0.1", 0))
     origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
