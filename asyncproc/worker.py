@@ -7,11 +7,11 @@ connection with a body that fits the socket's empty send buffer, and reads an an
 only once all of it has arrived (`gateway.answer_state`). It opens connections itself too,
 without waiting, to a plain-HTTP origin whose address a helper's connection found lately
 (`Gateway.opens_now`); a burst to a new origin waits for one helper to find it
-(`Loop.found`). Looking a name up, TLS, larger bodies and answers still arriving go
-to helper threads, started as needed up to the worker's share of --concurrency, so a
-gateway that trickles bytes holds a thread, never the loop. Thousands of
-requests waiting on a slow gateway are thousands of parked sockets, not threads; an instant
-gateway's answers are read where they are noticed, with no thread woken per request.
+(`Loop.found`). Looking a name up, TLS, larger bodies and answers still arriving go to
+helper threads, started as needed up to the worker's share of --concurrency, so a gateway
+that trickles bytes holds a thread, never the loop. Thousands of requests waiting on a slow
+gateway are thousands of parked sockets, not threads; an instant gateway's answers are read
+where they are noticed, with no thread woken per request.
 
 Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the supervisor
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
