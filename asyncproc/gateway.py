@@ -1,4 +1,5 @@
-"""Worker-side HTTP: urllib3 connections kept alive per gateway origin; one attempt is a
+"""Worker-side HTTP: urllib3 connections kept alive per gateway origin (origins.py, which
+also opens one without waiting where the origin's address is known); one attempt is a
 send, a wait for the answer, and a receive, so a worker can have thousands of attempts in
 flight without a thread blocked on each (the worker's loop parks the sockets in between,
 see worker.py); timeouts bounded by the deadline, no hidden retries.
@@ -25,8 +26,6 @@ README's performance section).
 """
 from __future__ import annotations
 
-import collections
-import errno
 import http.client
 import os
 import re
@@ -34,14 +33,14 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import urllib3
 from urllib3 import exceptions as u3
 from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.util import parse_url
 
 from asyncproc import outcomes
+from asyncproc.origins import Origins
 from asyncproc.outcomes import Assignment, Outcome
 
 #: Never start an attempt with less time than this before the deadline.
@@ -60,11 +59,6 @@ PEEK_BYTES = 64 * 1024
 SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
     (socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
 
-
-#: How long an origin's address, as a helper's connection found it (its DNS answer), is
-#: used to open connections from the worker's loop without waiting; after that, or after one
-#: such connection fails, the next is opened by a helper again (and looks the name up again).
-ADDRESS_SECONDS = 30.0
 
 #: How long a cancel for a key not (yet) being attempted here is remembered: it may be
 #: queued for a thread, or its outcome already on its way back.
@@ -118,39 +112,13 @@ class Gateway:
     shared by the worker's loop and threads."""
 
     def __init__(self, tls: Optional[Any] = None) -> None:
-        self.tls_options = tls_options(tls)
-        self._idle: Dict[str, Deque[HTTPConnection]] = collections.defaultdict(collections.deque)
-        self._connections: List[HTTPConnection] = []   # every one made, to close at the end
+        self.origins = Origins(tls_options(tls), SOCKET_OPTIONS)   # connections kept, addresses found
         self._attempts: Dict[int, Attempt] = {}   # id(attempt) -> attempt in flight
         self._attempts_lock = threading.Lock()
         self._cancelled: Dict[str, float] = {}    # keys cancelled before their attempt began -> when
-        self._addresses: Dict[str, tuple] = {}    # http origin -> (family, address, when learned)
-        self._origins: Dict[str, Any] = {}        # origin -> its parsed URL
         # The earliest budget end among the attempts in flight (or sooner): expire_overdue()
         # returns at once before it, instead of walking thousands of attempts ten times a second.
         self._next_expiry = float("inf")
-
-    def connection(self, origin: str) -> HTTPConnection:
-        """An idle connection to `origin` (scheme://host:port), or a new one not yet
-        connected; one the gateway closed while idle is closed here too, so it reconnects."""
-        idle = self._idle[origin]
-        if idle:  # deque pops and appends are atomic: the loop and threads share it
-            conn = idle.pop()
-            if conn.sock is not None and not conn.is_connected:
-                conn.close()
-            return conn
-        url = self._origins.get(origin)
-        if url is None:
-            url = self._origins[origin] = parse_url(origin)
-        https = url.scheme == "https"
-        cls = HTTPSConnection if https else HTTPConnection
-        conn = cls(url.host, url.port or (443 if https else 80), socket_options=SOCKET_OPTIONS,
-                   **(self.tls_options if https else {}))
-        self._connections.append(conn)
-        return conn
-
-    def connections_made(self) -> int:
-        return len(self._connections)
 
     def in_flight(self) -> int:
         return len(self._attempts)
@@ -178,14 +146,14 @@ class Gateway:
         budget = min(job.request_timeout, remaining)
         started = time.monotonic()
         attempt = Attempt(job, started, started + budget, min(job.connect_timeout, remaining))
-        attempt.conn = self.connection(job.origin)
+        attempt.conn = self.origins.take(job.origin)
         with self._attempts_lock:
             cancelled = self._cancelled.pop(job.key, None) is not None
             if not cancelled:   # from here on it is in flight until `_end`
                 self._attempts[id(attempt)] = attempt
                 self._next_expiry = min(self._next_expiry, attempt.ends_at)
         if cancelled:
-            self._idle[job.origin].append(attempt.conn)   # unused: kept for the next attempt
+            self.origins.give_back(job.origin, attempt.conn)   # unused: kept for the next attempt
             return outcomes.cancelled()
         return attempt
 
@@ -199,8 +167,7 @@ class Gateway:
             if conn.sock is None:
                 conn.timeout = attempt.connect_timeout
                 conn.connect()
-                if not isinstance(conn.sock, ssl.SSLSocket):
-                    self._addresses[job.origin] = (conn.sock.family, conn.sock.getpeername(), time.monotonic())
+                self.origins.found(job.origin, conn.sock)
             attempt.record(conn.sock)
             _set_timeout(conn.sock, _timeout(attempt, wait))   # sending, then the answer
             # The headers and the body are sent apart: corked, they leave as one segment (one
@@ -254,9 +221,9 @@ class Gateway:
     # -- opening a connection without waiting (the worker's loop) ---------------------------
     def opens_now(self, attempt: Attempt, now: float) -> bool:
         """Whether the worker's loop can open this attempt's connection itself: plain HTTP to
-        an origin whose address a helper's connection found in the last ADDRESS_SECONDS, and
-        a body the loop may send."""
-        return self.knows_address(attempt.job.origin, now) and self.may_open_later(attempt)
+        an origin whose address a helper's connection found lately (`Origins.knows`), and a
+        body the loop may send."""
+        return self.origins.knows(attempt.job.origin, now) and self.may_open_later(attempt)
 
     def may_open_later(self, attempt: Attempt) -> bool:
         """Whether the loop could open this attempt's connection itself once a helper's
@@ -264,32 +231,14 @@ class Gateway:
         return (attempt.conn.sock is None and not isinstance(attempt.conn, HTTPSConnection)
                 and len(attempt.job.body) <= INLINE_SEND_BYTES)
 
-    def knows_address(self, origin: str, now: float) -> bool:
-        known = self._addresses.get(origin)
-        return known is not None and now - known[2] < ADDRESS_SECONDS
-
     def open_now(self, attempt: Attempt) -> Optional[Outcome]:
-        """Start connecting a non-blocking socket (the connection's own options) to the
-        origin's known address; None while it connects (`opened` says how it went, once the
-        socket is writable), else the attempt's outcome."""
-        origin = attempt.job.origin
-        known = self._addresses.get(origin)
-        if known is None:
-            return self._failed_open(attempt, None, "connection error: address not known")
-        family, address, _ = known
+        """Start connecting to the origin's known address without waiting; None while it
+        connects (`opened` says how it went, once the socket is writable), else the
+        attempt's outcome."""
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = self.origins.connect_now(attempt.job.origin)
         except OSError as exc:
             return self._failed_open(attempt, None, f"connection error: {_reason(exc)}")
-        try:
-            for option in SOCKET_OPTIONS:
-                sock.setsockopt(*option)
-            sock.setblocking(False)
-            error = sock.connect_ex(address)
-        except OSError as exc:
-            return self._failed_open(attempt, sock, f"connection error: {_reason(exc)}")
-        if error not in (0, errno.EINPROGRESS):
-            return self._failed_open(attempt, sock, f"connection error: {_reason(OSError(error, os.strerror(error)))}")
         attempt.record(sock)   # a cancel or expiry from now on shuts it
         return None
 
@@ -318,7 +267,7 @@ class Gateway:
         if sock is not None:
             sock.close()
         if forget:
-            self._addresses.pop(attempt.job.origin, None)
+            self.origins.forget(attempt.job.origin)
         return self._end(attempt, outcomes.connection_failure(reason, time.monotonic() - attempt.started), False)
 
     def send_now(self, attempt: Attempt) -> Optional[Outcome]:
@@ -344,7 +293,7 @@ class Gateway:
             if attempt.sock is not None and attempt.sock is not conn.sock:
                 attempt.sock.close()   # one the loop was still opening
             conn.close()  # never reused as it is: the next attempt on it connects afresh
-        self._idle[attempt.job.origin].append(conn)
+        self.origins.give_back(attempt.job.origin, conn)
         if attempt.cancelled and outcome.status is None:  # aborted before an answer came
             return outcomes.cancelled(outcome.elapsed)
         return outcome
@@ -426,8 +375,7 @@ class Gateway:
         return expired
 
     def close(self) -> None:
-        for conn in list(self._connections):
-            conn.close()
+        self.origins.close()
 
 
 #: Statuses whose answers have no body whatever their headers say (http.client reads none).

@@ -7,9 +7,9 @@ connection with a body that fits the socket's empty send buffer, and reads an an
 only once all of it has arrived (`gateway.answer_state`). It opens connections itself too,
 without waiting, to a plain-HTTP origin whose address a helper's connection found lately
 (`Gateway.opens_now`); a burst to a new origin waits for one helper to find it
-(`Loop.found`). Looking a name up, TLS, larger bodies and answers still arriving go to
-helper threads, started as needed up to the worker's share of --concurrency, so a gateway
-that trickles bytes holds a thread, never the loop. Thousands of requests waiting on a slow
+(`Loop.addresses_found`). Looking a name up, TLS, larger bodies and answers still arriving
+go to helper threads, started as needed up to the worker's share of --concurrency, so a
+gateway that trickles bytes holds a thread, never the loop. Thousands of requests waiting on a slow
 gateway are thousands of parked sockets, not threads; an instant gateway's answers are read
 where they are noticed, with no thread woken per request.
 
@@ -189,12 +189,12 @@ class Loop:
                 self.finding[job.origin] = attempt
             self.helpers.submit((SEND, attempt))
 
-    def found(self, now: float) -> None:
+    def addresses_found(self, now: float) -> None:
         """Attempts awaiting an origin's address: opened here once a helper's connection has
         found it; given to helpers (each connects itself) when that helper's attempt ended
         without finding it."""
         for origin, attempt in list(self.finding.items()):
-            if self.http.knows_address(origin, now):
+            if self.http.origins.knows(origin, now):
                 waiting = self.awaiting.pop(origin, [])
                 del self.finding[origin]
                 for each in waiting:
@@ -334,7 +334,7 @@ class Loop:
                     self.wake(fd)
             now = time.monotonic()
             if self.finding:
-                self.found(now)
+                self.addresses_found(now)
             for attempt in list(self.arriving):
                 self.look(attempt, now)
             if now >= self.opening_check:

@@ -601,9 +601,8 @@ def format_row(r: Row) -> str:
     bound = f"{r.bound:6.0f}" if r.bound else "     -"
     gw = f"{r.gateway_rate:8.0f}" if r.gateway_rate else "       -"
     return (f"{r.scenario:4} {r.transport:15} {r.concurrency:8d} {r.workers:3d} {r.messages:6d} {r.rate:7.0f} {bound} "
-            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.ref_us:6.0f} {r.cpu_us / r.ref_us:5.2f} {r.mid_cpu_us:6.0f} "
-            f"{r.rss_mb:7.0f} "
-            f"{r.lost:4d} {r.duplicates:4d}")
+            f"{gw} {r.p50:6.2f} {r.p99:6.2f} {r.cpu_us:10.0f} {r.ref_us:6.0f} {r.cpu_us / r.ref_us:5.2f} "
+            f"{r.mid_cpu_us:6.0f} {r.rss_mb:7.0f} {r.lost:4d} {r.duplicates:4d}")
 
 
 def main(argv=None) -> int:

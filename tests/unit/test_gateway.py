@@ -74,7 +74,7 @@ def test_connections_are_reused(origin):
     for _ in range(3):
         assert gateway.post(job(origin)).kind is Kind.OK
     assert Handler.accepted - accepted == 1   # one socket, kept alive
-    assert gateway.connections_made() == 1
+    assert gateway.origins.made() == 1
 
 
 def test_a_connection_the_gateway_closed_while_idle_is_opened_again():

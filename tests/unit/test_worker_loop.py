@@ -96,7 +96,7 @@ def test_requests_in_flight_wait_as_parked_sockets_not_threads(loop, slow_origin
     outcomes = collect(loop.pipe, second)
     assert all(o.kind is Kind.OK and o.body == f'{{"prompt": "{k}"}}'.encode() for k, o in outcomes.items())
     assert len(loop.helpers.threads) == threads   # no thread more for the second hundred
-    assert loop.http.connections_made() == 100   # every connection kept and used again
+    assert loop.http.origins.made() == 100   # every connection kept and used again
     assert loop.http.in_flight() == 0
 
 
@@ -109,7 +109,7 @@ def test_once_a_helper_found_the_address_the_loop_opens_connections_itself(loop,
     outcomes = collect(loop.pipe, keys)
     assert all(o.kind is Kind.OK and o.body == f'{{"prompt": "{k}"}}'.encode() for k, o in outcomes.items())
     assert loop.helpers.started == helpers        # 49 connections opened, no helper woken
-    assert loop.http.connections_made() == 50 and loop.opening == {}
+    assert loop.http.origins.made() == 50 and loop.opening == {}
 
 
 def test_a_burst_to_a_new_origin_takes_one_helper_to_find_its_address(loop, slow_origin):
@@ -118,7 +118,7 @@ def test_a_burst_to_a_new_origin_takes_one_helper_to_find_its_address(loop, slow
     outcomes = collect(loop.pipe, keys)
     assert all(o.kind is Kind.OK and o.body == f'{{"prompt": "{k}"}}'.encode() for k, o in outcomes.items())
     assert loop.helpers.started == 1   # it connected the first; the loop opened the other 49
-    assert loop.http.connections_made() == 50 and loop.finding == {} and loop.awaiting == {}
+    assert loop.http.origins.made() == 50 and loop.finding == {} and loop.awaiting == {}
 
 
 def test_when_the_helper_finds_no_address_the_waiting_attempts_go_to_helpers(loop):
@@ -135,12 +135,13 @@ def test_when_the_helper_finds_no_address_the_waiting_attempts_go_to_helpers(loo
 def test_a_connection_the_loop_cannot_open_is_a_retryable_failure_and_a_helper_opens_the_next(loop):
     listener = socket.create_server(("127.0.0.1", 0))
     origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    loop.http._addresses[origin] = (socket.AF_INET, listener.getsockname(), time.monotonic())
+    with socket.create_connection(listener.getsockname()) as found:
+        loop.http.origins.found(origin, found)
     listener.close()   # nothing listens there now: refused
     loop.pipe.send((JOBS, [job("refused", origin)]))
     outcome = collect(loop.pipe, ["refused"])["refused"]
     assert (outcome.kind, outcome.error) == (Kind.RETRY, "connection error: [Errno 111] Connection refused")
-    assert origin not in loop.http._addresses and loop.helpers.started == 0   # not trusted again
+    assert not loop.http.origins.knows(origin, time.monotonic()) and loop.helpers.started == 0   # not trusted again
     loop.pipe.send((JOBS, [job("again", origin)]))
     assert collect(loop.pipe, ["again"])["again"].error.startswith("connection error")
     assert loop.helpers.started == 1   # the next one was a helper's, looking the name up again
@@ -151,12 +152,13 @@ def hanging_origin(loop):
     """An origin the loop knows the address of, where connecting hangs: a listener that
     never accepts, its queue full."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-    crowd = [socket.socket() for _ in range(4)]
-    for sock in crowd:
+    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    found = socket.create_connection(listener.getsockname())
+    loop.http.origins.found(origin, found)
+    crowd = [found] + [socket.socket() for _ in range(4)]
+    for sock in crowd[1:]:
         sock.setblocking(False)
         sock.connect_ex(listener.getsockname())
-    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    loop.http._addresses[origin] = (socket.AF_INET, listener.getsockname(), time.monotonic())
     yield origin
     for sock in crowd:
         sock.close()

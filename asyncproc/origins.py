@@ -1,0 +1,96 @@
+"""The connections a worker keeps per gateway origin, and where each origin is.
+
+Idle connections are reused newest first (deque pops and appends are atomic: the worker's
+loop and its helper threads share them). The address a helper's connection found for a
+plain-HTTP origin (its DNS answer) is kept for ADDRESS_SECONDS, so that the loop can open
+connections to it without waiting (`connect_now`); after that, or once such a connection
+fails, the next is opened by a helper again, which looks the name up again.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import socket
+import ssl
+import time
+from typing import Any, Deque, Dict, List
+
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.util import parse_url
+
+#: How long an origin's address, as a helper's connection found it, is used.
+ADDRESS_SECONDS = 30.0
+
+
+class Origins:
+    def __init__(self, tls_options: Dict[str, Any], socket_options: List[tuple]) -> None:
+        self.tls_options = tls_options
+        self.socket_options = socket_options
+        self._idle: Dict[str, Deque[HTTPConnection]] = collections.defaultdict(collections.deque)
+        self._made: List[HTTPConnection] = []      # every connection made, to close at the end
+        self._urls: Dict[str, Any] = {}             # origin -> its parsed URL
+        self._addresses: Dict[str, tuple] = {}      # plain-HTTP origin -> (family, address, when found)
+
+    def take(self, origin: str) -> HTTPConnection:
+        """An idle connection to `origin` (scheme://host:port), or a new one not yet
+        connected; one the gateway closed while idle is closed here too, so it reconnects."""
+        idle = self._idle[origin]
+        if idle:
+            conn = idle.pop()
+            if conn.sock is not None and not conn.is_connected:
+                conn.close()
+            return conn
+        url = self._urls.get(origin)
+        if url is None:
+            url = self._urls[origin] = parse_url(origin)
+        https = url.scheme == "https"
+        cls = HTTPSConnection if https else HTTPConnection
+        conn = cls(url.host, url.port or (443 if https else 80), socket_options=self.socket_options,
+                   **(self.tls_options if https else {}))
+        self._made.append(conn)
+        return conn
+
+    def give_back(self, origin: str, conn: HTTPConnection) -> None:
+        self._idle[origin].append(conn)
+
+    def made(self) -> int:
+        return len(self._made)
+
+    # -- addresses, for opening without waiting -------------------------------------------
+    def found(self, origin: str, sock: socket.socket) -> None:
+        """A helper's connection to `origin` is open: where it went (plain HTTP only)."""
+        if not isinstance(sock, ssl.SSLSocket):
+            self._addresses[origin] = (sock.family, sock.getpeername(), time.monotonic())
+
+    def knows(self, origin: str, now: float) -> bool:
+        known = self._addresses.get(origin)
+        return known is not None and now - known[2] < ADDRESS_SECONDS
+
+    def forget(self, origin: str) -> None:
+        self._addresses.pop(origin, None)
+
+    def connect_now(self, origin: str) -> socket.socket:
+        """A non-blocking socket (the connections' own options) connecting to the origin's
+        known address; writable once connected or failed (SO_ERROR says which). OSError
+        when it cannot even start."""
+        known = self._addresses.get(origin)
+        if known is None:
+            raise OSError("address not known")
+        family, address, _ = known
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            for option in self.socket_options:
+                sock.setsockopt(*option)
+            sock.setblocking(False)
+            error = sock.connect_ex(address)
+            if error not in (0, errno.EINPROGRESS):
+                raise OSError(error, os.strerror(error))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def close(self) -> None:
+        for conn in list(self._made):
+            conn.close()
