@@ -9,15 +9,18 @@ whom to tell a TransportError (it reconnects).
 """
 from __future__ import annotations
 
-from typing import Callable
+import heapq
+import math
+from typing import Callable, List, Set
 
 from asyncproc import messages, metrics
 from asyncproc.books import Books
-from asyncproc.timers import Timer
+from asyncproc.timers import Backoff, Timer
 from asyncproc.transports import Transport, TransportError
 
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
-RETRY_POLL_SECONDS = 0.1     # how often the retry set is asked for due entries
+RETRY_POLL_SECONDS = 0.1     # how often the queues and the retry set are asked while that finds work,
+IDLE_POLL_SECONDS = 1.0      # and at most this long apart (doubling) while it finds nothing
 
 
 class Intake:
@@ -26,7 +29,10 @@ class Intake:
         self.books = books
         self.metrics = metrics_
         self.capacity = capacity             # held at most: --concurrency + --intake-buffer
-        self.retry_poll = Timer()            # set to 0 on (re)connect: ask at once
+        self.retry_poll = Timer()            # when to ask next (poll_now on (re)connect)
+        self.poll_wait = Backoff(RETRY_POLL_SECONDS, IDLE_POLL_SECONDS)
+        self.own_due: List[float] = []       # heap: when retries this process wrote fall due
+        self._own_slots: Set[float] = set()
         self.more_to_read = False            # the last read was a full batch: do not sleep
         self.subscriber_drops = 0            # the transport's count, last seen
         self.lease_renewal = Timer(transport.keep_alive_interval)
@@ -52,11 +58,13 @@ class Intake:
                 for delivery in claimed:
                     books.isolation.run("retry", None, delivery, books.accept_retry, delivery, now)
                 room -= len(claimed)
+                found = bool(claimed)
                 if room > 0 and not transport.must_drain:
                     deliveries = transport.receive(room)
                     books.accept_new(transport, deliveries, now)
                     room -= len(deliveries)
-                self.retry_poll.set(now if room <= 0 else now + RETRY_POLL_SECONDS)
+                    found = found or bool(deliveries)
+                self.retry_poll.set(now if room <= 0 else self.next_poll(now, found))
         except TransportError as exc:
             down(exc)
         drops = transport.subscriber_drops
@@ -65,6 +73,36 @@ class Intake:
             self.subscriber_drops = drops
         if transport.must_drain:
             self.stage_overflow(now)
+        self.expect_own(now)
+
+    def poll_now(self) -> None:
+        """Ask at once, and every RETRY_POLL_SECONDS while that finds work ((re)connected)."""
+        self.retry_poll.set(0.0)
+        self.poll_wait.reset()
+
+    def next_poll(self, now: float, found: bool) -> float:
+        """When to ask next: RETRY_POLL_SECONDS from now while asking finds work, backing off
+        while it does not, but never after a retry this process wrote falls due."""
+        at = now + self.poll_wait.after(found)
+        own = self.own_due
+        while own and own[0] <= now:
+            self._own_slots.discard(heapq.heappop(own))
+        return min(at, own[0]) if own else at
+
+    def expect_own(self, now: float) -> None:
+        """Retries this process is about to write are asked for when due (to the next
+        RETRY_POLL_SECONDS step: at most that many due times a second are kept), and staged
+        overflow at once, however far polling has backed off."""
+        outbox = self.books.outbox
+        if outbox.staged:
+            self.retry_poll.set(min(self.retry_poll.at, now))
+        for _, due, _ in outbox.retries:
+            slot = math.ceil(due / RETRY_POLL_SECONDS) * RETRY_POLL_SECONDS
+            if slot not in self._own_slots:
+                self._own_slots.add(slot)
+                heapq.heappush(self.own_due, slot)
+        if self.own_due and self.own_due[0] < self.retry_poll.at:
+            self.retry_poll.set(max(self.own_due[0], now))
 
     def stage_overflow(self, now: float) -> None:
         """Keep memory bounded: what exceeds capacity waits in Redis, due now. A message

@@ -85,7 +85,7 @@ class Supervisor:
         self.deadline = Timer()              # DRAINING: end of the grace; STOPPING: of the flush
         self.signals: List[int] = []
         self.readable: set = set()           # what the last wait found ready
-        self.link = Link(self.transport, self.metrics, clock, lambda: self.inbound.retry_poll.set(0.0))
+        self.link = Link(self.transport, self.metrics, clock, self.inbound.poll_now)
         self.notifier = notify.Notifier(os.environ)
         self.notified_ready = False
         self.watchdog = Timer(self.notifier.watchdog_interval)

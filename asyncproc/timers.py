@@ -29,6 +29,29 @@ class Timer:
         self.at = now + seconds
 
 
+class Backoff:
+    """How long until asking again: `base` while asking finds something, doubling up to
+    `most` while it keeps finding nothing, so an idle asyncproc asks its queues about once a
+    second instead of ten times (README: Retries)."""
+
+    def __init__(self, base: float, most: float) -> None:
+        self.base = base
+        self.most = most
+        self.current = base
+
+    def after(self, found: bool) -> float:
+        """Seconds to the next ask, after one that found something (or nothing)."""
+        if found:
+            self.current = self.base
+            return self.base
+        seconds = self.current
+        self.current = min(self.current * 2, self.most)
+        return seconds
+
+    def reset(self) -> None:
+        self.current = self.base
+
+
 class BatchWindow:
     """How long to let outcomes gather before acting on them (README: Performance): a small
     share of the mean attempt latency, so a freed slot waits at most that share longer, while

@@ -1,8 +1,11 @@
 """Intake in-process (intake.py, and the isolation of its parse and claim): what the
 end-to-end tests see only with real processes, or not at all."""
 import orjson
+import pytest
 
 from asyncproc import messages
+from asyncproc.intake import IDLE_POLL_SECONDS, RETRY_POLL_SECONDS
+from asyncproc.outcomes import Kind, Outcome
 from asyncproc.transports.memory import Memory
 from tests.inprocess.fakes import Rig, answers_after
 
@@ -65,3 +68,55 @@ def test_the_leases_of_what_is_held_are_kept_alive_every_interval(monkeypatch):
     assert len(renewed) >= 3 and all(tokens == [1, 2] for _, tokens in renewed)
     assert all(later - earlier >= 2.0 for (earlier, _), (later, _) in zip(renewed, renewed[1:]))
     assert renewed[-1][0] < start  # nothing held: nothing to renew
+
+
+def recording_polls(rig):
+    """The fake clock's time at each receive (each time the queues are asked)."""
+    asked = []
+    receive = rig.transport.receive
+
+    def recorded(limit):
+        asked.append(rig.clock())
+        return receive(limit)
+
+    rig.transport.receive = recorded
+    return asked
+
+
+def test_an_idle_intake_asks_less_often_and_at_its_pace_again_once_work_comes():
+    rig = Rig()
+    asked = recording_polls(rig)
+    start = rig.clock()
+    rig.run_until(lambda: rig.clock() >= start + 20)
+    gaps = [b - a for a, b in zip(asked, asked[1:])]
+    assert gaps[0] == pytest.approx(RETRY_POLL_SECONDS) and max(gaps) <= IDLE_POLL_SECONDS + 1e-6
+    assert gaps[-5:] == pytest.approx([IDLE_POLL_SECONDS] * 5)
+    assert len(asked) < 30    # 200 at a steady 0.1 s
+    produced = rig.clock()
+    rig.requests(["a"])
+    rig.run_until(answered(rig, ["a"]))
+    assert rig.clock() - produced <= IDLE_POLL_SECONDS + 0.1
+    rig.requests(["b"])   # found work: asked at the steady pace again
+    produced = rig.clock()
+    rig.run_until(answered(rig, ["b"]))
+    assert rig.clock() - produced <= RETRY_POLL_SECONDS + 0.1
+
+
+def test_a_retry_this_process_writes_is_taken_when_due_not_a_backoff_later():
+    """Polls have backed off to a second; the retry of a 503 is still taken at its due time."""
+    attempts = []
+
+    def gateway(assignment, now):
+        attempts.append(now)
+        if len(attempts) == 1:
+            return Outcome(Kind.RETRY, 503, b"busy", elapsed=0.05), 0.05
+        return Outcome(Kind.OK, 200, b"{}", elapsed=0.05), 0.05
+
+    rig = Rig("--retry-policy", "fixed", "--retry-base-delay", "2.3", gateway=gateway)
+    start = rig.clock()
+    rig.run_until(lambda: rig.clock() >= start + 10)   # polls backed off
+    rig.requests(["a"])
+    rig.run_until(answered(rig, ["a"]))
+    assert len(attempts) == 2
+    # due 2.3 s after the 503 came back (0.05 s after the attempt), asked for within one step
+    assert 2.35 <= attempts[1] - attempts[0] <= 2.35 + RETRY_POLL_SECONDS + 1e-6

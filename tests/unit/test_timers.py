@@ -1,7 +1,8 @@
-"""The batch window: how long a tick or a worker's turn lets outcomes gather."""
+"""The batch window (how long a tick or a worker's turn lets outcomes gather), the intake's
+poll back-off and the timer."""
 import pytest
 
-from asyncproc.timers import BatchWindow, Timer
+from asyncproc.timers import Backoff, BatchWindow, Timer
 
 
 @pytest.mark.parametrize("latency, window", [
@@ -32,3 +33,21 @@ def test_the_mean_latency_follows_outcomes():
 def test_a_timer_is_due_again_after_its_interval():
     timer = Timer(interval=5.0)
     assert timer.every(100.0) and not timer.every(104.9) and timer.every(105.0)
+
+
+@pytest.mark.parametrize("found, waits", [
+    ([True, True, True], [0.1, 0.1, 0.1]),
+    ([False] * 7, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]),        # doubling, up to the most
+    ([False, False, False, True, False, False], [0.1, 0.2, 0.4, 0.1, 0.1, 0.2]),  # found: back to base
+])
+def test_asking_backs_off_while_it_finds_nothing(found, waits):
+    backoff = Backoff(0.1, 1.0)
+    assert [backoff.after(f) for f in found] == pytest.approx(waits)
+
+
+def test_a_reset_backoff_asks_at_its_base_again():
+    backoff = Backoff(0.1, 1.0)
+    for _ in range(5):
+        backoff.after(False)
+    backoff.reset()
+    assert backoff.after(False) == 0.1
