@@ -21,6 +21,7 @@ from asyncproc.transports import Transport, TransportError
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the queues and the retry set are asked while that finds work,
 IDLE_POLL_SECONDS = 1.0      # and at most this long apart (doubling) while it finds nothing
+OWN_DUE_MAX = 10_000         # due times of our own retries remembered, at most (one per RETRY_POLL_SECONDS)
 
 
 class Intake:
@@ -90,15 +91,16 @@ class Intake:
         return min(at, own[0]) if own else at
 
     def expect_own(self, now: float) -> None:
-        """Retries this process is about to write are asked for when due (to the next
-        RETRY_POLL_SECONDS step: at most that many due times a second are kept), and staged
-        overflow at once, however far polling has backed off."""
+        """Retries this process is about to write are asked for when due, and staged overflow
+        at once, however far polling has backed off. Due times are kept to the next
+        RETRY_POLL_SECONDS step, OWN_DUE_MAX at most: past that, a retry of ours is found
+        like another replica's, IDLE_POLL_SECONDS late at most."""
         outbox = self.books.outbox
         if outbox.staged:
             self.retry_poll.set(min(self.retry_poll.at, now))
         for _, due, _ in outbox.retries:
             slot = math.ceil(due / RETRY_POLL_SECONDS) * RETRY_POLL_SECONDS
-            if slot not in self._own_slots:
+            if slot not in self._own_slots and len(self.own_due) < OWN_DUE_MAX:
                 self._own_slots.add(slot)
                 heapq.heappush(self.own_due, slot)
         if self.own_due and self.own_due[0] < self.retry_poll.at:

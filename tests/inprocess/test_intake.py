@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from asyncproc import messages
-from asyncproc.intake import IDLE_POLL_SECONDS, RETRY_POLL_SECONDS
+from asyncproc.intake import IDLE_POLL_SECONDS, OWN_DUE_MAX, RETRY_POLL_SECONDS
 from asyncproc.outcomes import Kind, Outcome
 from asyncproc.transports.memory import Memory
 from tests.inprocess.fakes import Rig, answers_after
@@ -120,3 +120,16 @@ def test_a_retry_this_process_writes_is_taken_when_due_not_a_backoff_later():
     assert len(attempts) == 2
     # due 2.3 s after the 503 came back (0.05 s after the attempt), asked for within one step
     assert 2.35 <= attempts[1] - attempts[0] <= 2.35 + RETRY_POLL_SECONDS + 1e-6
+
+
+def test_the_due_times_of_our_own_retries_kept_are_bounded():
+    """One per RETRY_POLL_SECONDS step, OWN_DUE_MAX at most, however many retries are written."""
+    rig = Rig()
+    intake, now = rig.sup.inbound, rig.clock()
+    rig.sup.books.outbox.retries.extend((b"{}", now + 5 + i * 0.01, None) for i in range(1000))
+    intake.expect_own(now)
+    assert len(intake.own_due) == 101   # 5.00 s to 14.99 s ahead, in 0.1 s steps
+    rig.sup.books.outbox.retries[:] = [(b"{}", now + 20 + i * 0.2, None) for i in range(3 * OWN_DUE_MAX)]
+    intake.expect_own(now)
+    assert len(intake.own_due) == OWN_DUE_MAX
+    rig.sup.books.outbox.retries.clear()
