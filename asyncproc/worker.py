@@ -194,16 +194,14 @@ class Loop:
         found it; given to helpers (each connects itself) when that helper's attempt ended
         without finding it."""
         for origin, attempt in list(self.finding.items()):
-            if self.http.origins.knows(origin, now):
-                waiting = self.awaiting.pop(origin, [])
+            known = self.http.origins.knows(origin, now)
+            if known or attempt.done:
                 del self.finding[origin]
-                for each in waiting:
-                    self.open(each)
-            elif attempt.done:
-                waiting = self.awaiting.pop(origin, [])
-                del self.finding[origin]
-                for each in waiting:
-                    self.helpers.submit((SEND, each))
+                for each in self.awaiting.pop(origin, []):
+                    if known:
+                        self.open(each)
+                    else:
+                        self.helpers.submit((SEND, each))
 
     def open(self, attempt: Attempt) -> None:
         """Connect without waiting: the socket is watched until writable (then `opened`), or

@@ -69,9 +69,9 @@ def decode_record(record: bytes) -> tuple:
     return rest[:int(size)].decode("utf-8", "replace"), rest[int(size):]
 
 
-#: How long `claim_due` leaves the retry set alone after finding nothing due there: another
-#: replica's retry, or one coming due, waits this much longer at most (the intake polls at
-#: this interval anyway when it has room).
+#: How long `claim_due` leaves the retry set alone after finding nothing due there, while
+#: the intake asks every tick to take a staged backlog back: another replica's retry, or one
+#: coming due, waits this much longer at most (the intake's own pace while it finds work).
 RETRIES_IDLE_SECONDS = 0.1
 
 
