@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import List, Optional
@@ -13,10 +12,10 @@ from typing import List, Optional
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.harness import ServerProcess, free_port, kill_group, wait_until
+from asyncproc.tools.local import cluster_ports
+from tests.harness import ServerProcess, kill_group, wait_until
 
 NODE_TIMEOUT_MS = 1500
-MAX_PORT = 55535  # a node listens on port + 10000 too (the cluster bus)
 
 
 def cluster_redis_binary() -> Optional[str]:
@@ -40,25 +39,6 @@ def cluster_cli_binary(server: str) -> Optional[str]:
     """The redis-cli next to `server` (for --cluster create / reshard)."""
     beside = Path(server).with_name("redis-cli")
     return str(beside) if beside.exists() else shutil.which("redis-cli")
-
-
-def low_free_port() -> int:
-    """A free port at most 55535 whose cluster-bus port (+10000) is free too: tests run in
-    parallel, and a node whose bus port is taken exits at start."""
-    for _ in range(200):
-        port = free_port()
-        if port <= MAX_PORT and _bindable(port + 10000):
-            return port
-    raise RuntimeError("no free port at most 55535 with a free bus port")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class ClusterNodeProcess(ServerProcess):
@@ -97,11 +77,7 @@ class Cluster:
     def __init__(self, workdir: Path, binary: str, masters: int = 3, replicas: int = 1) -> None:
         self.binary = binary
         self.cli = cluster_cli_binary(binary)
-        ports: List[int] = []
-        while len(ports) < masters * (1 + replicas):
-            port = low_free_port()
-            if not {port, port + 10000, port - 10000} & set(ports):
-                ports.append(port)
+        ports = cluster_ports(masters * (1 + replicas))
         self.nodes = [ClusterNodeProcess(binary, workdir / str(p), p) for p in ports]
         self.replicas = replicas
 

@@ -22,10 +22,8 @@ import psutil
 import redis
 
 from asyncproc.tools.bench import Collector, _pct, arrival_stats, tree_usage
-from asyncproc.tools.local import Processes, free_port, redis_answers, wait_for
+from asyncproc.tools.local import Processes, cluster_ports, free_port, redis_answers, wait_for
 from asyncproc.transports.keys import slot
-
-MAX_PORT = 55535  # a cluster node listens on port + 10000 too
 
 
 @dataclass
@@ -52,14 +50,6 @@ def format_row(r: ClusterRow) -> str:
             f"{r.p99:6.2f} {r.cpu_us:10.0f} {r.redis_cpu_us:12.0f} {r.lost:4d} {r.duplicates:4d}")
 
 
-def low_port() -> int:
-    for _ in range(200):
-        port = free_port()
-        if port <= MAX_PORT:
-            return port
-    raise RuntimeError("no free port at most 55535")
-
-
 def find_cli(server: str) -> Optional[str]:
     beside = os.path.join(os.path.dirname(server), "redis-cli")
     return beside if os.path.exists(beside) else shutil.which("redis-cli")
@@ -67,7 +57,7 @@ def find_cli(server: str) -> Optional[str]:
 
 def start_servers(procs: Processes, server: str, workdir: str, cluster: bool) -> tuple:
     """(URL for asyncproc, client, redis-server pids)."""
-    ports = [low_port() for _ in range(3 if cluster else 1)]
+    ports = cluster_ports(3) if cluster else [free_port()]
     pids = []
     for port in ports:
         node_dir = os.path.join(workdir, f"redis-{port}")

@@ -30,6 +30,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: A cluster node listens on its port + 10000 too (the cluster bus).
+CLUSTER_MAX_PORT = 55535
+
+
+def cluster_ports(count: int) -> List[int]:
+    """`count` free ports for cluster nodes: at most CLUSTER_MAX_PORT, each bus port free
+    too, none a bus port of another (a node whose bus port is taken exits at start; tests
+    and benchmarks run beside each other)."""
+    ports: List[int] = []
+    for _ in range(200 * count):
+        if len(ports) == count:
+            break
+        port = free_port()
+        if port <= CLUSTER_MAX_PORT and _bindable(port + 10000) \
+                and not {port, port + 10000, port - 10000} & set(ports):
+            ports.append(port)
+    if len(ports) < count:
+        raise RuntimeError(f"no {count} free ports at most {CLUSTER_MAX_PORT} with free bus ports")
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def redis_answers(client) -> bool:
     try:
         return bool(client.ping())
