@@ -109,9 +109,10 @@ class Limits:
         return self.by_queue.get(queue, self.endpoints)
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: several are made per message, and a frozen one costs 6x to make
 class Request:
-    """A valid request plus the retry state that travels with it (survives restarts)."""
+    """A valid request plus the retry state that travels with it (survives restarts).
+    Never changed once made (`after_attempt`, `dataclasses.replace` make another)."""
 
     id: Union[str, int]
     deadline: float
@@ -171,9 +172,10 @@ class DeadLetter:
     received_at: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen, as Request
 class Result:
-    """The one answer a request gets. `body` is the gateway's raw response body, if any."""
+    """The one answer a request gets. `body` is the gateway's raw response body, if any.
+    Never changed once made."""
 
     id: Union[str, int]
     queue: str

@@ -30,12 +30,12 @@ class Backoff:
         return rng.uniform(0.0, ceiling)
 
 
-@dataclass(frozen=True)
+@dataclass  # RetryAt and Finish: one per attempt; not frozen, as messages.Request
 class RetryAt:
     due: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class Finish:
     """End the request: `ok` with the outcome's body, or an error with `reason`.
 

@@ -21,7 +21,7 @@ class Unconfirmed(TransportError):
     is at fault, so the whole write waits and is repeated (repeats are deduplicated)."""
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen, as messages.Request: one or two are made per message
 class Delivery:
     """One message as the queue handed it over.
 

@@ -71,7 +71,9 @@ def make_client(url: str, auth: Optional[Any] = None, timeout: float = SOCKET_TI
     URL (or `cluster`) gives redis-py's RedisCluster: it discovers the nodes from the seed,
     follows MOVED/ASK and refreshes its slot map when a node fails."""
     url, cluster = cluster_url(url, cluster)
-    kwargs: Dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+    # RESP2 (a URL's ?protocol=3 still wins): redis-py 8 speaks RESP3 by default, and there it
+    # formats every pub/sub message into a debug log line whether or not DEBUG is on.
+    kwargs: Dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout, protocol=2)
     if keepalive:
         kwargs["socket_keepalive"] = True
     if auth is not None:

@@ -80,3 +80,14 @@ def test_a_cluster_client_is_made_on_first_use_and_its_errors_are_transport_erro
     assert len(script.sha) == 40
     with pytest.raises(TransportError, match="connection refused"):
         guarded(client.ping)
+
+
+@pytest.mark.parametrize("url, protocol", [
+    ("redis://127.0.0.1:1/0", 2),                 # RESP2 unless asked: redis-py 8's RESP3 pub/sub
+    ("redis://127.0.0.1:1/0?protocol=3", 3),      # path formats a log line per message
+])
+def test_clients_speak_resp2_unless_the_url_asks_for_resp3(url, protocol):
+    from asyncproc.transports.redisbase import make_client
+
+    client = make_client(url, timeout=0.5)
+    assert client.connection_pool.connection_kwargs["protocol"] == protocol
