@@ -39,6 +39,7 @@ class Books:
         self.ledger = Ledger(settings.dispatch.order)
         self.outbox = Writes()
         self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
+        self.settle_later: List[Delivery] = []   # their replacement written; settled by the next write
         self.cancelled = messages.Cancellations()
         self.unclaimed: List[tuple] = []     # (parsed, delivery) read while the claim failed
         self.limits = settings.message_limits()
@@ -296,16 +297,29 @@ class Books:
     # -- writing -----------------------------------------------------------------------------
     def flush(self, transport: Transport) -> Optional[Exception]:
         """Write the outbox, then forget what it settled. None when everything is written;
-        the failure when the queue system is unreachable (the outbox keeps what is unwritten)."""
-        if not self.outbox:
+        the failure when the queue system is unreachable (the outbox keeps what is unwritten).
+        On a transport that `settles_later`, the deliveries of the results and dead letters
+        written are settled by the next flush (as drops): one round trip a flush."""
+        if not self.outbox and not self.settle_later:
             return None
+        self.outbox.drops.extend(self.settle_later)
+        self.settle_later = []
+        written = self.outbox
         try:
-            transport.write(self.outbox)
+            transport.write(written)
         except Exception as exc:  # TransportError, or a transport's bug on one item
-            failure, self.outbox = self.write_isolation.write_item_by_item(transport, self.outbox, exc)
+            failure, written = self.write_isolation.write_item_by_item(transport, written, exc)
             if failure is not None:
+                self.outbox = written
                 return failure
         for key in self.outbox_keys:
             self.ledger.forget(key)
+        if transport.settles_later:
+            self.settle_later = [d for d in ([d for _, _, d in written.results] + [d for _, d in written.dead_letters])
+                                 if d is not None and d.token is not None]
         self.outbox, self.outbox_keys = Writes(), []
         return None
+
+    def unwritten(self) -> bool:
+        """Anything left to write: the outbox, or deliveries to settle."""
+        return bool(self.outbox or self.settle_later)

@@ -139,9 +139,12 @@ class Request:
 
     def after_attempt(self, error: Optional[str]) -> "Request":
         # positional, not dataclasses.replace: this runs once per attempt, in the loop
-        return Request(self.id, self.deadline, self.payload, self.queue, self.received_at, self.endpoint,
-                       self.metadata, self.created, self.attempts + 1, error, self.headers, self.reply_to,
-                       self.token, self.refused_headers)
+        after = Request(self.id, self.deadline, self.payload, self.queue, self.received_at, self.endpoint,
+                        self.metadata, self.created, self.attempts + 1, error, self.headers, self.reply_to,
+                        self.token, self.refused_headers)
+        if "key" in self.__dict__:  # the same id: its key as made already
+            after.__dict__["key"] = self.__dict__["key"]
+        return after
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ class Supervisor:
             self._enter(Lifecycle.STOPPING, now)
         if self.state is Lifecycle.STOPPING:
             self.flush()
-            if not self.books.outbox:
+            if not self.books.unwritten():
                 self._enter(Lifecycle.STOPPED, now)
             elif self.deadline.due(now):
                 self.books.log_unwritten("queue system unreachable at stop: ")
@@ -188,10 +188,9 @@ class Supervisor:
             now = self.clock()
             self.books.put_back(self.ledger.unfinished(), now)
             self.deadline.after(now, STOP_FLUSH_SECONDS)
-            while self.books.outbox and not self.signals and not self.deadline.due(self.clock()):
+            while self.books.unwritten() and not self.signals and not self.deadline.due(self.clock()):
                 self.link.connect_if_due(self.clock())
-                self.flush()
-                if self.books.outbox:
+                if not self.flush():
                     self._wait([self._wake_r], timeout=RECONNECT_MIN)
             if self.books.outbox:
                 self.books.log_unwritten()
@@ -240,6 +239,8 @@ class Supervisor:
             wake.append(self.link.reconnect.at)
         if self.state in (Lifecycle.DRAINING, Lifecycle.STOPPING):
             wake.append(self.deadline.at)
+        if self.state is Lifecycle.STOPPING and self.link.connected and self.books.unwritten():
+            return 0.0  # the last writes (a settling the write before left: Transport.settles_later)
         if self.notifier.watchdog_interval is not None:
             wake.append(self.watchdog.at)
         gates_due = self.gate_feed.next_due()

@@ -87,6 +87,10 @@ class Transport(abc.ABC):
     #: True when write() takes Writes.staged: the transport kept each message as it was
     #: received, so overflow goes back as it came instead of into the retry set (pub/sub).
     restages: bool = False
+    #: True when write() leaves the deliveries of the results and dead letters it writes
+    #: unsettled: the books hand them to the next write, as drops. A result is still written
+    #: before its request is settled, and a flush costs one round trip instead of two.
+    settles_later: bool = False
     #: How often held deliveries need keep_alive(), in seconds (None: never).
     keep_alive_interval: Optional[float] = None
     #: Times the queue system closed our subscription on its own (pub/sub's buffer limit).
@@ -112,7 +116,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def write(self, writes: Writes) -> None:
-        """Write results, retries and dead letters, and settle their deliveries."""
+        """Write results, retries and dead letters, and settle their deliveries (but see
+        `settles_later`)."""
 
     def keep_alive(self, deliveries: List[Delivery]) -> None:
         """Tell the queue these deliveries are still being worked on (extend leases)."""

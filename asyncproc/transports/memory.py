@@ -3,7 +3,8 @@ dead letters in dicts and lists of this process. For in-process tests of the sup
 parts (with a fake clock and a fake pool); not a `--message-queue-impl`.
 
 It keeps what is not taken (like the sorted-set transport), records every result written
-(so a test sees a duplicate), and fails every call while `down` is set (an outage), or
+(so a test sees a duplicate) and in which write each delivery was answered and settled
+(set `settles_later` to settle in a later write, as the sorted set does), and fails every call while `down` is set (an outage), or
 only claims while `refuse_claims` is.
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Memory(Transport):
         self.results: List[Tuple[str, bytes]] = []             # (id key, encoded result), as written
         self.dead_letters: List[bytes] = []
         self.settled: List[Delivery] = []
+        self.writes = 0                                         # write() calls that succeeded
+        self.written_at: Dict[object, int] = {}                 # delivery token -> write of its result
+        self.settled_at: Dict[object, int] = {}                 # delivery token -> write that settled it
         self.cancelled_batches: FrozenSet[str] = frozenset()
         self.cancelled_ids: FrozenSet[str] = frozenset()
         self.down = False
@@ -85,20 +89,28 @@ class Memory(Transport):
 
     def write(self, writes: Writes) -> None:
         self._check()
+        self.writes += 1
         for key, raw, delivery in writes.results:
             self.results.append((key, raw))
             if delivery is not None:
-                self.settled.append(delivery)
+                self.written_at.setdefault(delivery.token, self.writes)
+                if not self.settles_later:
+                    self._settle(delivery)
         for state, due, delivery in writes.retries:
             queue = delivery.queue if delivery is not None else orjson.loads(state).get("queue", "")
             self.retry_set.append((due, state, queue))
             if delivery is not None:
-                self.settled.append(delivery)
+                self._settle(delivery)
         for entry, delivery in writes.dead_letters:
             self.dead_letters.append(entry)
-            if delivery is not None:
-                self.settled.append(delivery)
-        self.settled.extend(writes.drops)
+            if delivery is not None and not self.settles_later:
+                self._settle(delivery)
+        for delivery in writes.drops:
+            self._settle(delivery)
+
+    def _settle(self, delivery: Delivery) -> None:
+        self.settled.append(delivery)
+        self.settled_at.setdefault(delivery.token, self.writes)
 
     def cancellations(self, now: float) -> Tuple[FrozenSet[str], FrozenSet[str]]:
         self._check()

@@ -40,6 +40,7 @@ def shares(names: List[str], limit: int, start: int) -> List[tuple]:
 
 class RedisSortedSet(Transport):
     must_drain = False
+    settles_later = True
 
     def __init__(self, config: RedisConfig, queues: Sequence[str], result_format: str = "seed") -> None:
         self._client = make_client(config.url, config.auth, cluster=config.cluster)
@@ -87,25 +88,25 @@ class RedisSortedSet(Transport):
         return []  # receive() takes what is due, in the same script
 
     def write(self, writes: Writes) -> None:
+        """One pipeline: results, dead letters, retries and the drops. The deliveries of the
+        results and dead letters are settled by the next write (`settles_later`): settled in
+        this pipeline, a results write Redis refuses (NOSCRIPT, a full memory) would still
+        let its requests go."""
         def run() -> None:
-            if writes.results or writes.dead_letters:
-                pipe = self._client.pipeline(transaction=False)
-                self.results.add(pipe, writes.results, writes.routes)
-                if writes.dead_letters:
-                    pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
-                self.markers.release(pipe, (writes.routes.get(k) for k, _, _ in writes.results))
-                # what replaces a request is written (and replicated, if asked) before it goes
-                execute(pipe, self._replication, list(group_by_destination(writes.results, writes.routes, self.results.key))
-                        + [self.dead_letter_key] * bool(writes.dead_letters))
             pipe = self._client.pipeline(transaction=False)
+            self.results.add(pipe, writes.results, writes.routes)
+            if writes.dead_letters:
+                pipe.rpush(self.dead_letter_key, *(entry for entry, _ in writes.dead_letters))
+            self.markers.release(pipe, (writes.routes.get(k) for k, _, _ in writes.results))
             for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
                 for state, due, delivery in items:
                     self.sets[queue].retry(pipe, delivery.token, state, due)
-            done = writes.drops + [d for _, _, d in writes.results] + [d for _, d in writes.dead_letters]
-            for queue, deliveries in by_queue(done, lambda d: d).items():
+            for queue, deliveries in by_queue(writes.drops, lambda d: d).items():
                 self.sets[queue].settle(pipe, (d.token for d in deliveries))
-            touched = {d.queue for d in done if d is not None} | {d.queue for _, _, d in writes.retries if d}
-            execute(pipe, self._replication, touched & set(self.sets))
+            touched = {d.queue for d in writes.drops if d is not None} | {d.queue for _, _, d in writes.retries if d}
+            # what replaces a request is written (and replicated, if asked) before a later write settles it
+            execute(pipe, self._replication, list(group_by_destination(writes.results, writes.routes, self.results.key))
+                    + [self.dead_letter_key] * bool(writes.dead_letters) + sorted(touched & set(self.sets)))
 
         guarded(run)
 

@@ -399,3 +399,32 @@ def test_slow_requests_in_their_thousands_are_written_a_batch_at_a_time():
     assert 1.0 <= window.mean_latency <= 3.0 and window.seconds() == window.SHARE * window.mean_latency
     batches = [n for n in writes if n]
     assert sum(batches) == 6000 and len(batches) < 6000 / 5, len(batches)
+
+
+def test_a_transport_that_settles_later_has_each_delivery_settled_once_after_its_result():
+    """The sorted set's one round trip a flush: a result's delivery is settled by the next
+    write, never by the one that writes the result; an outage keeps the settling for
+    later; a stop whose last write was results settles them at once; and what waits to
+    be settled never shows as writes waiting (the outbox gauge)."""
+    rig = Rig("--concurrency", "4", gateway=answers_after(1), start=False)
+    rig.transport.settles_later = True
+    rig.sup.start()
+    ids = list(range(12))
+    rig.requests(ids)
+    rig.run_until(lambda: len(rig.transport.result_ids()) >= 4)
+    assert rig.sup.books.settle_later and not rig.sup.books.outbox
+    rig.transport.down = True           # the last four finish while down, and the stop begins
+    rig.signal(signal.SIGTERM)
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPING and len(rig.sup.books.outbox.results) == 4)
+    rig.transport.down = False
+    writes = rig.transport.writes
+    rig.run_until(lambda: rig.transport.writes > writes)   # reconnected: the results are written
+    written_at = rig.clock()
+    rig.run_until(lambda: rig.sup.state is Lifecycle.STOPPED)
+    assert rig.clock() - written_at < 0.5, "the settling is written at once, not at the next housekeeping"
+    answered_ids = rig.transport.result_ids()
+    assert len(answered_ids) == len(set(answered_ids)) == 8   # the other 4 were never taken
+    tokens = rig.transport.written_at
+    settled = [d.token for d in rig.transport.settled]
+    assert len(tokens) == 8 and sorted(settled) == sorted(tokens), "each answered delivery settled once"
+    assert all(rig.transport.settled_at[t] > tokens[t] for t in tokens), "settled by a later write"
