@@ -52,9 +52,13 @@ class Books:
         self.write_isolation = WriteIsolation(metrics_, settings.messages.result_format)
 
     # -- intake ------------------------------------------------------------------------------
-    def accept_new(self, transport: Transport, deliveries: List[Delivery], now: float) -> None:
+    def accept_new(self, transport: Transport, deliveries: List[Delivery], now: float,
+                   room: Optional[int] = None) -> None:
         """Parse a batch, claim its ids (one replica processes each), accept what is ours.
-        Raises TransportError when the claim fails (what was read waits unclaimed)."""
+        With `room` (a transport that restages: pub/sub), a plain message beyond it is
+        claimed by its id alone and staged as it came, to be parsed when taken back
+        (messages.Unparsed). Raises TransportError when the claim fails (what was read waits
+        unclaimed)."""
         fresh = []
         for delivery in deliveries:
             if delivery.state is not None:  # a due retry handed over with new work
@@ -63,14 +67,22 @@ class Books:
                 fresh.append(delivery)
         if not fresh:
             return
+        received: Dict[str, int] = {}
         pairs = []
         for delivery in fresh:
-            self.metrics.of(self.metrics.received, delivery.queue).inc()
+            received[delivery.queue] = received.get(delivery.queue, 0) + 1
+            if room is not None and len(pairs) >= room:
+                id_value = messages.plain_id(delivery.raw, self.limits.max_bytes)
+                if id_value is not None:
+                    pairs.append((messages.Unparsed(id_value, delivery.queue, now), delivery))
+                    continue
             item = self.isolation.parse(delivery, now, self.limits)
             if isinstance(item, DeadLetter):
                 self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
                 pairs.append((item, delivery))
+        for queue, count in received.items():
+            self.metrics.of(self.metrics.received, queue).inc(count)
         self.check_markers(transport, [item for item, _ in pairs if isinstance(item, Request)])
         try:
             self.claim_and_accept(transport, pairs)
@@ -104,16 +116,30 @@ class Books:
             self.unclaimed = pairs
             raise
         for (item, delivery), mine in zip(pairs, ours):
-            if mine:
+            if mine and isinstance(item, messages.Unparsed):
+                self.isolation.run("accept", None, delivery, self.stage_unparsed, item, delivery)
+            elif mine:
                 self.isolation.run("accept", item, delivery, self.accept, item, delivery)
             else:
                 self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
                 log.debug("id=%s is claimed by another replica or already answered", item.key,
                           extra={"id": item.id})
 
+    def stage_unparsed(self, item: messages.Unparsed, delivery: Delivery) -> None:
+        """Ours, with no room to hold it: staged as it came (Writes.staged), parsed when
+        taken back. A duplicate of an id held here, or one a cancellation in force may
+        cover, is parsed and accepted now instead (staging moves the id's record)."""
+        if self.ledger.holds(item.key) or self.cancelled.batches or self.cancelled.ids:
+            self.accept(self.isolation.parse(delivery, item.received_at, self.limits), delivery)
+            return
+        self.outbox.staged.append((delivery, item.received_at))
+        self.metrics.of(self.metrics.staged, item.queue).inc()
+
     def release_unclaimed(self) -> None:
         """Draining: what was read but never claimed is accepted, to be put back with the rest."""
         for item, delivery in self.unclaimed:
+            if isinstance(item, messages.Unparsed):
+                item = self.isolation.parse(delivery, item.received_at, self.limits)
             self.isolation.run("accept", item, delivery, self.accept, item, delivery)
         self.unclaimed = []
 

@@ -52,7 +52,8 @@ class Intake:
             if transport.must_drain:
                 deliveries = transport.receive(RECEIVE_BATCH)
                 self.more_to_read = len(deliveries) == RECEIVE_BATCH
-                books.accept_new(transport, deliveries, now)
+                room = self.capacity - len(books.ledger) if transport.restages else None
+                books.accept_new(transport, deliveries, now, room)
             room = self.capacity - len(books.ledger)
             if room > 0 and self.retry_poll.due(now):
                 claimed = transport.claim_due(now, room)

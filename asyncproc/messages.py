@@ -165,6 +165,39 @@ class Rejected:
         return id_key(self.id)
 
 
+@dataclass
+class Unparsed:
+    """A plain message (`plain_id`) that arrived with no room to hold it: claimed by its
+    id and staged as it came, it is parsed once, when it is taken back."""
+
+    id: Union[str, int]
+    queue: str
+    received_at: float
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+
+#: The fields of a plain message: no llm-d-async envelope, no headers of its own.
+PLAIN_FIELDS = frozenset({"id", "deadline", "payload", "metadata", "created", "endpoint"})
+
+
+def plain_id(raw: bytes, max_bytes: int) -> Optional[Union[str, int]]:
+    """The usable id of a JSON object of at most `max_bytes` with only PLAIN_FIELDS, else
+    None (it is parsed in full: parse_request). Never raises."""
+    if not isinstance(raw, bytes) or len(raw) > max_bytes:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not obj.keys() <= PLAIN_FIELDS:
+        return None
+    id_value = obj.get("id")
+    return id_value if usable_id(id_value) else None
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A message nothing can be mapped back to: kept raw (truncated) with why and where."""
@@ -217,11 +250,13 @@ def cancelled_result(request: Request) -> Result:
     return result_of(request, False, CANCELLED, code=llmd.CANCELLED)
 
 
-def result_of(request: Union[Request, "Rejected"], ok: bool, error: Optional[str] = None, **fields) -> Result:
+def result_of(request: Union[Request, "Rejected"], ok: bool, error: Optional[str] = None, *,
+              status_code: Optional[int] = None, body: Optional[bytes] = None, attempts: Optional[int] = None,
+              code: Optional[str] = None) -> Result:
     """A result for `request`, carrying what routes it (llm-d-async's result queue, token)."""
-    fields.setdefault("attempts", request.attempts)
-    fields.setdefault("metadata", request.metadata)
-    return Result(request.id, request.queue, ok, error, reply_to=request.reply_to, token=request.token, **fields)
+    return Result(request.id, request.queue, ok, error, status_code, body,
+                  request.attempts if attempts is None else attempts, request.metadata, {}, code,
+                  request.reply_to, request.token)
 
 
 def id_key(id_value: Union[str, int]) -> str:
@@ -384,21 +419,9 @@ def parse_request(
     if deadline > now + limits.max_horizon:
         return reject(f"deadline too far ahead: more than {limits.max_horizon:.0f} s from now"
                       " (--max-deadline-horizon)")
-    return Request(
-        id=id_value,
-        deadline=deadline,
-        payload=payload,
-        queue=queue,
-        received_at=now,
-        endpoint=endpoint,
-        metadata=good_metadata,
-        created=created_at,
-        attempts=attempts,
-        headers=headers or None,
-        reply_to=reply_to,
-        token=token,
-        refused_headers=refused,
-    )
+    # positional: this runs once per message (Request's fields, in order)
+    return Request(id_value, deadline, payload, queue, now, endpoint, good_metadata, created_at, attempts, None,
+                   headers or None, reply_to, token, refused)
 
 
 def _is_metadata(value: Any) -> bool:

@@ -86,6 +86,20 @@ def cancelled(elapsed: float = 0.0) -> Outcome:
     return Outcome(Kind.CANCELLED, error="cancelled", elapsed=elapsed)
 
 
+#: Across the pipe an Outcome travels as a plain tuple, its kind as its value (`to_wire`),
+#: and an Assignment as `tuple(assignment)`: pickling a NamedTuple or an Enum member calls
+#: back into Python for each one, and thousands a second cross.
+KINDS = {kind.value: kind for kind in Kind}
+
+
+def to_wire(outcome: Outcome) -> tuple:
+    return (outcome.kind.value, outcome.status, outcome.body, outcome.error, outcome.retry_after, outcome.elapsed)
+
+
+def from_wire(wire: tuple) -> Outcome:
+    return Outcome(KINDS[wire[0]], wire[1], wire[2], wire[3], wire[4], wire[5])
+
+
 class Assignment(NamedTuple):
     """One attempt handed to a worker: everything it needs, nothing it must look up."""
 

@@ -143,7 +143,7 @@ class Pool:
 
     # -- messages ----------------------------------------------------------------------
     def send_jobs(self, handle: Handle, jobs: List[Assignment]) -> bool:
-        return self._send(handle, (worker.JOBS, jobs))
+        return self._send(handle, (worker.JOBS, [tuple(job) for job in jobs]))  # outcomes.py: the wire
 
     def send_cancel(self, handle: Handle, keys: List[str]) -> bool:
         """Ask a worker to abort the attempts of `keys` it holds."""

@@ -23,7 +23,7 @@ import time
 from multiprocessing.connection import wait as wait_for
 from typing import Callable, List, Optional
 
-from asyncproc import gate_sources, metrics, notify, redact, worker
+from asyncproc import gate_sources, metrics, notify, outcomes, redact, worker
 from asyncproc.books import Books
 from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
@@ -275,8 +275,8 @@ class Supervisor:
                 continue
             for message in self.pool.receive(handle):
                 if message[0] == worker.DONE:
-                    for key, outcome in message[1]:
-                        self.books.isolation.run("settle", key, None, self.settle, key, outcome)
+                    for key, wire in message[1]:
+                        self.books.isolation.run("settle", key, None, self.settle, key, outcomes.from_wire(wire))
 
     def settle(self, key: str, outcome: Outcome) -> None:
         entry = self.ledger.settle(key)

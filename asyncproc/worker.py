@@ -39,8 +39,9 @@ from asyncproc.timers import BatchWindow
 
 log = logging.getLogger("asyncproc.worker")
 
-# Messages on the pipe. Supervisor → worker: (JOBS, [Assignment, ...]) | (CANCEL, [key, ...])
-# | (PREEMPT, [key, ...]) | (STOP,). Worker → supervisor: (READY, pid) | (DONE, [(key, Outcome), ...]) | (BEAT,).
+# Messages on the pipe. Supervisor → worker: (JOBS, [tuple(Assignment), ...]) | (CANCEL, [key, ...])
+# | (PREEMPT, [key, ...]) | (STOP,). Worker → supervisor: (READY, pid) | (DONE, [(key, to_wire(Outcome)), ...])
+# | (BEAT,). (outcomes.py: why plain tuples.)
 # CANCEL aborts the keys' attempts now or when they begin; PREEMPT only those in flight now.
 JOBS, STOP, READY, DONE, BEAT, CANCEL, PREEMPT = "jobs", "stop", "ready", "done", "beat", "cancel", "preempt"
 #: How often the loop looks for attempts past their budget, at most.
@@ -94,7 +95,7 @@ class Outbox:
                 if not batch:
                     self.sending = False
                     return
-            self.send((DONE, batch))
+            self.send((DONE, [(key, outcomes.to_wire(outcome)) for key, outcome in batch]))
 
     def send(self, message: tuple) -> None:
         try:
@@ -357,7 +358,8 @@ class Loop:
         except (EOFError, OSError):
             os._exit(0)  # the supervisor is gone: nobody would read the outcomes
         if message[0] == JOBS:
-            for job in message[1]:
+            for wire in message[1]:
+                job = Assignment._make(wire)
                 try:
                     self.start(job)
                 except Exception as exc:  # a bug must cost one attempt, not the worker

@@ -6,6 +6,7 @@ import pytest
 from asyncproc import messages
 from asyncproc.intake import IDLE_POLL_SECONDS, OWN_DUE_MAX, RETRY_POLL_SECONDS
 from asyncproc.outcomes import Kind, Outcome
+from asyncproc.transports.base import Delivery
 from asyncproc.transports.memory import Memory
 from tests.inprocess.fakes import Rig, answers_after
 
@@ -133,3 +134,51 @@ def test_the_due_times_of_our_own_retries_kept_are_bounded():
     intake.expect_own(now)
     assert len(intake.own_due) == OWN_DUE_MAX
     rig.sup.books.outbox.retries.clear()
+
+
+class Restaging(Memory):
+    """Pub/sub's shape: it must be drained, and overflow goes back as it came."""
+
+    must_drain = True
+    restages = True
+
+    def __init__(self):
+        super().__init__(("batch-queue",))
+        self.claimed = []
+
+    def claim(self, keys, deliveries=None):
+        self.claimed.extend(keys)
+        return [True] * len(keys)
+
+
+def test_plain_overflow_is_claimed_by_its_id_staged_as_it_came_and_parsed_once_when_taken_back(monkeypatch):
+    rig = Rig("--concurrency", "1", "--intake-buffer", "1", workers=1, start=False)
+    transport = Restaging()
+    parsed = []
+    real = messages.parse_request
+    monkeypatch.setattr(messages, "parse_request", lambda raw, *a: parsed.append(orjson.loads(raw)["id"]) or real(raw, *a))
+    now = rig.clock()
+
+    def message(id_value, **fields):
+        return orjson.dumps({"id": id_value, "deadline": now + 600, "payload": {"prompt": "p"}, **fields})
+
+    raws = [message("room"), message("plain"), message("headed", headers={"X-A": "1"}),
+            orjson.dumps({"id": "no-deadline", "payload": {}}), message("room"), message("plain-2")]
+    deliveries = [Delivery(raw, "batch-queue", token=n) for n, raw in enumerate(raws)]
+    books = rig.sup.books
+    books.accept_new(transport, deliveries, now, room=1)
+
+    assert transport.claimed == ['"room"', '"plain"', '"headed"', '"no-deadline"', '"room"', '"plain-2"']
+    assert parsed == ["room", "headed", "room"]   # beyond the room, only what is not plain (and a duplicate)
+    assert [d.token for d, _ in books.outbox.staged] == [1, 3, 5] and {at for _, at in books.outbox.staged} == {now}
+    assert books.ledger.holds('"room"') and books.ledger.holds('"headed"') and books.outbox.drops == [deliveries[4]]
+    assert rig.metric(rig.sup.metrics.staged, "batch-queue") == 3
+    assert rig.metric(rig.sup.metrics.received, "batch-queue") == 6
+
+    # taken back (claim_due hands them out with when they were received): parsed now, once
+    for delivery, at in books.outbox.staged:
+        books.accept_retry(Delivery(delivery.raw, "batch-queue", token=delivery.token, received=at), now + 1)
+    assert parsed == ["room", "headed", "room", "plain", "no-deadline", "plain-2"]
+    assert books.ledger.holds('"plain"') and books.ledger.holds('"plain-2"')
+    (key, raw, _), = books.outbox.results
+    assert key == '"no-deadline"' and orjson.loads(raw)["error"] == "deadline missing"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from asyncproc import gateway
 from asyncproc.gateway import BASE_HEADERS, TIMED_OUT, Attempt, Gateway
-from asyncproc.outcomes import Assignment, Kind
+from asyncproc.outcomes import Assignment, Kind, from_wire
 from asyncproc.worker import CANCEL, DONE, JOBS, STOP, Helpers, Loop, Outbox
 from tests.harness import wait_until
 from tests.hostile import OK_BODY, HostileServer
@@ -77,9 +77,9 @@ def collect(pipe, keys, timeout=30.0):
         assert pipe.poll(max(deadline - time.monotonic(), 0)), f"missing {sorted(set(keys) - set(got))}"
         message = pipe.recv()
         if message[0] == DONE:
-            for key, outcome in message[1]:
+            for key, wire in message[1]:
                 assert key not in got, f"two outcomes for {key}"
-                got[key] = outcome
+                got[key] = from_wire(wire)
     return got
 
 
