@@ -56,6 +56,9 @@ SEND_BUFFER_BYTES = 256 * 1024
 INLINE_SEND_BYTES = 64 * 1024
 #: How much of an answer `answer_state` looks at: a larger one is read by a thread.
 PEEK_BYTES = 64 * 1024
+#: A plain int: `socket.MSG_PEEK | socket.MSG_DONTWAIT` is an IntFlag operation (microseconds
+#: of enum machinery, once per answer).
+_PEEK_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 SOCKET_OPTIONS = HTTPConnection.default_socket_options + [
     (socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)]
 
@@ -403,7 +406,7 @@ def answer_state(attempt: Attempt) -> str:
     if isinstance(sock, ssl.SSLSocket):
         return HELPER
     try:
-        data = sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(PEEK_BYTES, _PEEK_FLAGS)
     except (BlockingIOError, InterruptedError):
         return NOTHING
     except OSError:
