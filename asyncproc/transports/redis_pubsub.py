@@ -26,6 +26,7 @@ from asyncproc.transports.base import Delivery, Transport, TransportError, Write
 from asyncproc.transports.keys import pubsub_key, pubsub_marker
 from asyncproc.transports.markers import Markers
 from asyncproc.transports.redisbase import (
+    RETRIES_IDLE_SECONDS,
     SOCKET_TIMEOUT,
     arriving,
     describe,
@@ -67,12 +68,6 @@ def decode_record(record: bytes) -> tuple:
     if not sep or not size.isdigit() or int(size) > len(rest):
         return "", record
     return rest[:int(size)].decode("utf-8", "replace"), rest[int(size):]
-
-
-#: How long `claim_due` leaves the retry set alone after finding nothing due there, while
-#: the intake asks every tick to take a staged backlog back: another replica's retry, or one
-#: coming due, waits this much longer at most (the intake's own pace while it finds work).
-RETRIES_IDLE_SECONDS = 0.1
 
 
 class RedisPubSub(Transport):

@@ -21,6 +21,7 @@ from asyncproc.transports.leases import LeaseSet
 from asyncproc.transports.markers import Markers
 from asyncproc.transports.redis_sortedset import shares
 from asyncproc.transports.redisbase import (
+    RETRIES_IDLE_SECONDS,
     Replication,
     Resharding,
     ResultWriter,
@@ -65,6 +66,7 @@ class RedisStreams(Transport):
         self.dead_letter_key = config.dead_letter_queue
         self._turn = 0
         self._autoclaim_at = 0.0
+        self._leases_idle_until = 0.0   # the lease sets found nothing due: left alone until then
         self._resharding = Resharding()
         self._replication = Replication(self._client, config.wait_replicas, config.wait_timeout)
         # One MULTI for results and acknowledgements needs them in one slot; on a cluster
@@ -111,11 +113,16 @@ class RedisStreams(Transport):
         return Delivery(raw, queue, token=(ENTRY, entry_id))
 
     def claim_due(self, now: float, limit: int) -> List[Delivery]:
+        """Due retries and expired leases, then entries a dead consumer left. Lease sets that
+        had nothing due are left alone for RETRIES_IDLE_SECONDS (while a backlog keeps the
+        intake asking every tick), unless this process wrote a retry since."""
         out: List[Delivery] = []
-        for queue, lease_set in self.sets.items():
-            pairs = self._resharding.claim(queue, lambda ls=lease_set, n=limit - len(out): ls.claim(
-                self._client, now, now + self.lease_seconds, n, take_new=False))
-            out.extend(Delivery(b"", queue, token=(LEASE, m), state=state) for m, state in pairs)
+        if now >= self._leases_idle_until:
+            for queue, lease_set in self.sets.items():
+                pairs = self._resharding.claim(queue, lambda ls=lease_set, n=limit - len(out): ls.claim(
+                    self._client, now, now + self.lease_seconds, n, take_new=False))
+                out.extend(Delivery(b"", queue, token=(LEASE, m), state=state) for m, state in pairs)
+            self._leases_idle_until = 0.0 if out else now + RETRIES_IDLE_SECONDS
         if now >= self._autoclaim_at and len(out) < limit:
             self._autoclaim_at = now + self.lease_seconds / 2
             for queue in self.sets:
@@ -171,6 +178,8 @@ class RedisStreams(Transport):
             guarded(lambda p=pipe: execute(p, self._replication, written))
             pipe = self._client.pipeline(transaction=False)
         touched = set(written)
+        if writes.retries:
+            self._leases_idle_until = 0.0   # ours may be due at once (put back)
         for queue, items in by_queue(writes.retries, lambda item: item[2]).items():
             lease_set = self.sets[queue]
             for state, due, delivery in items:

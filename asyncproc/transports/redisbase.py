@@ -20,6 +20,10 @@ from asyncproc.transports.keys import aux_key, cancel_key
 from asyncproc.transports.retryset import in_pipeline, load_script, preload
 
 SOCKET_TIMEOUT = 5.0
+#: How long `claim_due` leaves a retry (or lease) set alone after finding nothing due there,
+#: while a backlog keeps the intake asking every tick: another replica's retry, or one coming
+#: due, waits this much longer at most (the intake's own pace while it finds work).
+RETRIES_IDLE_SECONDS = 0.1
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 T = TypeVar("T")
 log = logging.getLogger("asyncproc.redis")
