@@ -226,13 +226,15 @@ class RedisPubSub(Transport):
     def write(self, writes: Writes) -> None:
         held: List[str] = []      # intake records to drop: what replaces them is written
         taken: List[bytes] = []   # retry-set leases to drop
-        for delivery in ([d for _, _, d in writes.retries] + [d for _, d in writes.dead_letters]
-                         + [d for _, _, d in writes.results] + writes.drops):
+        for delivery in [d for _, _, d in writes.retries] + [d for _, d in writes.dead_letters] + writes.drops:
             token = delivery.token if delivery is not None else None
             if isinstance(token, tuple):
                 taken.append(token[1])
             elif isinstance(token, Held) and token.key is not None:
                 held.append(token.key)
+        for _, _, delivery in writes.results:   # a result's record: the publish script drops it
+            if delivery is not None and isinstance(delivery.token, tuple):
+                taken.append(delivery.token[1])
         for delivery in writes.drops:  # a duplicate of an id held here: its record stays
             if delivery is not None and isinstance(delivery.token, Held) and delivery.token.key in held:
                 held.remove(delivery.token.key)
