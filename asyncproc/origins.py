@@ -78,11 +78,10 @@ class Origins:
         if known is None:
             raise OSError("address not known")
         family, address, _ = known
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (not setblocking: an ioctl more)
         try:
             for option in self.socket_options:
                 sock.setsockopt(*option)
-            sock.setblocking(False)
             error = sock.connect_ex(address)
             if error not in (0, errno.EINPROGRESS):
                 raise OSError(error, os.strerror(error))
