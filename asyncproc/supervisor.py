@@ -23,7 +23,7 @@ import time
 from multiprocessing.connection import wait as wait_for
 from typing import Callable, List, Optional
 
-from asyncproc import gate_sources, metrics, notify, outcomes, redact, worker
+from asyncproc import gate_sources, metrics, notify, outcomes, redact, runtime, worker
 from asyncproc.books import Books
 from asyncproc.cancelwatcher import CancelWatcher
 from asyncproc.config import Settings
@@ -141,6 +141,7 @@ class Supervisor:
         """Run until drained. 0 on a clean stop, 3 when workers or the endpoint cannot start,
         1 after an internal error in the loop (what was held is put back first)."""
         self._install_signals()
+        runtime.tune_gc()
         try:
             server = metrics.serve(self.metrics, self.health, self.settings.operations.metrics_host,
                                    self.settings.operations.metrics_port)

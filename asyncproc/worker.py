@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from asyncproc import gateway, logs, outcomes
+from asyncproc import gateway, logs, outcomes, runtime
 from asyncproc.gateway import Attempt
 from asyncproc.outcomes import Assignment, Outcome
 from asyncproc.timers import BatchWindow
@@ -379,6 +379,7 @@ def main(spec: WorkerSpec, conn: Connection) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     logs.configure(spec.log_format, spec.log_level, f"worker-{spec.index}")
+    runtime.tune_gc()
     http = gateway.Gateway(spec.tls)
     out = Outbox(conn)
     out.send((READY, os.getpid()))
