@@ -1,13 +1,13 @@
 """The books: the ledger of held requests, the outbox of writes not yet made, and the
 cancellations in force. Deliveries are accepted here, outcomes settled, unfinished work put
-back, and what is written forgotten; what is read each tick and overflow staging are
-intake.py's.
+back, and what is written forgotten; what is read each tick, claimed, and staged as overflow
+is intake.py's.
 
 The one owner of "publish before acknowledge" (README: delivery guarantees): a delivery is
 settled in the same write as what replaces it (result, retry, dead letter), and the ledger
 forgets an id only after that write succeeded. A message's or a write's fault costs only
-that item (isolation.py). The clock is passed in; the transport is handed to the calls
-that use it (claim, flush).
+that item (isolation.py). The clock is passed in; the transport is handed to the call
+that uses it (flush).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from asyncproc.isolation import MessageIsolation, WriteIsolation
 from asyncproc.ledger import Entry, Ledger
 from asyncproc.messages import DeadLetter, Rejected, Request, Result
 from asyncproc.outcomes import Kind, Outcome
-from asyncproc.transports import Delivery, ResultRoute, Transport, TransportError, Writes
+from asyncproc.transports import Delivery, ResultRoute, Transport, Writes
 
 log = logging.getLogger("asyncproc.supervisor")
 
@@ -41,108 +41,16 @@ class Books:
         self.outbox_keys: List[str] = []     # ledger keys to forget once the outbox is written
         self.settle_later: List[Delivery] = []   # their replacement written; settled by the next write
         self.cancelled = messages.Cancellations()
-        self.unclaimed: List[tuple] = []     # (parsed, delivery) read while the claim failed
         self.limits = settings.message_limits()
         self.aborting: set = set()           # keys whose in-flight attempt is being aborted (cancelled)
         self.preempting: set = set()         # keys whose in-flight attempt is being aborted (preempted)
-        self.marked: set = set()             # keys found cancelled by llm-d-async's marker at intake
+        self.marked: set = set()             # keys found cancelled by llm-d-async's marker (intake.py fills it)
         self.result_queues = {q.name: q.result_queue for q in settings.request_queues if q.result_queue}
         self.tracing: tracing.Off = tracing.Off()   # the Supervisor hands in the Dispatcher's
         self.isolation = MessageIsolation(self, metrics_)
         self.write_isolation = WriteIsolation(metrics_, settings.messages.result_format)
 
-    # -- intake ------------------------------------------------------------------------------
-    def accept_new(self, transport: Transport, deliveries: List[Delivery], now: float,
-                   room: Optional[int] = None) -> None:
-        """Parse a batch, claim its ids (one replica processes each), accept what is ours.
-        With `room` (a transport that restages: pub/sub), a plain message beyond it is
-        claimed by its id alone and staged as it came, to be parsed when taken back
-        (messages.Unparsed). Raises TransportError when the claim fails (what was read waits
-        unclaimed)."""
-        fresh = []
-        for delivery in deliveries:
-            if delivery.state is not None:  # a due retry handed over with new work
-                self.isolation.run("retry", None, delivery, self.accept_retry, delivery, now)
-            else:
-                fresh.append(delivery)
-        if not fresh:
-            return
-        received: Dict[str, int] = {}
-        pairs = []
-        for delivery in fresh:
-            received[delivery.queue] = received.get(delivery.queue, 0) + 1
-            if room is not None and len(pairs) >= room:
-                id_value = messages.plain_id(delivery.raw, self.limits.max_bytes)
-                if id_value is not None:
-                    pairs.append((messages.Unparsed(id_value, delivery.queue, now), delivery))
-                    continue
-            item = self.isolation.parse(delivery, now, self.limits)
-            if isinstance(item, DeadLetter):
-                self.isolation.run("accept", item, delivery, self.accept, item, delivery)
-            else:
-                pairs.append((item, delivery))
-        for queue, count in received.items():
-            self.metrics.of(self.metrics.received, queue).inc(count)
-        self.check_markers(transport, [item for item, _ in pairs if isinstance(item, Request)])
-        try:
-            self.claim_and_accept(transport, pairs)
-        finally:
-            self.marked.clear()  # what was not accepted now (claimed elsewhere, claim failed) is checked later
-
-    def check_markers(self, transport: Transport, requests: List[Request]) -> None:
-        """llm-d-async's cancel markers of arriving requests, one read (best effort: the
-        check just before dispatch is the one that counts)."""
-        tokened = cancelwatch.with_tokens(requests)
-        if not tokened:
-            return
-        try:
-            hits = transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened])
-        except TransportError:
-            return
-        self.marked.update(r.key for r, hit in zip(tokened, hits) if hit)
-
-    def claim_and_accept(self, transport: Transport, pairs: List[tuple]) -> None:
-        """Claim the ids (one replica processes each; pub/sub also records each message in
-        Redis), then accept what is ours. If the claim fails, they wait unclaimed for the
-        reconnect and TransportError is raised: nothing read is processed before the queue
-        system has it."""
-        pairs = self.unclaimed + pairs
-        self.unclaimed = []
-        if not pairs:
-            return
-        try:
-            ours = self.isolation.claim(transport, pairs)
-        except TransportError:
-            self.unclaimed = pairs
-            raise
-        for (item, delivery), mine in zip(pairs, ours):
-            if mine and isinstance(item, messages.Unparsed):
-                self.isolation.run("accept", None, delivery, self.stage_unparsed, item, delivery)
-            elif mine:
-                self.isolation.run("accept", item, delivery, self.accept, item, delivery)
-            else:
-                self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
-                log.debug("id=%s is claimed by another replica or already answered", item.key,
-                          extra={"id": item.id})
-
-    def stage_unparsed(self, item: messages.Unparsed, delivery: Delivery) -> None:
-        """Ours, with no room to hold it: staged as it came (Writes.staged), parsed when
-        taken back. A duplicate of an id held here, or one a cancellation in force may
-        cover, is parsed and accepted now instead (staging moves the id's record)."""
-        if self.ledger.holds(item.key) or self.cancelled.batches or self.cancelled.ids:
-            self.accept(self.isolation.parse(delivery, item.received_at, self.limits), delivery)
-            return
-        self.outbox.staged.append((delivery, item.received_at))
-        self.metrics.of(self.metrics.staged, item.queue).inc()
-
-    def release_unclaimed(self) -> None:
-        """Draining: what was read but never claimed is accepted, to be put back with the rest."""
-        for item, delivery in self.unclaimed:
-            if isinstance(item, messages.Unparsed):
-                item = self.isolation.parse(delivery, item.received_at, self.limits)
-            self.isolation.run("accept", item, delivery, self.accept, item, delivery)
-        self.unclaimed = []
-
+    # -- intake (read and claimed by intake.py) ----------------------------------------------
     def accept_retry(self, delivery: Delivery, now: float) -> None:
         """A due retry, a put-back request, or work abandoned by a holder that died."""
         if delivery.state is not None:

@@ -1,8 +1,8 @@
 """Intake, the books' side of reading: what to take from the queue system each tick (what
 waits unclaimed, new deliveries, due retries from the retry set) as far as there is room,
-and, on a transport that must be drained (pub/sub), overflow staged in the retry set so
-memory stays bounded; the leases of what is held kept alive. The books accept what is
-read (books.py).
+each id claimed (one replica processes it), and, on a transport that must be drained
+(pub/sub), overflow staged so memory stays bounded; the leases of what is held kept alive.
+The books accept what is ours (books.py).
 
 The clock is passed in. The supervisor owns the connection: it hands in how to flush and
 whom to tell a TransportError (it reconnects).
@@ -10,13 +10,17 @@ whom to tell a TransportError (it reconnects).
 from __future__ import annotations
 
 import heapq
+import logging
 import math
-from typing import Callable, List, Set
+from typing import Callable, Dict, List, Optional, Set
 
-from asyncproc import messages, metrics
+from asyncproc import cancelwatch, messages, metrics
 from asyncproc.books import Books
+from asyncproc.messages import DeadLetter, Request
 from asyncproc.timers import Backoff, Timer
-from asyncproc.transports import Transport, TransportError
+from asyncproc.transports import Delivery, Transport, TransportError
+
+log = logging.getLogger("asyncproc.supervisor")
 
 RECEIVE_BATCH = 2000         # messages read from the transport per tick, at most
 RETRY_POLL_SECONDS = 0.1     # how often the queues and the retry set are asked while that finds work,
@@ -35,6 +39,7 @@ class Intake:
         self.own_due: List[float] = []       # heap: when retries this process wrote fall due
         self._own_slots: Set[float] = set()
         self.more_to_read = False            # the last read was a full batch: do not sleep
+        self.unclaimed: List[tuple] = []     # (parsed, delivery) read while the claim failed
         self.subscriber_drops = 0            # the transport's count, last seen
         self.lease_renewal = Timer(transport.keep_alive_interval)
 
@@ -43,17 +48,17 @@ class Intake:
         `flush` writes the outbox and says whether the queue system still answers; `down`
         is told a TransportError."""
         books, transport = self.books, self.transport
-        if books.unclaimed:
+        if self.unclaimed:
             if not flush():  # results first: a claim that keeps failing must not hold them back
                 return
         try:
-            if books.unclaimed:
-                books.claim_and_accept(transport, [])
+            if self.unclaimed:
+                self.claim_and_accept([])
             if transport.must_drain:
                 deliveries = transport.receive(RECEIVE_BATCH)
                 self.more_to_read = len(deliveries) == RECEIVE_BATCH
                 room = self.capacity - len(books.ledger) if transport.restages else None
-                books.accept_new(transport, deliveries, now, room)
+                self.accept_new(deliveries, now, room)
             room = self.capacity - len(books.ledger)
             if room > 0 and self.retry_poll.due(now):
                 claimed = transport.claim_due(now, room)
@@ -63,7 +68,7 @@ class Intake:
                 found = bool(claimed)
                 if room > 0 and not transport.must_drain:
                     deliveries = transport.receive(room)
-                    books.accept_new(transport, deliveries, now)
+                    self.accept_new(deliveries, now)
                     room -= len(deliveries)
                     found = found or bool(deliveries)
                 self.retry_poll.set(now if room <= 0 else self.next_poll(now, found))
@@ -76,6 +81,102 @@ class Intake:
         if transport.must_drain:
             self.stage_overflow(now)
         self.expect_own(now)
+
+    # -- claiming what is read ---------------------------------------------------------------
+    def accept_new(self, deliveries: List[Delivery], now: float, room: Optional[int] = None) -> None:
+        """Parse a batch, claim its ids (one replica processes each), accept what is ours.
+        With `room` (a transport that restages: pub/sub), a plain message beyond it is
+        claimed by its id alone and staged as it came, to be parsed when taken back
+        (messages.Unparsed). Raises TransportError when the claim fails (what was read waits
+        unclaimed)."""
+        books = self.books
+        fresh = []
+        for delivery in deliveries:
+            if delivery.state is not None:  # a due retry handed over with new work
+                books.isolation.run("retry", None, delivery, books.accept_retry, delivery, now)
+            else:
+                fresh.append(delivery)
+        if not fresh:
+            return
+        received: Dict[str, int] = {}
+        pairs = []
+        for delivery in fresh:
+            received[delivery.queue] = received.get(delivery.queue, 0) + 1
+            if room is not None and len(pairs) >= room:
+                id_value = messages.plain_id(delivery.raw, books.limits.max_bytes)
+                if id_value is not None:
+                    pairs.append((messages.Unparsed(id_value, delivery.queue, now), delivery))
+                    continue
+            item = books.isolation.parse(delivery, now, books.limits)
+            if isinstance(item, DeadLetter):
+                books.isolation.run("accept", item, delivery, books.accept, item, delivery)
+            else:
+                pairs.append((item, delivery))
+        for queue, count in received.items():
+            self.metrics.of(self.metrics.received, queue).inc(count)
+        self.check_markers([item for item, _ in pairs if isinstance(item, Request)])
+        try:
+            self.claim_and_accept(pairs)
+        finally:
+            books.marked.clear()  # what was not accepted now (claimed elsewhere, claim failed) is checked later
+
+    def check_markers(self, requests: List[Request]) -> None:
+        """llm-d-async's cancel markers of arriving requests, one read (best effort: the
+        check just before dispatch is the one that counts)."""
+        books = self.books
+        tokened = cancelwatch.with_tokens(requests)
+        if not tokened:
+            return
+        try:
+            hits = self.transport.cancelled_tokens([cancelwatch.marker_query(r) for r in tokened])
+        except TransportError:
+            return
+        books.marked.update(r.key for r, hit in zip(tokened, hits) if hit)
+
+    def claim_and_accept(self, pairs: List[tuple]) -> None:
+        """Claim the ids (one replica processes each; pub/sub also records each message in
+        Redis), then accept what is ours. If the claim fails, they wait unclaimed for the
+        reconnect and TransportError is raised: nothing read is processed before the queue
+        system has it."""
+        books = self.books
+        pairs = self.unclaimed + pairs
+        self.unclaimed = []
+        if not pairs:
+            return
+        try:
+            ours = books.isolation.claim(self.transport, pairs)
+        except TransportError:
+            self.unclaimed = pairs
+            raise
+        for (item, delivery), mine in zip(pairs, ours):
+            if mine and isinstance(item, messages.Unparsed):
+                books.isolation.run("accept", None, delivery, self.stage_unparsed, item, delivery)
+            elif mine:
+                books.isolation.run("accept", item, delivery, books.accept, item, delivery)
+            else:
+                self.metrics.of(self.metrics.skipped, item.queue, "claimed-or-done").inc()
+                log.debug("id=%s is claimed by another replica or already answered", item.key,
+                          extra={"id": item.id})
+
+    def stage_unparsed(self, item: messages.Unparsed, delivery: Delivery) -> None:
+        """Ours, with no room to hold it: staged as it came (Writes.staged), parsed when
+        taken back. A duplicate of an id held here, or one a cancellation in force may
+        cover, is parsed and accepted now instead (staging moves the id's record)."""
+        books = self.books
+        if books.ledger.holds(item.key) or books.cancelled.batches or books.cancelled.ids:
+            books.accept(books.isolation.parse(delivery, item.received_at, books.limits), delivery)
+            return
+        books.outbox.staged.append((delivery, item.received_at))
+        self.metrics.of(self.metrics.staged, item.queue).inc()
+
+    def release_unclaimed(self) -> None:
+        """Draining: what was read but never claimed is accepted, to be put back with the rest."""
+        books = self.books
+        for item, delivery in self.unclaimed:
+            if isinstance(item, messages.Unparsed):
+                item = books.isolation.parse(delivery, item.received_at, books.limits)
+            books.isolation.run("accept", item, delivery, books.accept, item, delivery)
+        self.unclaimed = []
 
     def poll_now(self) -> None:
         """Ask at once, and every RETRY_POLL_SECONDS while that finds work ((re)connected)."""

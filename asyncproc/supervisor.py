@@ -132,7 +132,7 @@ class Supervisor:
         if state is Lifecycle.DRAINING:  # intake stops; what is not dispatched goes back now
             self.notifier.send("STOPPING=1", "STATUS=draining")
             self.deadline.after(now, self.settings.operations.shutdown_grace_period)
-            self.books.release_unclaimed()
+            self.inbound.release_unclaimed()
             self.books.put_back(self.ledger.unfinished([State.WAITING]), now)
         elif state is Lifecycle.STOPPING:  # last step: write the outbox, waiting a little if need be
             self.deadline.after(now, STOP_FLUSH_SECONDS)

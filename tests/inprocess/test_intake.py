@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from asyncproc import messages
-from asyncproc.intake import IDLE_POLL_SECONDS, OWN_DUE_MAX, RETRY_POLL_SECONDS
+from asyncproc.intake import IDLE_POLL_SECONDS, OWN_DUE_MAX, RETRY_POLL_SECONDS, Intake
 from asyncproc.outcomes import Kind, Outcome
 from asyncproc.transports.base import Delivery
 from asyncproc.transports.memory import Memory
@@ -166,7 +166,7 @@ def test_plain_overflow_is_claimed_by_its_id_staged_as_it_came_and_parsed_once_w
             orjson.dumps({"id": "no-deadline", "payload": {}}), message("room"), message("plain-2")]
     deliveries = [Delivery(raw, "batch-queue", token=n) for n, raw in enumerate(raws)]
     books = rig.sup.books
-    books.accept_new(transport, deliveries, now, room=1)
+    Intake(transport, books, rig.sup.metrics, capacity=2).accept_new(deliveries, now, room=1)
 
     assert transport.claimed == ['"room"', '"plain"', '"headed"', '"no-deadline"', '"room"', '"plain-2"']
     assert parsed == ["room", "headed", "room"]   # beyond the room, only what is not plain (and a duplicate)

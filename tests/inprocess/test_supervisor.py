@@ -346,7 +346,7 @@ def test_results_are_written_while_a_claim_keeps_failing():
     rig.transport.refuse_claims = True
     rig.request("b")
     rig.run_until(answered(rig, ["a"]), seconds=60)
-    assert [item.id for item, _ in rig.sup.books.unclaimed] == ["b"]  # read, held unclaimed
+    assert [item.id for item, _ in rig.sup.inbound.unclaimed] == ["b"]  # read, held unclaimed
     rig.transport.refuse_claims = False
     rig.run_until(answered(rig, ["a", "b"]), seconds=60)
     exactly_once(rig, ["a", "b"])
