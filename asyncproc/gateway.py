@@ -40,7 +40,7 @@ from urllib3 import exceptions as u3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from asyncproc import outcomes
-from asyncproc.origins import Origins
+from asyncproc.origins import OneWrite, Origins
 from asyncproc.outcomes import Assignment, Outcome
 
 #: Never start an attempt with less time than this before the deadline.
@@ -173,11 +173,7 @@ class Gateway:
                 self.origins.found(job.origin, conn.sock)
             attempt.record(conn.sock)
             _set_timeout(conn.sock, _timeout(attempt, wait))   # sending, then the answer
-            # The headers and the body are sent apart: corked, they leave as one segment (one
-            # wake-up for the gateway, and on loopback one pass through TCP instead of two).
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
             _write_request(conn, job)
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         except FAILURES as exc:
             return self._end(attempt, _failure(exc, attempt), clean=False)
         return None
@@ -467,19 +463,20 @@ def _timeout(attempt: Attempt, wait: bool) -> float:
     return max(attempt.ends_at - time.monotonic(), 0.001) if wait else 0.0
 
 
-def _write_request(conn: HTTPConnection, job: Assignment) -> None:
+def _write_request(conn: OneWrite, job: Assignment) -> None:
     """POST the job over `conn`: urllib3's request line and header checks (a header that
-    could split the request is refused), Content-Length framing, the body. What urllib3's
-    `request()` does for a bytes body, without the response bookkeeping `_read_head` does
-    not need; Host and Accept-Encoding: identity are added unless the job's headers have
-    them (as urllib3 does)."""
+    could split the request is refused), Content-Length framing, the body, the head and a
+    body up to 64 KiB in one write (`origins.OneWrite`). What urllib3's `request()` does
+    for a bytes body, without the response bookkeeping `_read_head` does not need; Host
+    and Accept-Encoding: identity are added unless the job's headers have them (as urllib3
+    does)."""
     headers = job.headers
     named = {name.lower() for name in headers}
     conn.putrequest("POST", job.path, skip_host="host" in named, skip_accept_encoding="accept-encoding" in named)
     conn.putheader("Content-Length", str(len(job.body)))
     for name, value in headers.items():
         conn.putheader(name, value)
-    conn.endheaders(job.body)
+    conn.end_request(job.body)
 
 
 def _read_head(conn: HTTPConnection) -> http.client.HTTPResponse:

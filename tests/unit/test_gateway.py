@@ -140,3 +140,38 @@ def test_no_attempt_after_the_deadline(origin):
     SEEN.clear()
     outcome = Gateway().post(job(origin, deadline_in=-1))
     assert outcome.kind is Kind.EXPIRED and SEEN == []
+
+
+class Writes:
+    """A connected socket that records what each `sendall` carried (and sends it)."""
+
+    def __init__(self, sock):
+        self.sock, self.writes = sock, []
+
+    def sendall(self, data):
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("size", [0, 16, 64 * 1024, 64 * 1024 + 1, 300 * 1024])
+def test_a_request_head_and_body_leave_in_one_write_up_to_64_kib(origin, size):
+    """A request's head and a body up to 64 KiB are one write (one system call, one segment
+    for the gateway to wake for); a larger body follows the head, not copied. Either way the
+    gateway reads the request whole and answers it."""
+    http = Gateway()
+    body = bytes(i % 253 for i in range(size))
+    attempt = http.begin(job(origin)._replace(key=f"w{size}", body=body))
+    attempt.conn.connect()
+    attempt.conn.sock = recorded = Writes(attempt.conn.sock)
+    SEEN.clear()
+    assert http.send(attempt) is None
+    outcome = http.receive(attempt)
+    assert outcome.kind is Kind.OK and outcome.status == 200
+    assert SEEN[-1][2] == body and SEEN[-1][1]["Content-Length"] == str(size)
+    head = recorded.writes[0][:recorded.writes[0].index(b"\r\n\r\n") + 4]
+    assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n")
+    assert recorded.writes == ([head + body] if size <= 64 * 1024 else [head, body])
+    http.close()

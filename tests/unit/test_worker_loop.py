@@ -266,16 +266,16 @@ def test_an_answer_found_whole_is_read_whole_without_waiting(status, size, arriv
     across reads larger than the socket file's buffer. A 204 or 304 has no body by HTTP:
     bytes sent anyway must not be read as the next answer, so its connection is dropped, as
     is one where more came after the answer."""
-    from urllib3.connection import HTTPConnection
+    from asyncproc.origins import Connection
 
     body = bytes(i % 251 for i in range(size))
     raw = b"HTTP/1.1 %d X\r\nServer: t\r\nContent-Length: %d\r\n\r\n%s" % (status, size, body)
-    with socket.create_server(("127.0.0.1", 0)) as server:   # TCP: the request is corked
+    with socket.create_server(("127.0.0.1", 0)) as server:   # TCP, as the gateway
         right = socket.create_connection(server.getsockname())
         left, _ = server.accept()
     http = Gateway()
     try:
-        conn = HTTPConnection("127.0.0.1", 1)
+        conn = Connection("127.0.0.1", 1)
         conn.sock = right
         attempt = Attempt(job("k", "http://127.0.0.1:1"), time.monotonic(), time.monotonic() + 30, 5.0)
         attempt.conn = conn
