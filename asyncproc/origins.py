@@ -31,26 +31,27 @@ ONE_WRITE_BYTES = 64 * 1024
 class OneWrite:
     """For urllib3's connections: the head and the body of a request leave in one write.
     http.client's `endheaders` writes the head, then the body: two system calls, and two
-    segments the gateway wakes for (two passes through TCP on loopback). Corking the socket
-    around them made one segment but cost two `setsockopt` calls more: one write of both,
-    4-7 us a request less (README: Performance). The head is still made and checked by
-    urllib3's `putrequest` and `putheader`; `send` is http.client's documented hook."""
+    segments the gateway wakes for (two passes through TCP on loopback). Corking the
+    socket around them made one segment but cost two `setsockopt` calls more; one write of
+    both costs 3-5 us of CPU a request less (README: Performance). The head is still made
+    and checked by urllib3's `putrequest` and `putheader`; `send` is http.client's
+    documented hook."""
 
-    _body: Optional[bytes] = None
+    _held_body: Optional[bytes] = None   # the body `send` adds to the head
 
     def end_request(self, body: bytes) -> None:
         """End the head begun by `putrequest`/`putheader` and send it with `body`."""
         if len(body) > ONE_WRITE_BYTES:
             self.endheaders(body)   # not copied: the head goes first, the body after it
             return
-        self._body = body
+        self._held_body = body
         try:
             self.endheaders()
         finally:
-            self._body = None
+            self._held_body = None
 
     def send(self, data) -> None:
-        body, self._body = self._body, None
+        body, self._held_body = self._held_body, None
         super().send(data + body if body else data)  # type: ignore[misc]
 
 
