@@ -16,7 +16,10 @@ where they are noticed, with no thread woken per request.
 Spawned with a small picklable spec. Never touches Redis. Ignores SIGINT (the supervisor
 decides), finishes in-flight work on SIGTERM or a "stop" message, and exits at once when
 its pipe reaches EOF (the supervisor is gone: nobody would read the outcomes). Jobs arrive
-and outcomes leave in batches, so a busy worker makes one pipe write for many requests.
+and outcomes leave in batches, so a busy worker makes one pipe write for many requests:
+after a turn that sent outcomes the loop lets answers gather for the batch window
+(`timers.BatchWindow`), starting the jobs that come meanwhile; a cancel, a preemption or a
+stop ends the wait.
 The loop also ends attempts past their time budget (`Gateway.expire_overdue`).
 """
 from __future__ import annotations
@@ -173,6 +176,7 @@ class Loop:
         self.done: List[Tuple[str, Outcome]] = []  # outcomes of this turn, sent at its end
         self.arriving: Dict[Attempt, float] = {}   # part of the answer here, since (monotonic)
         self.window = BatchWindow()   # how long a busy turn lets answers gather
+        self.pipe_ready = select.poll()   # the pipe alone, while answers gather
 
     def start(self, job: Assignment) -> None:
         """Begin an attempt: send it here when that cannot wait, else on a helper thread."""
@@ -313,6 +317,7 @@ class Loop:
         """Until stopped and every attempt in flight has ended."""
         pipe = conn.fileno()
         self.epoll.register(pipe, select.EPOLLIN)
+        self.pipe_ready.register(pipe, select.POLLIN)
         reading = True
         expiry_check_at = 0.0
         while reading or self.http.in_flight():
@@ -347,12 +352,24 @@ class Loop:
                 for _, outcome in done:
                     self.window.learn(outcome.elapsed)
                 self.out.put(done)
+                if reading and self.window.seconds():   # the next answers, for one write
+                    self.gather(conn, stopping, now + self.window.seconds())
             elif now - self.out.sent_at >= beat_every:
                 self.out.send((BEAT,))
-            if events and self.window.seconds():
-                time.sleep(self.window.seconds())  # let answers gather: one turn, one pipe write
 
-    def read(self, conn: Connection, stopping: threading.Event) -> None:
+    def gather(self, conn: Connection, stopping: threading.Event, until: float) -> None:
+        """Let answers gather until `until` (monotonic), for one turn and one pipe write,
+        while the supervisor's jobs start as they come; a cancel, a preemption or a stop
+        ends the wait (the sockets it shut are seen in the next turn)."""
+        while True:
+            left = until - time.monotonic()
+            if left <= 0 or not self.pipe_ready.poll(left * 1000):
+                return
+            if self.read(conn, stopping) != JOBS:
+                return
+
+    def read(self, conn: Connection, stopping: threading.Event) -> str:
+        """Act on one message from the supervisor; its kind."""
         try:
             message = conn.recv()
         except (EOFError, OSError):
@@ -372,6 +389,7 @@ class Loop:
             self.http.cancel(message[1], remember=False)
         elif message[0] == STOP:
             stopping.set()
+        return message[0]
 
 
 def main(spec: WorkerSpec, conn: Connection) -> None:

@@ -11,8 +11,9 @@ from asyncproc.timers import Backoff, BatchWindow, Timer
     (0.5, 0.005),     # 1% of the mean latency
     (2.0, 0.02),
     (10.0, 0.1),
-    (20.0, 0.1),      # never longer than 100 ms
-    (600.0, 0.1),
+    (20.0, 0.2),
+    (25.0, 0.25),     # never longer than 250 ms
+    (600.0, 0.25),
 ])
 def test_the_window_is_a_share_of_the_latency_up_to_a_cap(latency, window):
     batch = BatchWindow()
@@ -24,7 +25,7 @@ def test_the_mean_latency_follows_outcomes():
     batch = BatchWindow()
     for _ in range(200):
         batch.learn(20.0)
-    assert batch.mean_latency == pytest.approx(20.0, rel=1e-3) and batch.seconds() == 0.1
+    assert batch.mean_latency == pytest.approx(20.0, rel=1e-3) and batch.seconds() == pytest.approx(0.2, rel=1e-3)
     for _ in range(200):
         batch.learn(0.01)
     assert batch.seconds() == 0.0

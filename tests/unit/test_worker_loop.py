@@ -182,6 +182,20 @@ def test_a_cancel_ends_a_connection_the_loop_is_opening(loop, hanging_origin):
     assert loop.opening == {} and loop.http.in_flight() == 0
 
 
+def test_while_answers_gather_jobs_start_and_a_cancel_acts_at_once(loop, slow_origin, hanging_origin):
+    """After a turn that sent outcomes the loop lets answers gather (the batch window: a
+    share of the mean latency), but what the supervisor sends meanwhile is not held: jobs
+    start (their requests sent), and a cancel (as a preemption or a stop) ends the wait."""
+    loop.window.MAX = 60.0
+    loop.window.mean_latency = 1e6   # a window of 60 s from the first outcome on
+    loop.pipe.send((JOBS, [job("first", slow_origin), job("hangs", hanging_origin)._replace(connect_timeout=60.0)]))
+    assert collect(loop.pipe, ["first"])["first"].kind is Kind.OK   # the loop now lets answers gather
+    loop.pipe.send((JOBS, [job("second", slow_origin)]))
+    wait_until(lambda: [a.key for a in loop.parked.values()] == ["second"], timeout=5, what="the job sent at once")
+    loop.pipe.send((CANCEL, ["hangs"]))
+    assert collect(loop.pipe, ["hangs"], timeout=5.0)["hangs"].kind is Kind.CANCELLED
+
+
 def test_an_answer_still_arriving_is_read_by_a_helper_while_the_loop_goes_on(loop):
     hostile = HostileServer(interval=0.2)
     try:
